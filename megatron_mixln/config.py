@@ -1,0 +1,321 @@
+"""Typed run configuration: dataclasses per section, YAML loading, `section.field=value` overrides, validation.
+
+Every user mistake ends in one `ConfigError` sentence naming the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NORM_PLACEMENTS = ("pre", "post", "mix", "deepnorm", "sandwich", "lns")
+KERNEL_CHOICES = ("auto", "triton", "torch", "apex")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can fix; the message is one sentence naming field, value and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA decoder and its normalisation placement (PAPER.md)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1368
+    num_layers: int = 12
+    num_heads: int = 8
+    norm_placement: str = "pre"
+    mix_alpha: float = 0.25
+    post_layers: int | None = None  # Mix-LN: explicit Post-LN layer count, overrides mix_alpha
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    init_std: float = 0.02
+    scaled_init: bool = False  # std init_std/sqrt(2L) on o_proj and down_proj (paper Table 8)
+    scaled_embed_init: bool = False  # embedding std sqrt(2/5) (paper Table 8)
+    kernels: str = "auto"  # auto | triton | torch | apex
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_seq_len"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "a positive integer")
+        _require(self.norm_placement in NORM_PLACEMENTS, f"{prefix}.norm_placement", self.norm_placement,
+                 "one of " + ", ".join(NORM_PLACEMENTS))
+        _require(0.0 <= self.mix_alpha <= 1.0, f"{prefix}.mix_alpha", self.mix_alpha, "a number in [0, 1]")
+        if self.post_layers is not None:
+            _require(0 <= self.post_layers <= self.num_layers, f"{prefix}.post_layers", self.post_layers,
+                     f"an integer in [0, num_layers={self.num_layers}] or null")
+        _require(self.hidden_size % self.num_heads == 0, f"{prefix}.num_heads", self.num_heads,
+                 f"a divisor of hidden_size={self.hidden_size}")
+        _require(self.head_dim % 2 == 0, f"{prefix}.num_heads", self.num_heads,
+                 f"a value giving an even head dimension for rotary embeddings (hidden_size={self.hidden_size})")
+        _require(self.rms_norm_eps > 0, f"{prefix}.rms_norm_eps", self.rms_norm_eps, "a positive number")
+        _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "a positive number")
+        _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a positive number")
+        _require(self.kernels in KERNEL_CHOICES, f"{prefix}.kernels", self.kernels, "one of " + ", ".join(KERNEL_CHOICES))
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from, how it is tokenised, and how it becomes fixed-length sequences."""
+
+    # "c4" (allenai/c4 en through datasets streaming), "hf:NAME[:CONFIG]", "embedded" (the shipped
+    # Wikipedia sample), or a path to a .txt / .jsonl / .json (optionally .gz) file or a folder of them.
+    source: str = "c4"
+    text_field: str = "text"
+    # HF tokenizer name or folder ("t5-base"), a SentencePiece .model file, a tokenizer.json,
+    # or "bpe" to train a byte-level BPE of bpe_vocab_size on the training text.
+    tokenizer: str = "t5-base"
+    bpe_vocab_size: int = 8192
+    seq_len: int = 256
+    mode: str = "document"  # "document": one document per sequence, padded (paper); "packed"
+    eval_fraction: float = 0.01  # documents held out from local sources (C4 uses its validation split)
+    max_train_documents: int = 0  # 0 = all; needed to bound a streamed C4
+    max_eval_documents: int = 0  # 0 = all
+    cache_dir: str = ".cache/mixln"
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(bool(self.source), f"{prefix}.source", self.source, "a dataset name or a path")
+        _require(self.mode in ("document", "packed"), f"{prefix}.mode", self.mode, "one of document, packed")
+        _require(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "an integer >= 2")
+        _require(0.0 <= self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction, "a number in [0, 1)")
+        _require(self.bpe_vocab_size >= 260, f"{prefix}.bpe_vocab_size", self.bpe_vocab_size, "an integer >= 260")
+        for name in ("max_train_documents", "max_eval_documents"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 (all) or a positive integer")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, precision, logging and checkpointing of one run."""
+
+    steps: int = 1000
+    global_batch_size: int = 512  # sequences per optimiser step, over all data-parallel ranks
+    micro_batch_size: int = 16  # sequences per forward pass on one rank
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    warmup_fraction: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = off (the official scripts); the paper's README uses 1.0
+    precision: str = "fp32"  # fp32 | bf16 (bf16 keeps fp32 master weights)
+    seed: int = 42
+    out_dir: str = "runs/default"
+    log_every: int = 1
+    layer_grad_norm_every: int = 50  # per-layer gradient norms into metrics.jsonl; 0 = never
+    eval_every: int = 0  # 0 = only at the end
+    eval_sequences: int = 256
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint folder
+    stop_after_step: int = 0  # stop (after saving) once this step is done; 0 = never
+    on_nonfinite: str = "stop"  # stop | skip
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    progress_bar: bool = True
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "a positive integer")
+        for name in ("layer_grad_norm_every", "eval_every", "save_every", "stop_after_step", "eval_sequences"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 or a positive integer")
+        _require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "a positive integer")
+        _require(self.optimizer in ("adam", "adamw"), f"{prefix}.optimizer", self.optimizer, "one of adam, adamw")
+        _require(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _require(0.0 <= self.warmup_fraction < 1.0, f"{prefix}.warmup_fraction", self.warmup_fraction, "a number in [0, 1)")
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{prefix}.betas", self.betas,
+                 "two numbers in [0, 1)")
+        _require(self.adam_eps > 0, f"{prefix}.adam_eps", self.adam_eps, "a positive number")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _require(self.precision in ("fp32", "bf16"), f"{prefix}.precision", self.precision, "one of fp32, bf16")
+        _require(self.on_nonfinite in ("stop", "skip"), f"{prefix}.on_nonfinite", self.on_nonfinite, "one of stop, skip")
+        _require(bool(self.out_dir), f"{prefix}.out_dir", self.out_dir, "a folder path")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; data parallelism is whatever the world size leaves after tp x pp."""
+
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _require(self.tp >= 1, f"{prefix}.tp", self.tp, "a positive integer")
+        _require(self.pp >= 1, f"{prefix}.pp", self.pp, "a positive integer")
+        _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.parallel.validate()
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+                 f"at most model.max_seq_len={self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a list of {len(args)} numbers.")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name}={value!r} is invalid: expected true or false.")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is invalid: expected an integer.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = math.nan
+                if as_float.is_integer():
+                    return int(as_float)
+        raise ConfigError(f"{name}={value!r} is invalid: expected an integer.")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a number.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} is invalid: expected a number.")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}={value!r} is invalid: expected a string.")
+    raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], section: str) -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(f"{section}.{key} is not a known field: valid fields of {section} are "
+                              + ", ".join(types_) + ".")
+        kwargs[key] = _coerce(value, types_[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a Config from nested dicts (unknown sections and fields are errors)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a YAML mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}.")
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name} is not a known config section: valid sections are {', '.join(SECTIONS)}.")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of fields, got {value!r}.")
+        sections[name] = _section_from_dict(SECTIONS[name], value, name)
+    return Config(**sections).validate()
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ["model.num_layers=4", ...] into {"model": {"num_layers": "4"}} (values stay strings, coerced later)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} is invalid: expected section.field=value, e.g. train.steps=100.")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply key=value overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as configs/tiny.yaml.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must be a YAML mapping with sections {', '.join(SECTIONS)}.")
+    for section, values in parse_overrides(list(overrides)).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section} is not a known config section: valid sections are {', '.join(SECTIONS)}.")
+        current = raw.get(section) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{section} must be a mapping of fields, got {current!r}.")
+        raw[section] = {**current, **values}
+    return config_from_dict(raw, source=str(path) if path else "config")
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """A validated ModelConfig from a plain dict (exported checkpoints' config.json)."""
+    config = _section_from_dict(ModelConfig, values, "model")
+    config.validate()
+    return config

@@ -1,0 +1,40 @@
+"""megatron_mixln: Megatron/DeepSpeed-style LLaMA pre-training with Mix-LN normalisation placement."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_mixln",
+    version="0.1.0",
+    description="LLaMA pre-training on DeepSpeed with Mix-LN (Post-LN early layers, Pre-LN late layers)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mixln", "megatron_mixln.*"]) + ["megatron_mixln.kernels"],
+    # kernels/ is a top-level folder but must never import as `kernels` (that name is Hugging Face's).
+    package_dir={"megatron_mixln.kernels": "kernels"},
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "triton==3.9.0",
+        "datasets>=4",
+        "numpy>=1.26",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tqdm",
+        "matplotlib",
+        "PyYAML>=6",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+        "hf": ["transformers>=4.45"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mixln-train=megatron_mixln.cli:train_main",
+            "mixln-prepare=megatron_mixln.cli:prepare_main",
+            "mixln-export=megatron_mixln.cli:export_main",
+            "mixln-eval=megatron_mixln.cli:eval_main",
+            "mixln-bench=megatron_mixln.cli:bench_main",
+        ]
+    },
+)
