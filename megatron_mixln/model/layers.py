@@ -1,0 +1,111 @@
+"""The LLaMA decoder layer (attention, SwiGLU MLP) with its normalisation placement chosen by global index."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mixln.config import ModelConfig
+from megatron_mixln.model.norms import (DEEPNORM, LNS, NORM_NAMES, POST, PRE, SANDWICH, RMSNorm,
+                                        deepnorm_residual_scale, norm_placement)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the HF LLaMA convention (rotate_half over two halves, angles computed in fp32)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # not in checkpoints, as in HF
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.float())
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention through scaled_dot_product_attention; no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, self.head_dim = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 heads: under tensor parallelism the projections hold only this rank's heads.
+        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        cos, sin = self.rotary(seq, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One transformer layer; its block kind (Pre-LN, Post-LN, ...) follows from its global index.
+
+    Pre-LN / LNS:  h = x + Attn(N1(x));            y = h + MLP(N2(h))       (LNS: N1, N2 scaled by 1/sqrt(i+1))
+    Post-LN:       h = N1(x + Attn(x));            y = N2(h + MLP(h))
+    DeepNorm:      h = N1(a*x + Attn(x));          y = N2(a*h + MLP(h))     a = (2L)^(1/4)
+    Sandwich:      h = x + N2(Attn(N1(x)));        y = h + N4(MLP(N3(h)))
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.placement = norm_placement(layer_index, config.num_layers, config)
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        output_scale = 1.0 / math.sqrt(layer_index + 1) if self.placement == LNS else 1.0
+        self.norm_names = NORM_NAMES[self.placement]
+        for name in self.norm_names:
+            self.add_module(name, RMSNorm(config.hidden_size, config.rms_norm_eps, output_scale))
+        self.residual_scale = deepnorm_residual_scale(config.num_layers) if self.placement == DEEPNORM else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement in (PRE, LNS):
+            normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(self.input_layernorm(x)), x)
+            return h + self.mlp(normed)
+        if self.placement in (POST, DEEPNORM):
+            a = self.residual_scale
+            h, _ = self.post_attention_layernorm.add_and_norm(self.self_attn(x), x if a == 1.0 else a * x)
+            y, _ = self.post_feedforward_layernorm.add_and_norm(self.mlp(h), h if a == 1.0 else a * h)
+            return y
+        if self.placement == SANDWICH:
+            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        raise AssertionError(f"unhandled placement {self.placement}")
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, placement={self.placement}"

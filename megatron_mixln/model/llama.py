@@ -1,0 +1,112 @@
+"""The whole LLaMA causal LM with HF parameter names, and its layout-independent initialisation."""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mixln.config import ModelConfig
+from megatron_mixln.model.layers import DecoderLayer
+from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain
+
+IGNORE_INDEX = -100
+
+
+class MixLNModel(nn.Module):
+    """Embedding, decoder layers and the final RMSNorm (applied for every placement, as the official code does)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.norm(hidden)
+
+
+class MixLNForCausalLM(nn.Module):
+    """LLaMA with an untied LM head; `forward(input_ids)` returns logits [batch, seq, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = MixLNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids))
+
+    @property
+    def placements(self) -> list[str]:
+        return [layer.placement for layer in self.model.layers]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; labels are already shifted."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A generator seed from (run seed, parameter name): the same full tensor whatever the parallel layout."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def init_std(name: str, shape: tuple[int, ...], config: ModelConfig, placement: str | None) -> float:
+    """Standard deviation of the normal initialisation of parameter `name` (HF LLaMA + the paper's switches)."""
+    if name.endswith("embed_tokens.weight"):
+        return math.sqrt(2.0 / 5.0) if config.scaled_embed_init else config.init_std
+    if placement == DEEPNORM and (".self_attn." in name or ".mlp." in name):
+        # Xavier-normal; gain (8L)^(-1/4) on v, o and the FFN, 1 on q and k (DeepNet).
+        gain = 1.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else deepnorm_init_gain(config.num_layers)
+        fan_out, fan_in = shape
+        return gain * math.sqrt(2.0 / (fan_in + fan_out))
+    if config.scaled_init and name.endswith(("o_proj.weight", "down_proj.weight")):
+        return config.init_std / math.sqrt(2.0 * config.num_layers)
+    return config.init_std
+
+
+def full_initial_value(name: str, shape: tuple[int, ...], config: ModelConfig, placement: str | None,
+                       seed: int) -> torch.Tensor:
+    """The fp32 initial value of the *full* (unsharded) parameter `name`; norm gains are ones."""
+    if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+        return torch.ones(shape)
+    generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, init_std(name, shape, config, placement), generator=generator)
+
+
+def layer_index_of(name: str) -> int | None:
+    """The global layer index in a parameter name like `model.layers.7.mlp.up_proj.weight`, else None."""
+    parts = name.split(".")
+    if "layers" in parts:
+        position = parts.index("layers") + 1
+        if position < len(parts) and parts[position].isdigit():
+            return int(parts[position])
+    return None
+
+
+@torch.no_grad()
+def initialize_weights(model: MixLNForCausalLM, config: ModelConfig, seed: int) -> None:
+    """Fill every parameter from its own seeded generator, so initial weights never depend on layout or order."""
+    placements = model.placements
+    for name, param in model.named_parameters():
+        index = layer_index_of(name)
+        placement = placements[index] if index is not None else None
+        param.copy_(full_initial_value(name, tuple(param.shape), config, placement, seed))
+
+
+def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> MixLNForCausalLM:
+    """Build and initialise the model (fp32 unless `dtype` is given)."""
+    config.validate()
+    model = MixLNForCausalLM(config)
+    initialize_weights(model, config, seed)
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
