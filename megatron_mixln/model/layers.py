@@ -18,16 +18,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the HF LLaMA convention (rotate_half over two halves, angles computed in fp32)."""
+    """RoPE in the HF LLaMA convention: fp32 inverse frequencies, rotate_half over two halves.
+
+    Holds no buffer, so casting the model to bf16 cannot round the frequencies.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # not in checkpoints, as in HF
+        self.head_dim, self.theta = head_dim, theta
 
-    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.float())
+    def forward(self, seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        positions = torch.arange(seq_len, device=device, dtype=angle_dtype)
+        angles = torch.outer(positions, inv_freq.to(angle_dtype))
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -53,7 +58,7 @@ class Attention(nn.Module):
         # -1 heads: under tensor parallelism the projections hold only this rank's heads.
         q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = self.rotary(seq, q.dtype)
+        cos, sin = self.rotary(seq, q.dtype, q.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

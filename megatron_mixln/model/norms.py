@@ -55,8 +55,8 @@ def deepnorm_init_gain(num_layers: int) -> float:
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
     """HF LLaMA's RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
-    x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for half types, fp64 stays fp64
+    normed = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     out = weight * normed
     return out * scale if scale != 1.0 else out
 
