@@ -1,0 +1,159 @@
+"""Console entry points: mixln-train, mixln-prepare, mixln-eval, mixln-export, mixln-bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user: printed as one line, no stack trace."""
+    from megatron_mixln.config import ConfigError
+    from megatron_mixln.data import DataError
+    from megatron_mixln.train.checkpoint import CheckpointError
+
+    return (ConfigError, DataError, CheckpointError)
+
+
+def _run(main, argv) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return main(argv) or 0
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.norm_placement=mix train.steps=100")
+    return parser
+
+
+def _train(argv) -> int:
+    from megatron_mixln.config import load_config
+    from megatron_mixln.train.loop import NonFiniteLossError, train
+
+    parser = _config_parser("mixln-train", "Pre-train a LLaMA model with the configured normalisation placement.")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    try:
+        result = train(config)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.eval_loss is not None and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
+        print(f"done: step {result.last_step}, eval loss {result.eval_loss:.4f}, "
+              f"eval perplexity {math.exp(min(result.eval_loss, 700)):.2f}; "
+              f"metrics in {result.out_dir / 'metrics.jsonl'}, curve in {result.out_dir / 'loss_curve.png'}, "
+              f"weights in {result.export_dir}")
+    elif result.stopped_early:
+        print(f"stopped after step {result.last_step} (train.stop_after_step); resume with train.resume=auto")
+    return 0
+
+
+def _prepare(argv) -> int:
+    from megatron_mixln.config import load_config
+    from megatron_mixln.data import prepare_dataset
+
+    parser = _config_parser("mixln-prepare", "Tokenise a config's data once into memory-mapped token files.")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    folder = prepare_dataset(config.data)
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    print(f"prepared {folder}: " + ", ".join(f"{k}={v}" for k, v in meta.items() if not isinstance(v, (dict, list))))
+    return 0
+
+
+def _export(argv) -> int:
+    from megatron_mixln.config import config_from_dict
+    from megatron_mixln.train import checkpoint as ckpt
+
+    parser = argparse.ArgumentParser(prog="mixln-export", description=(
+        "Write a consolidated export (model.safetensors with PAPER.md names + config.json) from a checkpoint."))
+    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("out", help="folder to write")
+    args = parser.parse_args(argv)
+    folder = Path(args.checkpoint)
+    if (folder / ckpt.CHECKPOINTS).is_dir():
+        folder = ckpt.latest_checkpoint(folder) or folder
+    state_path = folder / ckpt.STATE_FILE
+    if not state_path.is_file():
+        raise ckpt.CheckpointError(f"{folder} is neither a run folder with checkpoints nor a checkpoint folder "
+                                   f"(no {ckpt.STATE_FILE}).")
+    state = json.loads(state_path.read_text())
+    run_config = config_from_dict(state["config"])
+    out = ckpt.export_consolidated(ckpt.module_state_from_checkpoint(folder), run_config.model, args.out,
+                                   extra={"step": state["step"], "run_config": state["config"]})
+    print(f"exported step {state['step']} to {out}")
+    return 0
+
+
+def _eval(argv) -> int:
+    import torch
+
+    from megatron_mixln.config import config_from_dict, load_config, parse_overrides
+    from megatron_mixln.data import eval_batches, open_datasets
+    from megatron_mixln.model import causal_lm_loss
+    from megatron_mixln.train import checkpoint as ckpt
+
+    parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
+    parser.add_argument("export", help="an export folder (model.safetensors + config.json)")
+    parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
+    args = parser.parse_args(argv)
+    raw = json.loads((Path(args.export) / ckpt.EXPORT_CONFIG).read_text()) if (
+        Path(args.export) / ckpt.EXPORT_CONFIG).is_file() else {}
+    if "run_config" not in raw:
+        raise ckpt.CheckpointError(f"{args.export} holds no run_config: export it with mixln-train or mixln-export.")
+    config = config_from_dict(raw["run_config"])
+    if args.overrides:
+        base = json.loads(json.dumps(raw["run_config"]))
+        for section, values in parse_overrides(args.overrides).items():
+            base.setdefault(section, {}).update(values)
+        config = config_from_dict(base)
+    model = ckpt.load_exported_model(args.export).eval()
+    _, _, eval_data = open_datasets(config.data)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in eval_batches(eval_data, min(config.train.eval_sequences, len(eval_data)),
+                                           config.train.micro_batch_size):
+            n = int((labels != -100).sum())
+            total += causal_lm_loss(model(inputs), labels).item() * n
+            count += n
+    loss = total / max(count, 1)
+    print(json.dumps({"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "tokens": count}))
+    return 0
+
+
+def _bench(argv) -> int:
+    parser = argparse.ArgumentParser(prog="mixln-bench", description="Benchmarks (scripts that print a table).")
+    parser.add_argument("what", choices=["hf", "kernels"], help="hf: our model vs transformers' LLaMA; kernels: Triton kernels")
+    args, rest = parser.parse_known_args(argv)
+    if args.what == "hf":
+        from megatron_mixln.benchmarks.model_vs_hf import main
+    else:
+        from megatron_mixln.kernels.bench import main
+    return main(rest)
+
+
+def train_main() -> None:
+    sys.exit(_run(_train, sys.argv[1:]))
+
+
+def prepare_main() -> None:
+    sys.exit(_run(_prepare, sys.argv[1:]))
+
+
+def export_main() -> None:
+    sys.exit(_run(_export, sys.argv[1:]))
+
+
+def eval_main() -> None:
+    sys.exit(_run(_eval, sys.argv[1:]))
+
+
+def bench_main() -> None:
+    sys.exit(_run(_bench, sys.argv[1:]))
