@@ -9,6 +9,7 @@ setup(
     packages=find_packages(include=["megatron_mixln", "megatron_mixln.*"]) + ["megatron_mixln.kernels"],
     # kernels/ is a top-level folder but must never import as `kernels` (that name is Hugging Face's).
     package_dir={"megatron_mixln.kernels": "kernels"},
+    package_data={"megatron_mixln.data": ["assets/*"]},  # the embedded corpus and its licence
     install_requires=[
         "torch==2.13.0",
         "deepspeed==0.19.8",
