@@ -1,0 +1,474 @@
+"""Fused Triton kernels (RMSNorm, residual-add + RMSNorm, SwiGLU) against a float64 PyTorch reference.
+
+Runs on CPU under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py). With
+MIXLN_TEST_DEVICE=cuda (and TRITON_INTERPRET=0 in the environment) the same tests run on a GPU; that is what
+kernels/gpu_check.sh does. Inputs are fresh random each run; the seed is in every failure message and
+MIXLN_TEST_SEED=<seed> replays it.
+
+Tolerances: fp32 outputs within 1e-5 of the float64 reference relative to its largest magnitude; bf16 / fp16
+outputs within two units of their rounding (u = 2^-8 / 2^-11) of each element, plus two units of the
+tensor's RMS for values produced by sums that cancel: |out - ref| <= 2u (|ref| + rms(ref)).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from megatron_mixln.kernels import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
+    rms_norm_reference,
+    swiglu,
+    swiglu_backward,
+    swiglu_forward,
+    swiglu_reference,
+)
+from megatron_mixln.kernels._common import elementwise_launch, norm_launch, persistent_programs
+
+DEVICE = torch.device(os.environ.get("MIXLN_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("MIXLN_TEST_DEVICE=cuda but no CUDA device is visible", allow_module_level=True)
+
+# The paper's odd sizes (none a power of two) plus a tiny shape; rows kept small, hidden sizes are what matter.
+SHAPES = [(2, 3, 7), (3, 5, 1368), (7, 5461), (1, 11008), (17, 4096)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROUNDING_UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+EPS = 1e-6
+
+
+class Rand:
+    """Fresh random tensors on DEVICE from one recorded seed."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def normal(self, shape, dtype, row_scales: bool = False) -> torch.Tensor:
+        t = torch.randn(shape, generator=self.gen, dtype=torch.float64)
+        if row_scales:  # rows of very different magnitudes: a wrong row's rstd cannot pass
+            t = t * 10.0 ** (4 * torch.rand(shape[:-1] + (1,), generator=self.gen, dtype=torch.float64) - 2)
+        return t.to(dtype).to(DEVICE)
+
+    def weight(self, n, dtype) -> torch.Tensor:
+        w = 1.0 + 0.5 * torch.randn(n, generator=self.gen, dtype=torch.float64)
+        return w.to(dtype).to(DEVICE)
+
+
+@pytest.fixture
+def rand() -> Rand:
+    seed = int(os.environ.get("MIXLN_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
+    return Rand(seed)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, seed: int) -> None:
+    """`out` equals the float64 `ref` to the precision of `dtype` (the module docstring gives the bounds)."""
+    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    if out64.numel() == 0:
+        return
+    assert torch.isfinite(out64).all(), f"{what}: non-finite output (an element never written?) [seed {seed}]"
+    err = (out64 - ref64).abs()
+    if dtype == torch.float32:
+        rel = (err.max() / ref64.abs().max().clamp_min(1e-30)).item()
+        assert rel <= 1e-5, f"{what}: max|diff|/max|ref| = {rel:.3g} > 1e-5 [seed {seed}]"
+        return
+    u = ROUNDING_UNIT[dtype]
+    bound = 2 * u * (ref64.abs() + ref64.pow(2).mean().sqrt())
+    ratio = err / bound
+    worst = int(ratio.argmax())
+    assert ratio.max() <= 1, (f"{what}: element {worst} is {out64.flatten()[worst].item():.6g}, reference "
+                              f"{ref64.flatten()[worst].item():.6g}: {ratio.max().item():.2f}x the {dtype} "
+                              f"tolerance [seed {seed}]")
+
+
+def float64_leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float64).requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_output_and_grads_match_float64(shape, dtype, rand):
+    x = rand.normal(shape, dtype, row_scales=True).requires_grad_(True)
+    w = rand.weight(shape[-1], dtype).requires_grad_(True)
+    dy = rand.normal(shape, dtype)
+    y = rms_norm(x, w, EPS)
+    y.backward(dy)
+
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    y64 = rms_norm_reference(x64, w64, EPS)
+    y64.backward(dy.to("cpu", torch.float64))
+    assert y.dtype == dtype
+    assert_matches(y, y64, dtype, "y", rand.seed)
+    assert_matches(x.grad, x64.grad, dtype, "dx", rand.seed)
+    assert_matches(w.grad, w64.grad, dtype, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_scale_multiplies_output_and_grads(dtype, rand):
+    shape, scale = (3, 5, 1368), 1.0 / math.sqrt(7)  # LayerNorm Scaling at layer 6
+    x = rand.normal(shape, dtype).requires_grad_(True)
+    w = rand.weight(shape[-1], dtype).requires_grad_(True)
+    dy = rand.normal(shape, dtype)
+    y = rms_norm(x, w, EPS, scale=scale)
+    y.backward(dy)
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    y64 = rms_norm_reference(x64, w64, EPS, scale=scale)
+    y64.backward(dy.to("cpu", torch.float64))
+    assert_matches(y, y64, dtype, "y", rand.seed)
+    assert_matches(x.grad, x64.grad, dtype, "dx", rand.seed)
+    assert_matches(w.grad, w64.grad, dtype, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_launchers_write_every_element_of_poisoned_outputs(shape, dtype, rand):
+    x = rand.normal(shape, dtype)
+    w = rand.weight(shape[-1], dtype)
+    dy = rand.normal(shape, dtype)
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    y, _, rstd = rms_norm_forward(x, w, EPS, out=out)
+    assert y is out
+    dx_out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    dx, dw = rms_norm_backward(dy, x, w, rstd, dx_out=dx_out)
+    assert dx is dx_out
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    y64 = rms_norm_reference(x64, w64, EPS)
+    y64.backward(dy.to("cpu", torch.float64))
+    assert_matches(y, y64, dtype, "y", rand.seed)
+    assert_matches(dx, x64.grad, dtype, "dx", rand.seed)
+    assert_matches(dw, w64.grad, dtype, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_non_contiguous_inputs(dtype, rand):
+    # A transposed view (copied once) and a row-strided slice of a wider tensor (used in place).
+    w = rand.weight(1368, dtype).requires_grad_(True)
+    transposed = rand.normal((5, 3, 1368), dtype, row_scales=True).transpose(0, 1).requires_grad_(True)
+    sliced_base = rand.normal((7, 1368 + 40), dtype, row_scales=True)
+    sliced = sliced_base[:, 13:13 + 1368].requires_grad_(True)
+    assert not transposed.is_contiguous() and not sliced.is_contiguous()
+    for x in (transposed, sliced):
+        w.grad = None
+        dy = rand.normal(tuple(x.shape[::-1]), dtype).transpose(0, -1)  # a non-contiguous gradient too
+        y = rms_norm(x, w, EPS)
+        y.backward(dy)
+        x64, w64 = float64_leaf(x), float64_leaf(w)
+        y64 = rms_norm_reference(x64, w64, EPS)
+        y64.backward(dy.to("cpu", torch.float64))
+        assert_matches(y, y64, dtype, "y", rand.seed)
+        assert_matches(x.grad, x64.grad, dtype, "dx", rand.seed)
+        assert_matches(w.grad, w64.grad, dtype, "dw", rand.seed)
+
+
+def test_rms_norm_expanded_gradient_from_sum(rand):
+    x = rand.normal((4, 6, 1368), torch.float32).requires_grad_(True)
+    w = rand.weight(1368, torch.float32).requires_grad_(True)
+    rms_norm(x, w, EPS).sum().backward()  # autograd hands the kernel a stride-0 gradient
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    rms_norm_reference(x64, w64, EPS).sum().backward()
+    assert_matches(x.grad, x64.grad, torch.float32, "dx", rand.seed)
+    assert_matches(w.grad, w64.grad, torch.float32, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("needs", ["x", "weight"])
+def test_rms_norm_grad_of_only_one_input(needs, rand):
+    x = rand.normal((7, 5461), torch.bfloat16).requires_grad_(needs == "x")
+    w = rand.weight(5461, torch.bfloat16).requires_grad_(needs == "weight")
+    dy = rand.normal((7, 5461), torch.bfloat16)
+    rms_norm(x, w, EPS).backward(dy)
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    rms_norm_reference(x64, w64, EPS).backward(dy.to("cpu", torch.float64))
+    if needs == "x":
+        assert w.grad is None
+        assert_matches(x.grad, x64.grad, torch.bfloat16, "dx", rand.seed)
+    else:
+        assert x.grad is None
+        assert_matches(w.grad, w64.grad, torch.bfloat16, "dw", rand.seed)
+
+
+def test_rms_norm_fp32_weight_on_bf16_input_promotes_like_the_reference(rand):
+    x = rand.normal((17, 4096), torch.bfloat16).requires_grad_(True)
+    w = rand.weight(4096, torch.float32).requires_grad_(True)
+    y = rms_norm(x, w, EPS)
+    assert y.dtype == rms_norm_reference(x, w, EPS).dtype == torch.float32
+    dy = rand.normal((17, 4096), torch.float32)
+    y.backward(dy)
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    rms_norm_reference(x64, w64, EPS).backward(dy.to("cpu", torch.float64))
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    # The normalised value is rounded to bf16 before the weight multiply: bf16's unit bounds the output.
+    assert_matches(y, rms_norm_reference(x64, w64, EPS), torch.bfloat16, "y", rand.seed)
+    assert_matches(x.grad, x64.grad, torch.bfloat16, "dx", rand.seed)
+    assert_matches(w.grad, w64.grad, torch.float32, "dw", rand.seed)
+
+
+def test_rms_norm_reference_is_hf_llama_formula(rand):
+    x = rand.normal((3, 5, 1368), torch.bfloat16, row_scales=True)
+    w = rand.weight(1368, torch.bfloat16)
+    # transformers' LlamaRMSNorm.forward, written out.
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hf = w * (hidden * torch.rsqrt(variance + EPS)).to(torch.bfloat16)
+    assert torch.equal(rms_norm_reference(x, w, EPS), hf)
+
+
+def test_rms_norm_of_zero_rows_and_empty_input(rand):
+    x = rand.normal((4, 1368), torch.float32)
+    x[1] = 0.0
+    w = rand.weight(1368, torch.float32)
+    y = rms_norm(x, w, EPS)
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+    empty = torch.empty((0, 1368), device=DEVICE, requires_grad=True)
+    out = rms_norm(empty, w.requires_grad_(True), EPS)
+    out.sum().backward()
+    assert out.shape == (0, 1368) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_rms_norm_rejects_a_weight_of_the_wrong_size(rand):
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm(rand.normal((2, 8), torch.float32), rand.weight(7, torch.float32), EPS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Residual add + RMSNorm
+
+
+def _add_rms_norm_float64(x, r, w, g_normed, g_summed, scale=1.0):
+    """Float64 reference of add_rms_norm's outputs and gradients for the loss <normed, g_n> + <summed, g_s>.
+
+    The kernel, like the torch path, normalises the sum rounded to the stream dtype, so the reference
+    normalises that same (exact) value.
+    """
+    summed = (x + r).detach()
+    s64, w64 = float64_leaf(summed), float64_leaf(w)
+    y64 = rms_norm_reference(s64, w64, EPS, scale)
+    y64.backward(g_normed.to("cpu", torch.float64))
+    d_sum = s64.grad + (g_summed.to("cpu", torch.float64) if g_summed is not None else 0.0)
+    return y64, summed, d_sum, w64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rms_norm_outputs_and_grads_match_float64(shape, dtype, rand):
+    x = rand.normal(shape, dtype, row_scales=True).requires_grad_(True)
+    r = rand.normal(shape, dtype, row_scales=True).requires_grad_(True)
+    w = rand.weight(shape[-1], dtype).requires_grad_(True)
+    g_n, g_s = rand.normal(shape, dtype), rand.normal(shape, dtype)
+    normed, summed = add_rms_norm(x, r, w, EPS)
+    # `summed` used downstream too (the next residual): its gradient joins the norm's.
+    torch.autograd.backward([normed, summed], [g_n, g_s])
+
+    y64, summed_ref, d_sum, dw64 = _add_rms_norm_float64(x, r, w, g_n, g_s)
+    assert summed.dtype == dtype and torch.equal(summed, summed_ref), f"summed != x + residual [seed {rand.seed}]"
+    assert_matches(normed, y64, dtype, "normed", rand.seed)
+    assert_matches(x.grad, d_sum, dtype, "dx", rand.seed)
+    assert_matches(r.grad, d_sum, dtype, "dresidual", rand.seed)
+    assert_matches(w.grad, dw64, dtype, "dw", rand.seed)
+
+
+def test_add_rms_norm_summed_is_exactly_x_plus_residual_in_fp32(rand):
+    x = rand.normal((7, 5461), torch.float32, row_scales=True)
+    r = rand.normal((7, 5461), torch.float32, row_scales=True)
+    _, summed = add_rms_norm(x, r, rand.weight(5461, torch.float32), EPS)
+    assert torch.equal(summed, x + r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_add_rms_norm_post_ln_tail_with_summed_unused(dtype, rand):
+    shape, scale = (3, 5, 1368), 1.0 / math.sqrt(3)
+    x = rand.normal(shape, dtype).requires_grad_(True)
+    r = rand.normal(shape, dtype).requires_grad_(True)
+    w = rand.weight(1368, dtype).requires_grad_(True)
+    g_n = rand.normal(shape, dtype)
+    normed, _ = add_rms_norm(x, r, w, EPS, scale=scale)
+    normed.backward(g_n)
+    y64, _, d_sum, dw64 = _add_rms_norm_float64(x, r, w, g_n, None, scale)
+    assert_matches(normed, y64, dtype, "normed", rand.seed)
+    assert_matches(x.grad, d_sum, dtype, "dx", rand.seed)
+    assert_matches(r.grad, d_sum, dtype, "dresidual", rand.seed)
+    assert_matches(w.grad, dw64, dtype, "dw", rand.seed)
+
+
+def test_add_rms_norm_with_only_summed_used_passes_its_gradient_through(rand):
+    x = rand.normal((7, 5461), torch.float32).requires_grad_(True)
+    r = rand.normal((7, 5461), torch.float32).requires_grad_(True)
+    w = rand.weight(5461, torch.float32).requires_grad_(True)
+    g_s = rand.normal((7, 5461), torch.float32)
+    _, summed = add_rms_norm(x, r, w, EPS)
+    summed.backward(g_s)
+    assert torch.equal(x.grad, g_s) and torch.equal(r.grad, g_s)
+    assert w.grad is None or torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_add_rms_norm_grads_of_x_and_residual_are_independent_tensors(rand):
+    x = rand.normal((17, 4096), torch.bfloat16).requires_grad_(True)
+    r = rand.normal((17, 4096), torch.bfloat16).requires_grad_(True)
+    w = rand.weight(4096, torch.bfloat16)
+    normed, summed = add_rms_norm(x, r, w, EPS)
+    torch.autograd.backward([normed, summed], [rand.normal((17, 4096), torch.bfloat16)] * 2)
+    kept = r.grad.clone()
+    x.grad.zero_()
+    assert torch.equal(r.grad, kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_add_rms_norm_non_contiguous_inputs(dtype, rand):
+    x = rand.normal((5, 3, 1368), dtype).transpose(0, 1).requires_grad_(True)
+    r = rand.normal((3, 5, 1368 + 24), dtype)[..., 24:].requires_grad_(True)
+    w = rand.weight(1368, dtype).requires_grad_(True)
+    g_n, g_s = rand.normal((3, 5, 1368), dtype), rand.normal((3, 5, 1368), dtype)
+    normed, summed = add_rms_norm(x, r, w, EPS)
+    torch.autograd.backward([normed, summed], [g_n, g_s])
+    y64, summed_ref, d_sum, dw64 = _add_rms_norm_float64(x, r, w, g_n, g_s)
+    assert torch.equal(summed, summed_ref)
+    assert_matches(normed, y64, dtype, "normed", rand.seed)
+    assert_matches(x.grad, d_sum, dtype, "dx", rand.seed)
+    assert_matches(r.grad, d_sum, dtype, "dresidual", rand.seed)
+    assert_matches(w.grad, dw64, dtype, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rms_norm_launchers_write_every_element_of_poisoned_outputs(shape, dtype, rand):
+    x, r = rand.normal(shape, dtype), rand.normal(shape, dtype)
+    w = rand.weight(shape[-1], dtype)
+    g_n, g_s = rand.normal(shape, dtype), rand.normal(shape, dtype)
+    nan = dict(dtype=dtype, device=DEVICE)
+    out, summed_out = torch.full(shape, float("nan"), **nan), torch.full(shape, float("nan"), **nan)
+    y, summed, rstd = rms_norm_forward(x, w, EPS, residual=r, out=out, summed_out=summed_out)
+    assert y is out and summed is summed_out
+    dx_out = torch.full(shape, float("nan"), **nan)
+    dx, dw = rms_norm_backward(g_n, summed, w, rstd, d_summed=g_s, dx_out=dx_out)
+    assert dx is dx_out
+    y64, summed_ref, d_sum, dw64 = _add_rms_norm_float64(x, r, w, g_n, g_s)
+    assert torch.equal(summed, summed_ref)
+    assert_matches(y, y64, dtype, "normed", rand.seed)
+    assert_matches(dx, d_sum, dtype, "dx", rand.seed)
+    assert_matches(dw, dw64, dtype, "dw", rand.seed)
+
+
+def test_add_rms_norm_reference_is_add_then_norm(rand):
+    x, r = rand.normal((3, 5, 1368), torch.bfloat16), rand.normal((3, 5, 1368), torch.bfloat16)
+    w = rand.weight(1368, torch.bfloat16)
+    normed, summed = add_rms_norm_reference(x, r, w, EPS, 0.5)
+    assert torch.equal(summed, x + r) and torch.equal(normed, rms_norm_reference(x + r, w, EPS, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+def _swiglu_float64(gate, up, dy):
+    g64, u64 = float64_leaf(gate), float64_leaf(up)
+    y64 = swiglu_reference(g64, u64)
+    y64.backward(dy.to("cpu", torch.float64))
+    return y64, g64.grad, u64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_swiglu_output_and_grads_match_float64(shape, dtype, rand):
+    gate = (3 * rand.normal(shape, torch.float64)).to(dtype).requires_grad_(True)  # into SiLU's tails too
+    up = rand.normal(shape, dtype).requires_grad_(True)
+    dy = rand.normal(shape, dtype)
+    y = swiglu(gate, up)
+    y.backward(dy)
+    y64, dg64, du64 = _swiglu_float64(gate, up, dy)
+    assert y.dtype == dtype
+    assert_matches(y, y64, dtype, "y", rand.seed)
+    assert_matches(gate.grad, dg64, dtype, "dgate", rand.seed)
+    assert_matches(up.grad, du64, dtype, "dup", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_on_halves_of_a_fused_gate_up_projection(dtype, rand):
+    # The model's layout: gate and up are row-strided views into one (tokens, 2 * intermediate) tensor.
+    fused = rand.normal((3, 5, 2 * 5461), dtype).requires_grad_(True)
+    gate, up = fused.chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    dy = rand.normal((3, 5, 5461), dtype)
+    y = swiglu(gate, up)
+    y.backward(dy)
+    y64, dg64, du64 = _swiglu_float64(gate, up, dy)
+    assert_matches(y, y64, dtype, "y", rand.seed)
+    assert_matches(fused.grad[..., :5461], dg64, dtype, "dgate", rand.seed)
+    assert_matches(fused.grad[..., 5461:], du64, dtype, "dup", rand.seed)
+
+
+def test_swiglu_transposed_inputs(rand):
+    gate = rand.normal((1368, 6), torch.bfloat16).t().requires_grad_(True)
+    up = rand.normal((6, 1368), torch.bfloat16).requires_grad_(True)
+    dy = rand.normal((1368, 6), torch.bfloat16).t()
+    y = swiglu(gate, up)
+    y.backward(dy)
+    y64, dg64, du64 = _swiglu_float64(gate, up, dy)
+    assert_matches(y, y64, torch.bfloat16, "y", rand.seed)
+    assert_matches(gate.grad, dg64, torch.bfloat16, "dgate", rand.seed)
+    assert_matches(up.grad, du64, torch.bfloat16, "dup", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_swiglu_launchers_write_every_element_of_poisoned_outputs(shape, dtype, rand):
+    gate, up, dy = rand.normal(shape, dtype), rand.normal(shape, dtype), rand.normal(shape, dtype)
+    nan = dict(dtype=dtype, device=DEVICE)
+    out = torch.full(shape, float("nan"), **nan)
+    dg_out, du_out = torch.full(shape, float("nan"), **nan), torch.full(shape, float("nan"), **nan)
+    assert swiglu_forward(gate, up, out=out) is out
+    dg, du = swiglu_backward(dy, gate, up, dgate_out=dg_out, dup_out=du_out)
+    assert dg is dg_out and du is du_out
+    y64, dg64, du64 = _swiglu_float64(gate, up, dy)
+    assert_matches(out, y64, dtype, "y", rand.seed)
+    assert_matches(dg, dg64, dtype, "dgate", rand.seed)
+    assert_matches(du, du64, dtype, "dup", rand.seed)
+
+
+def test_swiglu_backward_recomputes_silu_from_saved_inputs(rand):
+    gate = rand.normal((7, 5461), torch.bfloat16).requires_grad_(True)
+    up = rand.normal((7, 5461), torch.bfloat16).requires_grad_(True)
+    y = swiglu(gate, up)
+    saved = y.grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up  # no silu(gate) kept alive
+
+
+def test_swiglu_extreme_gates_stay_finite(rand):
+    gate = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]], device=DEVICE).requires_grad_(True)
+    up = torch.ones_like(gate).requires_grad_(True)
+    y = swiglu(gate, up)
+    y.backward(torch.ones_like(y))
+    y64, dg64, du64 = _swiglu_float64(gate, up, torch.ones_like(y))
+    assert_matches(y, y64, torch.float32, "y", rand.seed)
+    assert_matches(gate.grad, dg64, torch.float32, "dgate", rand.seed)
+    assert_matches(up.grad, du64, torch.float32, "dup", rand.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch shapes
+
+
+def test_interpreter_launches_process_several_rows_per_program():
+    # One row per program is ~15x slower under the interpreter (DESIGN.md).
+    for n_rows, n_cols in [(17, 4096), (15, 1368), (7, 5461), (4, 11008)]:
+        launch = norm_launch(n_rows, n_cols, interpreted=True)
+        assert launch.block_m >= min(n_rows, 4) and launch.block_n >= n_cols
+        programs, rows_per_program = persistent_programs(n_rows, launch, torch.device("cpu"), interpreted=True)
+        assert rows_per_program >= min(n_rows, 4) and programs * rows_per_program >= n_rows
+        assert elementwise_launch(n_rows, n_cols, interpreted=True).block_m >= min(n_rows, 4)
+
+
+def test_gpu_launch_shapes_cover_every_column_with_power_of_two_blocks():
+    for n_cols in (512, 768, 1368, 2048, 4096, 5461, 8192, 11008):
+        launch = norm_launch(32768, n_cols, interpreted=False)
+        assert launch.block_n >= n_cols and launch.block_n & (launch.block_n - 1) == 0
+        assert launch.block_m == 1 or launch.block_m * launch.block_n <= 2048  # ~16 fp32 per thread at 4 warps
