@@ -472,3 +472,51 @@ def test_gpu_launch_shapes_cover_every_column_with_power_of_two_blocks():
         launch = norm_launch(32768, n_cols, interpreted=False)
         assert launch.block_n >= n_cols and launch.block_n & (launch.block_n - 1) == 0
         assert launch.block_m == 1 or launch.block_m * launch.block_n <= 2048  # ~16 fp32 per thread at 4 warps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark script
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the script benchmarks instead (kernels/gpu_check.sh)")
+def test_bench_without_gpu_says_so_in_one_line_and_runs_the_smoke_pass(tmp_path, capsys):
+    from megatron_mixln.kernels.bench import main
+
+    out = tmp_path / "smoke.json"
+    assert main(["--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("No CUDA GPU") and "interpreter" in lines[0]
+    assert any("all kernels match the float64 reference" in line for line in lines)
+    import json
+
+    smoke = json.loads(out.read_text())["smoke"]
+    assert smoke and all(row["ok"] for row in smoke)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU run compiles the kernels for real")
+def test_every_kernel_variant_compiles_for_hopper_without_register_spills():
+    # Triton's bundled ptxas builds for sm_90 without a GPU: GPU-only compile errors fail here, on CPU.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    run = subprocess.run([sys.executable, "-m", "megatron_mixln.kernels.bench", "--compile-report"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and ("fwd" in line or "bwd" in line)]
+    assert len(rows) >= 20, run.stdout
+    spills = [row for row in rows if row.rstrip(" |").split("|")[-1].strip() not in ("0", "?")]
+    assert not spills, f"register spills: {spills}"
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="checks the CPU error path")
+def test_cpu_tensor_without_the_interpreter_is_refused_in_one_sentence():
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom megatron_mixln.kernels import rms_norm\n"
+            "try:\n    rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)\nexcept RuntimeError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="0"),
+                         capture_output=True, text=True, timeout=300)
+    assert "need CUDA tensors" in run.stdout and "TRITON_INTERPRET=1" in run.stdout, run.stdout + run.stderr
