@@ -30,12 +30,12 @@ def _swiglu_fwd_kernel(
     G, U, Y, stride_g, stride_u, stride_y, n_rows, n_cols, n_col_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # a contiguous tensor is one long row: columns can pass 2^31
     rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    cols64 = cols.to(tl.int64)[None, :]
+    rows64 = rows[:, None]
+    cols64 = cols[None, :]
     g = tl.load(G + rows64 * stride_g + cols64, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows64 * stride_u + cols64, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
@@ -47,12 +47,12 @@ def _swiglu_bwd_kernel(
     DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, n_rows, n_cols, n_col_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # a contiguous tensor is one long row: columns can pass 2^31
     rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    cols64 = cols.to(tl.int64)[None, :]
+    rows64 = rows[:, None]
+    cols64 = cols[None, :]
     dy = tl.load(DY + rows64 * stride_dy + cols64, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows64 * stride_g + cols64, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows64 * stride_u + cols64, mask=mask, other=0.0).to(tl.float32)
