@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mixln.config import ModelConfig
+from megatron_mixln.model import ops
 from megatron_mixln.model.norms import (DEEPNORM, LNS, NORM_NAMES, POST, PRE, SANDWICH, RMSNorm,
                                         deepnorm_residual_scale, norm_placement)
 
@@ -72,9 +73,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.kernels = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.kernels))
 
 
 class DecoderLayer(nn.Module):
@@ -95,7 +97,7 @@ class DecoderLayer(nn.Module):
         output_scale = 1.0 / math.sqrt(layer_index + 1) if self.placement == LNS else 1.0
         self.norm_names = NORM_NAMES[self.placement]
         for name in self.norm_names:
-            self.add_module(name, RMSNorm(config.hidden_size, config.rms_norm_eps, output_scale))
+            self.add_module(name, RMSNorm(config.hidden_size, config.rms_norm_eps, output_scale, config.kernels))
         self.residual_scale = deepnorm_residual_scale(config.num_layers) if self.placement == DEEPNORM else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +110,9 @@ class DecoderLayer(nn.Module):
             y, _ = self.post_feedforward_layernorm.add_and_norm(self.mlp(h), h if a == 1.0 else a * h)
             return y
         if self.placement == SANDWICH:
-            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            attn_out = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
+            normed, h = self.pre_feedforward_layernorm.add_and_norm(attn_out, x)
+            return h + self.post_feedforward_layernorm(self.mlp(normed))
         raise AssertionError(f"unhandled placement {self.placement}")
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mixln.config import ModelConfig
+from megatron_mixln.model import ops
 from megatron_mixln.model.layers import DecoderLayer
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain
 
@@ -22,7 +23,7 @@ class MixLNModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -105,6 +106,7 @@ def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str |
                 dtype: torch.dtype | None = None) -> MixLNForCausalLM:
     """Build and initialise the model (fp32 unless `dtype` is given)."""
     config.validate()
+    ops.check_backend(config.kernels)
     model = MixLNForCausalLM(config)
     initialize_weights(model, config, seed)
     if dtype is not None or device is not None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from megatron_mixln.config import ModelConfig
+from megatron_mixln.model import ops
 
 # The block kind of one decoder layer. "mix" is not a block kind: it resolves to "post" or "pre" per layer.
 PRE, POST, DEEPNORM, SANDWICH, LNS = "pre", "post", "deepnorm", "sandwich", "lns"
@@ -53,31 +54,26 @@ def deepnorm_init_gain(num_layers: int) -> float:
     return (8.0 * num_layers) ** -0.25
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
-    """HF LLaMA's RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for half types, fp64 stays fp64
-    normed = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    out = weight * normed
-    return out * scale if scale != 1.0 else out
-
-
 class RMSNorm(nn.Module):
-    """RMSNorm with a learnable gain; `output_scale` (not a parameter) implements LayerNorm Scaling."""
+    """HF LLaMA's RMSNorm with a learnable gain; `output_scale` (not a parameter) implements LayerNorm Scaling.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, output_scale: float = 1.0):
+    `kernels` picks the backend (model/ops.py); the parameter is the same whichever runs.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, output_scale: float = 1.0, kernels: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
         self.output_scale = output_scale
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_torch(x, self.weight, self.eps, self.output_scale)
+        return ops.rms_norm(x, self.weight, self.eps, self.output_scale, self.kernels)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): a Post-LN tail or a Pre-LN hand-over in one call."""
-        summed = x + residual
-        return self(summed), summed
+        """(norm(x + residual), x + residual) in one fused pass: a Post-LN tail or a Pre-LN hand-over."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.output_scale, self.kernels)
 
     def extra_repr(self) -> str:
         scale = f", output_scale={self.output_scale:.4g}" if self.output_scale != 1.0 else ""
-        return f"{self.weight.shape[0]}, eps={self.eps}{scale}"
+        return f"{self.weight.shape[0]}, eps={self.eps}{scale}, kernels={self.kernels}"
