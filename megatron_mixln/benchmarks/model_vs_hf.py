@@ -26,59 +26,68 @@ def hf_llama(config, state_dict):
     return model
 
 
-def main(argv=None) -> int:
+PRESETS = {
+    # The demo's model (configs/tiny.yaml) and the paper's 71M model (configs/llama_71m.yaml) at a CPU batch.
+    "tiny": dict(hidden=128, ffn=344, layers=4, heads=4, vocab=4096, seq=128, batch=16),
+    "71m": dict(hidden=512, ffn=1368, layers=12, heads=8, vocab=32000, seq=256, batch=2),
+}
+
+
+def measure(shape: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Median tokens/s of one training step (forward, backward, Adam) of each model, alternating."""
     from megatron_mixln import ModelConfig, build_model
     from megatron_mixln.model import causal_lm_loss
 
-    parser = argparse.ArgumentParser(prog="mixln-bench hf", description=__doc__)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=1368)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args(argv)
-
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                         num_layers=args.layers, num_heads=args.heads, max_seq_len=args.seq)
+    config = ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+                         num_layers=shape["layers"], num_heads=shape["heads"], max_seq_len=shape["seq"])
     ours = build_model(config, seed=0)
-    theirs = hf_llama(config, ours.state_dict())
-    models = {"megatron_mixln": ours, "transformers": theirs}
+    models = {"megatron_mixln": ours, "transformers": hf_llama(config, ours.state_dict())}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
-    labels = torch.cat([inputs[:, 1:], torch.full((args.batch, 1), -100)], dim=1)
+    inputs = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator)
+    labels = torch.cat([inputs[:, 1:], torch.full((shape["batch"], 1), -100)], dim=1)
 
     def step(name: str) -> float:
         model, optimizer = models[name], optimizers[name]
         started = time.perf_counter()
         logits = model(inputs) if name == "megatron_mixln" else model(input_ids=inputs).logits
-        loss = causal_lm_loss(logits, labels)
-        loss.backward()
+        causal_lm_loss(logits, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         for name in models:
             step(name)
     times = {name: [] for name in models}
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         order = list(models) if round_index % 2 == 0 else list(reversed(models))  # alternate who goes first
         for name in order:
             times[name].append(step(name))
-    tokens = args.batch * args.seq
-    speed = {name: tokens / statistics.median(t) for name, t in times.items()}
-    print(f"CPU eager training step (fwd+bwd+Adam), {torch.get_num_threads()} threads, "
-          f"hidden {args.hidden}, ffn {args.ffn}, layers {args.layers}, heads {args.heads}, vocab {args.vocab}, "
-          f"batch {args.batch} x seq {args.seq}, {args.rounds} alternating rounds")
-    print("| model | median tokens/s | ratio vs transformers |")
-    print("|---|---|---|")
-    for name, value in speed.items():
-        print(f"| {name} | {value:,.0f} | {value / speed['transformers']:.3f}x |")
+    tokens = shape["batch"] * shape["seq"]
+    return {name: tokens / statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mixln-bench hf", description=__doc__)
+    parser.add_argument("--presets", default="tiny,71m", help=f"comma-separated, from {', '.join(PRESETS)}")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    names = [name for name in args.presets.split(",") if name]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        parser.error(f"unknown preset {unknown[0]!r}: choose from {', '.join(PRESETS)}")
+    print(f"CPU eager training step (forward, backward, Adam), fp32, {torch.get_num_threads()} threads, "
+          f"{args.rounds} alternating rounds, median")
+    print("| preset | hidden x layers, vocab, batch x seq | megatron_mixln tok/s | transformers tok/s | ratio |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        shape = PRESETS[name]
+        speed = measure(shape, args.rounds, args.warmup)
+        ratio = speed["megatron_mixln"] / speed["transformers"]
+        print(f"| {name} | {shape['hidden']} x {shape['layers']}, {shape['vocab']}, {shape['batch']} x {shape['seq']} "
+              f"| {speed['megatron_mixln']:,.0f} | {speed['transformers']:,.0f} | {ratio:.3f}x |", flush=True)
     return 0
 
 
