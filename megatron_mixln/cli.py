@@ -76,6 +76,8 @@ def _export(argv) -> int:
         "Write a consolidated export (model.safetensors with PAPER.md names + config.json) from a checkpoint."))
     parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("out", help="folder to write")
+    parser.add_argument("--hf", action="store_true",
+                        help="write a Hugging Face LlamaForCausalLM folder instead (Pre-LN models only)")
     args = parser.parse_args(argv)
     folder = Path(args.checkpoint)
     if (folder / ckpt.CHECKPOINTS).is_dir():
@@ -86,6 +88,12 @@ def _export(argv) -> int:
                                    f"(no {ckpt.STATE_FILE}).")
     state = json.loads(state_path.read_text())
     run_config = config_from_dict(state["config"])
+    if args.hf:
+        from megatron_mixln.model.hf import save_hf_pretrained
+
+        save_hf_pretrained(run_config.model, ckpt.module_state_from_checkpoint(folder), args.out)
+        print(f"exported step {state['step']} to {args.out} (Hugging Face LlamaForCausalLM format)")
+        return 0
     out = ckpt.export_consolidated(ckpt.module_state_from_checkpoint(folder), run_config.model, args.out,
                                    extra={"step": state["step"], "run_config": state["config"]})
     print(f"exported step {state['step']} to {out}")

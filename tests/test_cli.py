@@ -60,5 +60,9 @@ def test_train_export_eval_round_trip(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-5)
 
+    proc = run("mixln-export", out, tmp_path / "hf", "--hf")  # a Mix-LN model has no HF LLaMA equivalent
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr)[0].startswith("error: model.norm_placement='mix' has no transformers LLaMA")
+
     proc = run("mixln-export", tmp_path / "nothing-here", tmp_path / "x")
     assert proc.returncode == 2 and "nothing-here" in error_lines(proc.stderr)[0]

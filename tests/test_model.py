@@ -136,15 +136,24 @@ def test_pre_ln_logits_equal_transformers_llama():
     cfg = tiny(num_layers=3)
     model = build_model(cfg, seed=3)
     randomise_norm_gains(model, torch.Generator().manual_seed(2))
-    hf_config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, rope_theta=cfg.rope_theta)
-    hf_config._attn_implementation = "sdpa"
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict(model.state_dict(), strict=True)
+    from megatron_mixln.model.hf import to_hf_llama
+
+    hf = to_hf_llama(cfg, model.state_dict()).eval()
+    assert isinstance(hf, transformers.LlamaForCausalLM)
     ids = torch.randint(0, cfg.vocab_size, (3, 23))
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(ids).logits) < 1e-5
+
+
+def test_pre_ln_hf_export_loads_with_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megatron_mixln.model.hf import save_hf_pretrained
+
+    cfg = tiny(num_layers=2)
+    model = build_model(cfg, seed=4)
+    save_hf_pretrained(cfg, model.state_dict(), tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < 1e-5
 

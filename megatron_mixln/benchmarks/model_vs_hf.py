@@ -12,20 +12,6 @@ import time
 import torch
 
 
-def hf_llama(config, state_dict):
-    import transformers
-
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_seq_len, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, rope_theta=config.rope_theta)
-    hf_config._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(hf_config)
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
 PRESETS = {
     # The demo's model (configs/tiny.yaml) and the paper's 71M model (configs/llama_71m.yaml) at a CPU batch.
     "tiny": dict(hidden=128, ffn=344, layers=4, heads=4, vocab=4096, seq=128, batch=16),
@@ -37,11 +23,12 @@ def measure(shape: dict, rounds: int, warmup: int) -> dict[str, float]:
     """Median tokens/s of one training step (forward, backward, Adam) of each model, alternating."""
     from megatron_mixln import ModelConfig, build_model
     from megatron_mixln.model import causal_lm_loss
+    from megatron_mixln.model.hf import to_hf_llama
 
     config = ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
                          num_layers=shape["layers"], num_heads=shape["heads"], max_seq_len=shape["seq"])
     ours = build_model(config, seed=0)
-    models = {"megatron_mixln": ours, "transformers": hf_llama(config, ours.state_dict())}
+    models = {"megatron_mixln": ours, "transformers": to_hf_llama(config, ours.state_dict())}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator)
