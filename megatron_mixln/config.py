@@ -146,16 +146,46 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout; data parallelism is whatever the world size leaves after tp x pp."""
+    """Parallel layout. Data parallelism is whatever the world size leaves: dp = world_size / (tp * pp).
+
+    Supported (DESIGN.md): pp=1 with any tp and ZeRO 0-3; pp>1 with any tp and ZeRO 0-1 (DeepSpeed's pipeline
+    engine has no ZeRO-2/3).
+    """
 
     tp: int = 1
     pp: int = 1
     zero_stage: int = 0
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    offload_optimizer: bool = False  # ZeRO optimiser states (and the Adam step) on the CPU
+    # Pipeline partition: "parameters" (balance parameter counts, embedding and head included), "uniform",
+    # or explicit stage boundaries over the layer specs [embedding, layer 0..L-1, final norm + head],
+    # e.g. "0,7,14" for two stages of a 12-layer model.
+    pipeline_partition: str = "parameters"
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.tp >= 1, f"{prefix}.tp", self.tp, "a positive integer")
         _require(self.pp >= 1, f"{prefix}.pp", self.pp, "a positive integer")
         _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        if self.pp > 1:
+            _require(self.zero_stage <= 1, f"{prefix}.zero_stage", self.zero_stage,
+                     f"0 or 1 with parallel.pp={self.pp} (DeepSpeed's pipeline engine supports ZeRO stage 0-1 only; "
+                     "ZeRO-2/3 need pp=1)")
+        _require(not self.offload_optimizer or self.zero_stage >= 1, f"{prefix}.offload_optimizer",
+                 self.offload_optimizer, "false unless parallel.zero_stage is 1, 2 or 3 (offload is a ZeRO feature)")
+        if self.pipeline_partition not in ("parameters", "uniform"):
+            bounds = self.pipeline_boundaries()
+            _require(bounds is not None and len(bounds) == self.pp + 1 and bounds[0] == 0
+                     and all(a < b for a, b in zip(bounds, bounds[1:])),
+                     f"{prefix}.pipeline_partition", self.pipeline_partition,
+                     f"parameters, uniform, or {self.pp + 1} increasing comma-separated layer-spec boundaries "
+                     "starting at 0")
+
+    def pipeline_boundaries(self) -> list[int] | None:
+        """Explicit stage boundaries when pipeline_partition lists them, else None."""
+        try:
+            return [int(part) for part in self.pipeline_partition.split(",")]
+        except ValueError:
+            return None
 
 
 @dataclass
@@ -172,6 +202,16 @@ class Config:
         self.parallel.validate()
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_seq_len={self.model.max_seq_len}")
+        tp, m = self.parallel.tp, self.model
+        for name in ("num_heads", "intermediate_size", "vocab_size"):
+            _require(getattr(m, name) % tp == 0, f"model.{name}", getattr(m, name),
+                     f"a multiple of parallel.tp={tp} (tensor parallelism splits it evenly)")
+        bounds = self.parallel.pipeline_boundaries()
+        if bounds is not None:
+            _require(bounds[-1] == m.num_layers + 2, "parallel.pipeline_partition", self.parallel.pipeline_partition,
+                     f"boundaries ending at {m.num_layers + 2} (embedding + {m.num_layers} layers + final norm/head)")
+        _require(self.parallel.pp <= m.num_layers + 2, "parallel.pp", self.parallel.pp,
+                 f"at most {m.num_layers + 2} stages for {m.num_layers} layers plus embedding and head")
         return self
 
     def to_dict(self) -> dict[str, Any]:
