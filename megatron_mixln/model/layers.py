@@ -11,6 +11,7 @@ from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
 from megatron_mixln.model.norms import (DEEPNORM, LNS, NORM_NAMES, POST, PRE, SANDWICH, RMSNorm,
                                         deepnorm_residual_scale, norm_placement)
+from megatron_mixln.parallel.tensor_parallel import NO_TP, ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,15 +49,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention through scaled_dot_product_attention; no biases."""
+    """Causal multi-head self-attention through scaled_dot_product_attention; no biases.
 
-    def __init__(self, config: ModelConfig):
+    Under tensor parallelism q/k/v are column-parallel (each rank owns num_heads / tp whole heads) and o_proj
+    is row-parallel: one all-reduce forward, one backward (Megatron).
+    """
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
         hidden, self.head_dim = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.k_proj = nn.Linear(hidden, hidden, bias=False)
-        self.v_proj = nn.Linear(hidden, hidden, bias=False)
-        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.q_proj = ColumnParallelLinear(hidden, hidden, tp)
+        self.k_proj = ColumnParallelLinear(hidden, hidden, tp)
+        self.v_proj = ColumnParallelLinear(hidden, hidden, tp)
+        self.o_proj = RowParallelLinear(hidden, hidden, tp)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +76,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, tp)
+        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp)
         self.kernels = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +98,12 @@ class DecoderLayer(nn.Module):
     Sandwich:      h = x + N2(Attn(N1(x)));        y = h + N4(MLP(N3(h)))
     """
 
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig, layer_index: int, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.layer_index = layer_index
+        self.layer_index = layer_index  # global: the same under any pipeline split
         self.placement = norm_placement(layer_index, config.num_layers, config)
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, tp)
+        self.mlp = MLP(config, tp)
         output_scale = 1.0 / math.sqrt(layer_index + 1) if self.placement == LNS else 1.0
         self.norm_names = NORM_NAMES[self.placement]
         for name in self.norm_names:

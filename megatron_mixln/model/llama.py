@@ -6,12 +6,15 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
 from megatron_mixln.model.layers import DecoderLayer
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain
+from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
+                                                     VocabParallelEmbedding, vocab_parallel_cross_entropy)
 
 IGNORE_INDEX = -100
 
@@ -19,27 +22,33 @@ IGNORE_INDEX = -100
 class MixLNModel(nn.Module):
     """Embedding, decoder layers and the final RMSNorm (applied for every placement, as the official code does)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
+        self.activation_checkpointing = False  # recompute each layer in the backward pass (saves activations)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(hidden)
+            if self.activation_checkpointing and self.training:
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False)
+            else:
+                hidden = layer(hidden)
         return self.norm(hidden)
 
 
 class MixLNForCausalLM(nn.Module):
-    """LLaMA with an untied LM head; `forward(input_ids)` returns logits [batch, seq, vocab]."""
+    """LLaMA with an untied LM head; `forward(input_ids)` returns logits [batch, seq, vocab]
+    (under tensor parallelism: this rank's vocabulary slice, for vocab-parallel cross-entropy)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
         self.config = config
-        self.model = MixLNModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp
+        self.model = MixLNModel(config, tp)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model(input_ids))
@@ -49,8 +58,13 @@ class MixLNForCausalLM(nn.Module):
         return [layer.placement for layer in self.model.layers]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; labels are already shifted."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; labels are already shifted.
+
+    Under tensor parallelism `logits` is this rank's vocabulary slice and the loss is vocab-parallel.
+    """
+    if tp.size > 1:
+        return vocab_parallel_cross_entropy(logits, labels, tp)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
@@ -92,23 +106,37 @@ def layer_index_of(name: str) -> int | None:
     return None
 
 
+def shard_of(full: torch.Tensor, param: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """This TP rank's slice of a full tensor, along the parameter's partition dimension (if it is sharded)."""
+    dim = getattr(param, "partition_dim", None)
+    return full if dim is None or tp.size == 1 else full.chunk(tp.size, dim=dim)[tp.rank]
+
+
 @torch.no_grad()
-def initialize_weights(model: MixLNForCausalLM, config: ModelConfig, seed: int) -> None:
-    """Fill every parameter from its own seeded generator, so initial weights never depend on layout or order."""
-    placements = model.placements
-    for name, param in model.named_parameters():
+def initialize_weights(module: nn.Module, config: ModelConfig, seed: int, tp: TensorParallel = NO_TP,
+                       name_of=lambda name: name) -> None:
+    """Fill every parameter from its own seeded generator: draw the full tensor, keep this rank's slice.
+
+    Initial weights therefore never depend on the TP/PP layout or on construction order. `name_of` maps a
+    local parameter name to its consolidated (PAPER.md) name, e.g. for pipeline stages.
+    """
+    from megatron_mixln.model.norms import norm_placement
+
+    for local_name, param in module.named_parameters():
+        name = name_of(local_name)
         index = layer_index_of(name)
-        placement = placements[index] if index is not None else None
-        param.copy_(full_initial_value(name, tuple(param.shape), config, placement, seed))
+        placement = norm_placement(index, config.num_layers, config) if index is not None else None
+        full_shape = tuple(getattr(param, "full_shape", param.shape))
+        param.copy_(shard_of(full_initial_value(name, full_shape, config, placement, seed), param, tp))
 
 
 def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> MixLNForCausalLM:
-    """Build and initialise the model (fp32 unless `dtype` is given)."""
+                dtype: torch.dtype | None = None, tp: TensorParallel = NO_TP) -> MixLNForCausalLM:
+    """Build and initialise the model (fp32 unless `dtype` is given); with `tp`, this rank's shard of it."""
     config.validate()
     ops.check_backend(config.kernels)
-    model = MixLNForCausalLM(config)
-    initialize_weights(model, config, seed)
+    model = MixLNForCausalLM(config, tp)
+    initialize_weights(model, config, seed, tp)
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model

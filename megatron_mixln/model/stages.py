@@ -1,0 +1,130 @@
+"""The same model as DeepSpeed pipeline layer specs: [embedding, decoder layer 0..L-1, final norm + head].
+
+Each decoder layer spec carries its *global* index, so a stage decides Post-LN / Pre-LN exactly as the
+unsplit model does (the first stage may hold every Post-LN layer of Mix-LN). Parameter names map one to one
+onto the consolidated (PAPER.md) names, which is what makes checkpoints portable between layouts.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from megatron_mixln.config import ModelConfig
+from megatron_mixln.model.layers import DecoderLayer
+from megatron_mixln.model.llama import causal_lm_loss
+from megatron_mixln.model.norms import RMSNorm
+from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
+                                                     VocabParallelEmbedding)
+
+
+class EmbeddingStage(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class HeadStage(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def num_specs(config: ModelConfig) -> int:
+    return config.num_layers + 2
+
+
+def consolidated_name(spec_name: str, num_layers: int) -> str:
+    """`3.self_attn.q_proj.weight` (spec 3 = layer 2) -> `model.layers.2.self_attn.q_proj.weight`, etc."""
+    index, rest = spec_name.split(".", 1)
+    index = int(index)
+    if index == 0:
+        return f"model.{rest}"  # embed_tokens
+    if index <= num_layers:
+        return f"model.layers.{index - 1}.{rest}"
+    return rest if rest.startswith("lm_head") else f"model.{rest}"  # norm / lm_head
+
+
+def spec_name(name: str, num_layers: int) -> str:
+    """Inverse of consolidated_name."""
+    if name.startswith("model.embed_tokens."):
+        return "0." + name[len("model."):]
+    match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    if match:
+        return f"{int(match.group(1)) + 1}.{match.group(2)}"
+    return f"{num_layers + 1}." + (name if name.startswith("lm_head") else name[len("model."):])
+
+
+def pipeline_layer_specs(config: ModelConfig, tp: TensorParallel = NO_TP) -> list:
+    from deepspeed.pipe import LayerSpec
+
+    return ([LayerSpec(EmbeddingStage, config, tp)]
+            + [LayerSpec(DecoderLayer, config, index, tp) for index in range(config.num_layers)]
+            + [LayerSpec(HeadStage, config, tp)])
+
+
+def spec_parameter_counts(config: ModelConfig) -> list[int]:
+    """Parameters of each spec (full, unsharded), counted on the meta device: what "parameters" balances."""
+    with torch.device("meta"):
+        modules = ([EmbeddingStage(config)] + [DecoderLayer(config, i) for i in range(config.num_layers)]
+                   + [HeadStage(config)])
+    return [sum(p.numel() for p in module.parameters()) for module in modules]
+
+
+def stage_boundaries(config: ModelConfig, pp: int, partition: str) -> list[int]:
+    """Spec index where each stage starts, plus the end: explicit, uniform, or balanced by parameter count."""
+    from deepspeed.runtime import utils as ds_utils
+
+    explicit = [int(b) for b in partition.split(",")] if partition not in ("parameters", "uniform") else None
+    if explicit is not None:
+        return explicit
+    if partition == "uniform":
+        bounds = ds_utils.partition_uniform(num_items=num_specs(config), num_parts=pp)
+    else:
+        bounds = ds_utils.partition_balanced(weights=spec_parameter_counts(config), num_parts=pp)
+    return [int(b) for b in bounds]
+
+
+def post_ln_layers_of_stage(config: ModelConfig, bounds: list[int], stage: int) -> list[int]:
+    """Global indices of the Post-LN decoder layers a stage holds (for tests and the start-up summary)."""
+    from megatron_mixln.model.norms import POST, norm_placement
+
+    layers = [i - 1 for i in range(bounds[stage], bounds[stage + 1]) if 1 <= i <= config.num_layers]
+    return [i for i in layers if norm_placement(i, config.num_layers, config) == POST]
+
+
+def build_pipeline(config: ModelConfig, layout, seed: int, partition: str = "parameters",
+                   activation_checkpointing: bool = False):
+    """The pipeline module of this rank's stage, initialised exactly like the unsplit model."""
+    from deepspeed.pipe import PipelineModule
+
+    from megatron_mixln.model.llama import initialize_weights
+
+    tp = layout.tensor_parallel
+    bounds = stage_boundaries(config, layout.pp, partition)
+
+    class MixLNPipeline(PipelineModule):
+        def _partition_layers(self, method="parameters"):
+            # Our boundaries (explicit or computed once, identically on every rank) replace DeepSpeed's.
+            self.parts = bounds
+            self._set_bounds(start=bounds[self.stage_id], stop=bounds[self.stage_id + 1])
+
+    def loss_fn(logits, labels):
+        return causal_lm_loss(logits, labels, tp)
+
+    module = MixLNPipeline(
+        layers=pipeline_layer_specs(config, tp), topology=layout.grid._topo, loss_fn=loss_fn,
+        partition_method=partition,
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        checkpointable_layers=["DecoderLayer"] if activation_checkpointing else None)
+    initialize_weights(module, config, seed, tp, name_of=lambda local: consolidated_name(local, config.num_layers))
+    module.stage_bounds = bounds
+    return module

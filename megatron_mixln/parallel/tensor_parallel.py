@@ -1,0 +1,143 @@
+"""Megatron-style tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding and
+cross-entropy. With a TP size of 1 they are plain Linear / Embedding / cross-entropy, with no collective.
+
+Each sharded parameter records `full_shape` and `partition_dim`, so initialisation can draw the full tensor
+and keep this rank's slice (the same weights at any TP degree), and `tensor_model_parallel = True`, which
+DeepSpeed's gradient-norm code reads to count replicated parameters (the norms) once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mixln.parallel.mappings import copy_to_tensor_parallel, reduce_from_tensor_parallel
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in its tensor-parallel group (size 1 and group None: no tensor parallelism)."""
+
+    size: int = 1
+    rank: int = 0
+    group: object = None
+
+    def shard(self, full: int, what: str) -> int:
+        if full % self.size:
+            raise ValueError(f"{what}={full} is not divisible by the tensor-parallel size {self.size}")
+        return full // self.size
+
+
+NO_TP = TensorParallel()
+
+
+def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, tp: TensorParallel, what: str) -> nn.Parameter:
+    shape = list(full_shape)
+    shape[partition_dim] = tp.shard(shape[partition_dim], what)
+    param = nn.Parameter(torch.empty(shape))
+    param.full_shape = tuple(full_shape)
+    if tp.size > 1:
+        param.partition_dim = partition_dim
+        param.tensor_model_parallel = True
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows: each rank produces its slice of y (no gather)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel = NO_TP):
+        super().__init__()
+        self.tp = tp
+        self.weight = _sharded_parameter((out_features, in_features), 0, tp, "out_features")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size > 1:
+            x = copy_to_tensor_parallel(x, self.tp.group)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.full_shape
+        return f"in_features={inp}, out_features={out}, tp={self.tp.size}"
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns: each rank holds its slice of x, partial products are summed."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel = NO_TP):
+        super().__init__()
+        self.tp = tp
+        self.weight = _sharded_parameter((out_features, in_features), 1, tp, "in_features")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        return reduce_from_tensor_parallel(out, self.tp.group) if self.tp.size > 1 else out
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.full_shape
+        return f"in_features={inp}, out_features={out}, tp={self.tp.size}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split over TP ranks; each rank looks up its own ids, then sum."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel = NO_TP):
+        super().__init__()
+        self.tp = tp
+        self.weight = _sharded_parameter((num_embeddings, embedding_dim), 0, tp, "vocab_size")
+        self.vocab_start = tp.rank * self.weight.shape[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel(out, self.tp.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy from vocab-sharded logits with three all-reduces (max, sum of exp, target logit)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group):
+        logits = logits.float()
+        local_vocab = logits.shape[-1]
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        local_labels = labels - vocab_start
+        mine = (local_labels >= 0) & (local_labels < local_vocab)
+        safe_labels = local_labels.masked_fill(~mine, 0)
+        target = shifted.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+        dist.all_reduce(target, group=group)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - target
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), safe_labels, mine)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, safe_labels, mine = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, safe_labels.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
+        return grad * grad_loss.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; logits [..., vocab / tp] are this
+    rank's vocabulary slice, never gathered."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != IGNORE_INDEX
+    per_token = _VocabParallelCrossEntropy.apply(flat_logits, flat_labels.masked_fill(~keep, 0),
+                                                 tp.rank * logits.shape[-1], tp.group)
+    # Like F.cross_entropy: NaN when no position has a target.
+    return (per_token * keep).sum() / keep.sum()
