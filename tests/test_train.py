@@ -115,9 +115,9 @@ def _nan_at_step(monkeypatch, bad_step):
     real_loss = loop.causal_lm_loss
     calls = {"n": 0}
 
-    def loss_with_nan(logits, labels):
+    def loss_with_nan(logits, labels, *args):
         calls["n"] += 1
-        value = real_loss(logits, labels)
+        value = real_loss(logits, labels, *args)
         # two micro-batches per step: calls 2k-1 and 2k belong to step k
         return value * float("nan") if (calls["n"] + 1) // 2 == bad_step and logits.requires_grad else value
 

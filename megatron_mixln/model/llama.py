@@ -114,20 +114,24 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, tp: TensorParallel) -> tor
 
 @torch.no_grad()
 def initialize_weights(module: nn.Module, config: ModelConfig, seed: int, tp: TensorParallel = NO_TP,
-                       name_of=lambda name: name) -> None:
+                       name_of=lambda name: name, gathered=None) -> None:
     """Fill every parameter from its own seeded generator: draw the full tensor, keep this rank's slice.
 
     Initial weights therefore never depend on the TP/PP layout or on construction order. `name_of` maps a
-    local parameter name to its consolidated (PAPER.md) name, e.g. for pipeline stages.
+    local parameter name to its consolidated (PAPER.md) name, e.g. for pipeline stages; `gathered(param)`
+    is a context that makes a ZeRO-3 partitioned parameter whole while it is written.
     """
+    import contextlib
+
     from megatron_mixln.model.norms import norm_placement
 
     for local_name, param in module.named_parameters():
         name = name_of(local_name)
         index = layer_index_of(name)
         placement = norm_placement(index, config.num_layers, config) if index is not None else None
-        full_shape = tuple(getattr(param, "full_shape", param.shape))
-        param.copy_(shard_of(full_initial_value(name, full_shape, config, placement, seed), param, tp))
+        with (gathered(param) if gathered is not None else contextlib.nullcontext()):
+            full_shape = tuple(getattr(param, "full_shape", param.shape))
+            param.data.copy_(shard_of(full_initial_value(name, full_shape, config, placement, seed), param, tp))
 
 
 def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str | None = None,

@@ -162,21 +162,30 @@ def read_export(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    model_config, files = export_files(folder)
+    tensors = {}
+    for path in files:
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({err}).") from None
+    return model_config, tensors
+
+
+def export_files(folder: str | Path) -> tuple[ModelConfig, list[Path]]:
+    """An export's ModelConfig and its weight files (one, or one per pipeline stage)."""
     folder = Path(folder)
-    config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing: an export folder holds {EXPORT_CONFIG} and {EXPORT_WEIGHTS}.")
+    config_path = folder / EXPORT_CONFIG
+    files = sorted(folder.glob("model*.safetensors"))
+    if not config_path.is_file() or not files:
+        raise CheckpointError(f"{folder} is not an export folder: it must hold {EXPORT_CONFIG} and "
+                              f"{EXPORT_WEIGHTS} (or model-XXXXX-of-XXXXX.safetensors shards).")
     try:
         raw = json.loads(config_path.read_text())
         model_config = model_config_from_dict(raw["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{config_path} is not a megatron_mixln export config ({err!r}).") from None
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({err}).") from None
-    return model_config, tensors
+    return model_config, files
 
 
 def load_exported_model(folder: str | Path, device: str | torch.device = "cpu"):
@@ -200,3 +209,102 @@ def module_state_from_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {folder} is not a single-model-parallel-rank DeepSpeed checkpoint.")
     return torch.load(path, map_location="cpu", weights_only=True)["module"]
+
+
+def _gathered(param, layout):
+    """A context making a ZeRO-3 partitioned parameter whole (a no-op for any other parameter)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def full_named_parameters(module: torch.nn.Module, model_config: ModelConfig, layout):
+    """Yield (consolidated name, full CPU tensor) for every parameter of this rank's pipeline stage.
+
+    Collective: every rank of the job must iterate (ZeRO-3 gathers, tensor-parallel all-gathers).
+    """
+    from megatron_mixln.model.stages import consolidated_name
+
+    tp = layout.tensor_parallel
+    for local_name, param in module.named_parameters():
+        name = consolidated_name(local_name, model_config.num_layers) if layout.pp > 1 else local_name
+        with _gathered(param, layout):
+            value = param.detach().clone()
+        dim = getattr(param, "partition_dim", None)
+        if dim is not None and tp.size > 1:
+            pieces = [torch.empty_like(value) for _ in range(tp.size)]
+            dist.all_gather(pieces, value.contiguous(), group=tp.group)
+            value = torch.cat(pieces, dim=dim)
+        yield name, value.cpu()
+
+
+def export_from_module(module: torch.nn.Module, model_config: ModelConfig, layout, out: str | Path,
+                       extra: dict[str, Any] | None = None) -> Path:
+    """Consolidated export from any layout: full tensors under PAPER.md names, one file per pipeline stage.
+
+    Collective. The first TP/DP rank of each stage writes its stage's tensors; the folder appears whole.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + PARTIAL)
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    tensors = dict(full_named_parameters(module, model_config, layout))
+    writer = layout.dp_rank == 0 and layout.tensor_parallel.rank == 0
+    if writer:
+        from safetensors.torch import save_file
+
+        file = EXPORT_WEIGHTS if layout.pp == 1 else f"model-{layout.stage + 1:05d}-of-{layout.pp:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / file), metadata={"format": "pt"})
+    _barrier()
+    if _is_rank0():
+        from megatron_mixln.model.norms import norm_placement
+
+        placements = [norm_placement(i, model_config.num_layers, model_config) for i in range(model_config.num_layers)]
+        config = {"model": vars(model_config).copy(), "layer_placements": placements, **(extra or {})}
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    _barrier()
+    return out
+
+
+@torch.no_grad()
+def load_export_into(module: torch.nn.Module, folder: str | Path, model_config: ModelConfig, layout) -> None:
+    """Load a consolidated export into this rank's part of the model, whatever layout wrote it.
+
+    Each rank reads only its slices (safetensors get_slice): a TP shard of a stage's parameters.
+    """
+    from safetensors import safe_open
+
+    from megatron_mixln.model.stages import consolidated_name
+
+    saved_config, files = export_files(folder)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "norm_placement"):
+        if getattr(saved_config, field) != getattr(model_config, field):
+            raise CheckpointError(f"{folder} holds a model with {field}={getattr(saved_config, field)!r}, but this run "
+                                  f"has model.{field}={getattr(model_config, field)!r}.")
+    handles = [safe_open(str(path), framework="pt") for path in files]
+    where = {name: handle for handle in handles for name in handle.keys()}
+    tp = layout.tensor_parallel
+    for local_name, param in module.named_parameters():
+        name = consolidated_name(local_name, model_config.num_layers) if layout.pp > 1 else local_name
+        if name not in where:
+            raise CheckpointError(f"{folder} has no tensor {name!r}.")
+        piece = where[name].get_slice(name)
+        dim = getattr(param, "partition_dim", None)
+        with _gathered(param, layout):
+            if dim is None or tp.size == 1:
+                value = piece[:]
+            else:
+                size = param.shape[dim]
+                index = [slice(None)] * len(param.shape)
+                index[dim] = slice(tp.rank * size, (tp.rank + 1) * size)
+                value = piece[tuple(index)]
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"{folder}: {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
+            param.data.copy_(value)

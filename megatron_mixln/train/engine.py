@@ -1,9 +1,7 @@
 """Process-group start-up and the DeepSpeed engine (same code in one process and under any launcher)."""
 from __future__ import annotations
 
-import os
-import socket
-from dataclasses import dataclass
+import contextlib
 
 import torch
 
@@ -12,44 +10,39 @@ from megatron_mixln.train.optim import build_optimizer
 from megatron_mixln.train.schedule import lr_multiplier
 
 
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world_size: int
-    dp_rank: int
-    dp_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed() -> Ranks:
-    """Join (or, in a plain `python`/`mixln-train` process, create) the default process group through DeepSpeed."""
+def init_distributed():
+    """Join the default process group (torchrun, deepspeed, srun, mpirun, or a plain single process) and
+    build the tp x pp x dp layout. Returns a ParallelLayout."""
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    if not torch.cuda.is_available():
-        # The shared-memory collective is a JIT-compiled C++ op (~30 s of g++ on first use); gloo is enough on CPU.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from megatron_mixln.parallel.launch import apply_launch_env, discover_launch_env
+
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
-    world = dist.get_world_size()
-    rank = dist.get_rank()
-    return Ranks(rank=rank, world_size=world, dp_rank=rank, dp_size=world)
+        env = discover_launch_env()
+        apply_launch_env(env)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if env.world_size == 1:
+            # One process needs no rendezvous: an in-memory store cannot collide with another job's port.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        if not torch.cuda.is_available():
+            # The shared-memory collective is a JIT-compiled C++ op (~30 s of g++ on first use); gloo is enough on CPU.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        else:
+            import os
+
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
+
+
+def build_layout(config: Config):
+    from megatron_mixln.parallel.topology import build_layout as _build
+
+    return _build(config.parallel.tp, config.parallel.pp)
 
 
 def gradient_accumulation_steps(config: Config, dp_size: int) -> int:
+    """Micro-batches per optimiser step on each data-parallel rank (the pipeline's micro-batch count)."""
     train = config.train
     per_step = train.micro_batch_size * dp_size
     if train.global_batch_size % per_step:
@@ -61,28 +54,45 @@ def gradient_accumulation_steps(config: Config, dp_size: int) -> int:
 
 def deepspeed_config(config: Config, dp_size: int) -> dict:
     """The DeepSpeed JSON config derived from ours; there is one source of truth, the YAML."""
-    train = config.train
+    train, parallel = config.train, config.parallel
+    zero = {"stage": parallel.zero_stage}
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if parallel.zero_stage == 3:
+        # Gather each parameter only when its layer runs; keep nothing resident between steps.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9})
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(config, dp_size),
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # We hand DeepSpeed torch's Adam (no JIT-compiled op); offload then runs torch's Adam on the CPU.
+        "zero_force_ds_cpu_optimizer": False,
     }
 
 
-def check_supported_layout(config: Config, ranks: Ranks) -> None:
-    if config.parallel.tp != 1 or config.parallel.pp != 1:
-        raise ConfigError(f"parallel.tp={config.parallel.tp} / parallel.pp={config.parallel.pp} is not supported yet: "
-                          "this version trains with tp=1 and pp=1 (data parallelism follows the world size).")
+@contextlib.contextmanager
+def model_construction(config: Config, layout):
+    """Under ZeRO-3, build parameters already partitioned (no rank ever holds the whole model)."""
+    if config.parallel.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config, layout.dp), mpu=layout.grid):
+            yield
+    else:
+        yield
 
 
-def build_engine(model: torch.nn.Module, config: Config, ranks: Ranks):
-    """Wrap model, optimiser and LR schedule in a DeepSpeed engine; returns (engine, optimizer, scheduler)."""
+def build_engine(model: torch.nn.Module, config: Config, layout):
+    """Wrap model, optimiser and LR schedule in a DeepSpeed engine; returns (engine, optimizer, scheduler).
+
+    With pipeline parallelism `model` is a PipelineModule and the engine a PipelineEngine (1F1B).
+    """
     import deepspeed
 
     train = config.train
@@ -90,6 +100,7 @@ def build_engine(model: torch.nn.Module, config: Config, ranks: Ranks):
                                 train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, train.steps, train.warmup_fraction, train.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, ranks.dp_size))
+    mpu = None if config.parallel.pp > 1 else layout.grid  # a PipelineModule brings its own grid
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+                                           config=deepspeed_config(config, layout.dp))
     return engine, optimizer, scheduler

@@ -9,11 +9,16 @@ class _SkippableStep:
 
     DeepSpeed's bf16 and ZeRO wrappers all end in this optimiser's step() on the fp32 master weights, so
     a step skipped here leaves weights and moments untouched at every precision and ZeRO stage.
+    `before_step`, when set, runs first with the gradients in place (the pipeline engine steps inside
+    train_batch, so this is where its gradients can be inspected); returning True skips the step.
     """
 
     skip_next_step = False
+    before_step = None
 
     def step(self, closure=None):
+        if self.before_step is not None and self.before_step():
+            self.skip_next_step = True
         if self.skip_next_step:
             self.skip_next_step = False
             return None
