@@ -11,6 +11,7 @@ from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
 from megatron_mixln.model.norms import (DEEPNORM, LNS, NORM_NAMES, POST, PRE, SANDWICH, RMSNorm,
                                         deepnorm_residual_scale, norm_placement)
+from megatron_mixln.parallel.mappings import copy_to_tensor_parallel
 from megatron_mixln.parallel.tensor_parallel import NO_TP, ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 
@@ -58,14 +59,18 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
         hidden, self.head_dim = config.hidden_size, config.head_dim
-        self.q_proj = ColumnParallelLinear(hidden, hidden, tp)
-        self.k_proj = ColumnParallelLinear(hidden, hidden, tp)
-        self.v_proj = ColumnParallelLinear(hidden, hidden, tp)
+        self.tp = tp
+        # q, k and v read the same input: copy it to the TP region once (one backward all-reduce, not three).
+        self.q_proj = ColumnParallelLinear(hidden, hidden, tp, copy_input=False)
+        self.k_proj = ColumnParallelLinear(hidden, hidden, tp, copy_input=False)
+        self.v_proj = ColumnParallelLinear(hidden, hidden, tp, copy_input=False)
         self.o_proj = RowParallelLinear(hidden, hidden, tp)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
+        if self.tp.size > 1:
+            x = copy_to_tensor_parallel(x, self.tp.group)
         # -1 heads: under tensor parallelism the projections hold only this rank's heads.
         q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -80,12 +85,15 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, tp)
-        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, tp)
+        self.tp = tp
+        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, tp, copy_input=False)
+        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, tp, copy_input=False)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp)
         self.kernels = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size > 1:
+            x = copy_to_tensor_parallel(x, self.tp.group)  # once for gate and up
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.kernels))
 
 

@@ -48,15 +48,20 @@ def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, tp: Tens
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W split by output rows: each rank produces its slice of y (no gather)."""
+    """y = x W^T with W split by output rows: each rank produces its slice of y (no gather).
 
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel = NO_TP):
+    `copy_input=False` when the caller already passed x through copy_to_tensor_parallel once for several
+    layers reading the same input (q/k/v, gate/up): one backward all-reduce instead of one per layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel = NO_TP, copy_input: bool = True):
         super().__init__()
         self.tp = tp
+        self.copy_input = copy_input
         self.weight = _sharded_parameter((out_features, in_features), 0, tp, "out_features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.size > 1:
+        if self.tp.size > 1 and self.copy_input:
             x = copy_to_tensor_parallel(x, self.tp.group)
         return F.linear(x, self.weight)
 
@@ -141,3 +146,15 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp:
                                                  tp.rank * logits.shape[-1], tp.group)
     # Like F.cross_entropy: NaN when no position has a target.
     return (per_token * keep).sum() / keep.sum()
+
+
+def mark_norm_owners(module: nn.Module, tp: TensorParallel) -> None:
+    """Tell DeepSpeed's gradient-norm code which rank counts each parameter, so the norm (and clipping) is
+    that of the whole model under TP and PP alike.
+
+    DeepSpeed counts a parameter on the first rank of the model-parallel group (all pipeline stages and TP
+    ranks of one replica) or wherever `model_parallel` is set. Without this, a later pipeline stage's
+    parameters would be left out of the norm. Shards count everywhere; replicated norms on TP rank 0 only.
+    """
+    for param in module.parameters():
+        param.model_parallel = bool(getattr(param, "tensor_model_parallel", False)) or tp.rank == 0

@@ -142,17 +142,20 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     from megatron_mixln.model import ops
     from megatron_mixln.model.llama import MixLNForCausalLM, initialize_weights
     from megatron_mixln.model.stages import build_pipeline
+    from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
 
     ops.check_backend(config.model.kernels)
     seed = config.train.seed
     if layout.pp > 1:
-        return build_pipeline(config.model, layout, seed, config.parallel.pipeline_partition,
-                              config.parallel.activation_checkpointing)
-    with model_construction(config, layout):
-        model = MixLNForCausalLM(config.model, layout.tensor_parallel)
-    model.model.activation_checkpointing = config.parallel.activation_checkpointing
-    initialize_weights(model, config.model, seed, layout.tensor_parallel,
-                       gathered=(lambda p: ckpt._gathered(p, layout)) if config.parallel.zero_stage == 3 else None)
+        model = build_pipeline(config.model, layout, seed, config.parallel.pipeline_partition,
+                               config.parallel.activation_checkpointing)
+    else:
+        with model_construction(config, layout):
+            model = MixLNForCausalLM(config.model, layout.tensor_parallel)
+        model.model.activation_checkpointing = config.parallel.activation_checkpointing
+        initialize_weights(model, config.model, seed, layout.tensor_parallel,
+                           gathered=(lambda p: ckpt._gathered(p, layout)) if config.parallel.zero_stage == 3 else None)
+    mark_norm_owners(model, layout.tensor_parallel)
     return model
 
 
@@ -241,6 +244,15 @@ def train(config: Config) -> TrainResult:
 
         base_optimizer.before_step = before_step
 
+        def clip_and_record() -> None:
+            # DeepSpeed's fp32 clipping, keeping the pre-clip norm it computes (the hook sees clipped grads).
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            pipeline_stats["pre_clip_norm"] = float(clip_grad_norm_(
+                parameters=module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+
+        engine.clip_fp32_gradients = clip_and_record
+
     tokens_per_step = tcfg.global_batch_size * config.data.seq_len
     last_saved = start_step
     step = start_step
@@ -259,6 +271,9 @@ def train(config: Config) -> TrainResult:
                 loss_value = engine.train_batch(iter(micro_batches)).double().item()
                 nonfinite = pipeline_stats.get("nonfinite", not math.isfinite(loss_value))
                 grad_norm, layer_norms = pipeline_stats.get("norms", (None, {}))
+                if grad_norm and "pre_clip_norm" in pipeline_stats:  # report norms before clipping
+                    scale = pipeline_stats["pre_clip_norm"] / grad_norm
+                    grad_norm, layer_norms = grad_norm * scale, {k: v * scale for k, v in layer_norms.items()}
                 if nonfinite and tcfg.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"step {step}: the loss is not finite; stopped without updating the weights (last "

@@ -1,0 +1,241 @@
+"""Tensor, pipeline and data parallelism (gloo, CPU) against the single-process run, for pre/post/mix.
+
+The layouts run through the real entry point (`torchrun ... mixln-train`), so launch, DeepSpeed engines,
+the pipeline schedule, ZeRO partitioning and the consolidated export are all exercised.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_mixln import ModelConfig
+from megatron_mixln.model import build_model, norm_placement
+from megatron_mixln.model.stages import pipeline_layer_specs, post_ln_layers_of_stage, stage_boundaries
+from megatron_mixln.train.checkpoint import read_export
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+MODEL = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=4",
+         "model.num_heads=2", "model.max_seq_len=32", "model.mix_alpha=0.5"]
+RUN = ["data.source=embedded", "data.max_train_documents=150", "data.max_eval_documents=20", "data.tokenizer=bpe",
+       "data.bpe_vocab_size=300", "data.seq_len=32", "data.mode=packed", "train.global_batch_size=4",
+       "train.micro_batch_size=1", "train.eval_sequences=8", "train.progress_bar=false", "train.tensorboard=false",
+       "train.layer_grad_norm_every=0", "train.save_every=0", "train.warmup_fraction=0",
+       # Adam's first steps move every weight by ~lr * sign(grad): with eps 1e-8 a gradient that rounds
+       # differently near zero flips a whole lr-sized step. A larger eps keeps the comparison about the
+       # parallel maths (gradients agree to ~1e-7) rather than about that amplification.
+       "train.adam_eps=1e-3"]
+
+LAYOUTS = {  # name -> (processes, overrides)
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+}
+
+
+def mixln_train(nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    command = [str(BIN / "mixln-train"), "configs/tiny.yaml", *overrides]
+    if nproc > 1:
+        command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *command]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_ok(nproc, out, *overrides):
+    proc = mixln_train(nproc, *overrides, f"train.out_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    return losses, read_export(Path(out) / "export")[1]
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return f"data.cache_dir={tmp_path_factory.mktemp('cache')}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache):
+    """The single-process reference run of each placement (3 steps)."""
+    runs = {}
+    for placement in ("pre", "post", "mix"):
+        out = tmp_path_factory.mktemp(f"single-{placement}")
+        runs[placement] = run_ok(1, out, *MODEL, *RUN, cache, "train.steps=3", f"model.norm_placement={placement}")
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process_losses_and_weights(layout, single, cache, tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    for placement in ("pre", "post", "mix"):
+        losses, weights = run_ok(nproc, tmp_path / placement, *MODEL, *RUN, cache, "train.steps=3",
+                                 f"model.norm_placement={placement}", *overrides)
+        ref_losses, ref_weights = single[placement]
+        assert sorted(losses) == [1, 2, 3]
+        for step in (1, 2, 3):
+            assert rel(losses[step], ref_losses[step]) < 1e-5, (placement, step)
+        assert weights.keys() == ref_weights.keys()  # consolidated names do not depend on the layout
+        for name, value in ref_weights.items():
+            err = ((weights[name] - value).abs().max() / value.abs().max()).item()
+            assert err < 1e-5, (placement, name, err)
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_between_layouts_with_the_same_next_loss(single, cache, tmp_path):
+    straight, _ = run_ok(1, tmp_path / "straight", *MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix")
+    # TP=2 x PP=2 for three steps, then continue in one process from its consolidated export ...
+    run_ok(4, tmp_path / "big", *MODEL, *RUN, cache, "train.steps=3", "model.norm_placement=mix",
+           "parallel.tp=2", "parallel.pp=2")
+    moved, _ = run_ok(1, tmp_path / "small", *MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix",
+                      f"train.resume={tmp_path / 'big' / 'export'}")
+    assert sorted(moved) == [4] and rel(moved[4], straight[4]) < 1e-5
+    # ... and the reverse: the single-process export continues at TP=2 x PP=2.
+    back, _ = run_ok(4, tmp_path / "back", *MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix",
+                     "parallel.tp=2", "parallel.pp=2", f"train.resume={tmp_path / 'small' / 'export'}")
+    assert sorted(back) == [4] and rel(back[4], straight[4]) < 1e-5
+
+
+@pytest.mark.slow
+def test_world_size_that_does_not_fit_the_layout_is_one_clear_error(cache, tmp_path):
+    proc = mixln_train(2, *MODEL, *RUN, cache, "train.steps=1", "parallel.tp=2", "parallel.pp=2",
+                       f"train.out_dir={tmp_path}")
+    assert proc.returncode != 0
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "world size 2" in errors.pop().lower()
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.zero_stage=2", "DeepSpeed's pipeline engine supports ZeRO stage 0-1 only"),
+    ("parallel.zero_stage=3", "DeepSpeed's pipeline engine supports ZeRO stage 0-1 only"),
+])
+def test_pipeline_with_zero_2_or_3_is_rejected(override, message):
+    from megatron_mixln import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "tiny.yaml", ["parallel.pp=2", override])
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "mix"])
+def test_post_ln_layers_are_the_same_for_pp_1_2_4(placement):
+    config = ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=8, num_heads=2,
+                         norm_placement=placement, mix_alpha=0.25)
+    expected = [i for i in range(8) if norm_placement(i, 8, config) == "post"]
+    for pp in (1, 2, 4):
+        bounds = stage_boundaries(config, pp, "parameters")
+        specs = pipeline_layer_specs(config)
+        built = []
+        for stage in range(pp):
+            for spec in specs[bounds[stage]:bounds[stage + 1]]:
+                module = spec.build()
+                if hasattr(module, "placement"):
+                    built.append((module.layer_index, module.placement))
+            assert post_ln_layers_of_stage(config, bounds, stage) == [
+                i for i, p in built if p == "post" and bounds[stage] <= i + 1 < bounds[stage + 1]]
+        assert [i for i, _ in built] == list(range(8))
+        assert [i for i, p in built if p == "post"] == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor-parallel layers in two processes (FileStore: no ports), against the unsharded model.
+# ------------------------------------------------------------------------------------------------
+def _tp_worker(rank, world, store_path, result_path):
+    from megatron_mixln.model.layers import DecoderLayer
+    from megatron_mixln.model.llama import initialize_weights, shard_of
+    from megatron_mixln.parallel.tensor_parallel import TensorParallel, vocab_parallel_cross_entropy
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch.manual_seed(1000 + rank)  # deliberately different global RNG per rank: init must not depend on it
+    tp = TensorParallel(world, rank, dist.group.WORLD)
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         norm_placement="mix", mix_alpha=0.5)
+    results = {}
+    for index in (0, 1):  # layer 0 is Post-LN, layer 1 Pre-LN
+        full = DecoderLayer(config, index)
+        shard = DecoderLayer(config, index, tp)
+        name_of = lambda local: f"model.layers.{index}.{local}"  # noqa: E731
+        initialize_weights(full, config, seed=7, name_of=name_of)
+        initialize_weights(shard, config, seed=7, tp=tp, name_of=name_of)
+        full_params = dict(full.named_parameters())
+        same_init = all(torch.equal(p, shard_of(full_params[n], p, tp)) for n, p in shard.named_parameters())
+
+        calls = {"n": 0}
+        real_all_reduce = dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            calls["n"] += 1
+            return real_all_reduce(*args, **kwargs)
+
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        x_full = x.detach().clone().requires_grad_()
+        dist.all_reduce = counting_all_reduce
+        try:
+            y = shard(x)
+            forward_calls = calls["n"]
+            y.pow(2).sum().backward()
+            backward_calls = calls["n"] - forward_calls
+        finally:
+            dist.all_reduce = real_all_reduce
+        y_full = full(x_full)
+        y_full.pow(2).sum().backward()
+        grads_match = all(
+            torch.allclose(p.grad, shard_of(full_params[n].grad, p, tp), rtol=1e-5, atol=1e-6)
+            for n, p in shard.named_parameters())
+        results[index] = dict(same_init=same_init, forward=forward_calls, backward=backward_calls,
+                              out=(y - y_full).abs().max().item(), dx=(x.grad - x_full.grad).abs().max().item(),
+                              grads_match=grads_match)
+
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    labels = torch.tensor([3, 40, -100, 63, 0, 33])
+    local = logits.detach()[:, rank * 32:(rank + 1) * 32].clone().requires_grad_()
+    calls = {"n": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        loss = vocab_parallel_cross_entropy(local, labels, tp)
+    finally:
+        dist.all_reduce = real_all_reduce
+    loss.backward()
+    reference = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    reference.backward()
+    results["ce"] = dict(calls=calls["n"], loss=abs(loss.item() - reference.item()),
+                         grad=(local.grad - logits.grad[:, rank * 32:(rank + 1) * 32]).abs().max().item())
+    torch.save(results, f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_layer_matches_unsharded_with_megatrons_collective_counts(tmp_path):
+    world = 2
+    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "result")), nprocs=world,
+                       start_method="spawn", join=True)
+    for rank in range(world):
+        results = torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=True)
+        for index in (0, 1):
+            r = results[index]
+            assert r["same_init"], f"rank {rank} layer {index}: shard != slice of the TP=1 weight"
+            # Megatron: one all-reduce after attention, one after the MLP; their mirrors in the backward.
+            assert (r["forward"], r["backward"]) == (2, 2), r
+            assert r["out"] < 1e-5 and r["dx"] < 1e-5 and r["grads_match"], r
+        ce = results["ce"]
+        assert ce["calls"] == 3  # max, sum of exp, target logit
+        assert ce["loss"] < 1e-6 and ce["grad"] < 1e-6
