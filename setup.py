@@ -25,7 +25,10 @@ setup(
         "PyYAML>=6",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "mpi4py>=4", "mpich"],
+        # mpirun launches (rank discovery through mpi4py); `mpich` is a PyPI build of MPICH with mpirun. On a
+        # cluster with its own MPI, install mpi4py alone so it binds to that MPI.
+        "mpi": ["mpi4py>=4", "mpich"],
         "hf": ["transformers>=4.45"],
         "tensorboard": ["tensorboard"],
     },

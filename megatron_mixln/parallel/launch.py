@@ -1,0 +1,222 @@
+"""Rank discovery for every launcher: torchrun, the deepspeed launcher, srun (SLURM variables), mpirun (mpi4py).
+
+`apply_launch_env(discover_launch_env())` leaves RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in
+os.environ, so torch.distributed / deepspeed.init_distributed start the same way whoever launched the process.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# Markers of an MPI launcher: Open MPI, MPICH / Intel MPI (hydra), PMIx (Open MPI 5, prrte), MVAPICH.
+MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_SIZE")
+# srun without MASTER_PORT: a port derived from the job id, below Linux's ephemeral range (32768-60999).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+
+
+class LaunchError(ValueError):
+    """A launch environment a user can fix; the message is one sentence naming the variable(s) and what is valid."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "deepspeed" | "slurm" | "mpi" | "single"
+    local_world_size: int | None = None  # processes on this node, when the launcher says
+
+
+def discover_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Who this process is: from RANK/WORLD_SIZE (torchrun, deepspeed), else srun's SLURM_*, else MPI, else alone."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _from_torch_variables(env)
+    if _is_srun_task(env):
+        return _from_slurm(env)
+    if any(name in env for name in MPI_VARIABLES):
+        return _from_mpi(env)
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                     master_port=_port(env) or free_port(), launcher="single", local_world_size=1)
+
+
+def apply_launch_env(env: LaunchEnv) -> None:
+    """Export `env` as the variables torch.distributed's env:// rendezvous and DeepSpeed read."""
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if env.local_world_size is not None:
+        # LOCAL_SIZE is the deepspeed launcher's name for it (DeepSpeed's CPU accelerator counts devices by it).
+        os.environ.update(LOCAL_WORLD_SIZE=str(env.local_world_size), LOCAL_SIZE=str(env.local_world_size))
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
+    """dp = world_size / (tp * pp), or a LaunchError naming all three numbers when it does not divide."""
+    if world_size < 1 or tp < 1 or pp < 1:
+        raise LaunchError(f"world size {world_size}, parallel.tp={tp} and parallel.pp={pp} are invalid: "
+                          "expected positive integers.")
+    if world_size % (tp * pp):
+        raise LaunchError(
+            f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp}: "
+            f"launch a multiple of {tp * pp} processes (e.g. {tp * pp * max(1, world_size // (tp * pp))}) "
+            "or change parallel.tp / parallel.pp.")
+    return world_size // (tp * pp)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list, e.g. "gpu[01-03,07],login-[1-2]-ib" -> gpu01 gpu02 gpu03 gpu07 login-1-ib ..."""
+    item = r"(?:[^,\[\]]|\[[^\[\]]+\])+"  # text and [ranges], up to a comma outside brackets
+    if not re.fullmatch(f"{item}(?:,{item})*", nodelist):
+        raise LaunchError(f"SLURM_JOB_NODELIST={nodelist!r} is invalid: expected host names like node[01-03,07].")
+    hosts = []
+    for host in re.findall(item, nodelist):
+        pieces = re.split(r"\[([^\]]*)\]", host)  # text, ranges, text, ranges, ..., text
+        choices = [[text] if i % 2 == 0 else _expand_ranges(text, nodelist) for i, text in enumerate(pieces)]
+        hosts.extend("".join(parts) for parts in itertools.product(*choices))
+    return hosts
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    names = []
+    for part in ranges.split(","):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or (dash and int(high) < int(low)):
+            raise LaunchError(f"SLURM_JOB_NODELIST={nodelist!r} is invalid: [{ranges}] is not a list of numbers "
+                              "and increasing ranges like 01-03,07.")
+        width = len(low)  # node[08-10] keeps the zero padding of the lower bound
+        names.extend(str(n).zfill(width) for n in range(int(low), int(high or low) + 1))
+    return names
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
+    if name not in env:
+        if default is None:
+            raise LaunchError(f"{name} is not set: the launcher should set it.")
+        return default
+    try:
+        value = int(env[name])
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise LaunchError(f"{name}={env[name]!r} is invalid: expected an integer >= {minimum}.")
+    return value
+
+
+def _port(env: Mapping[str, str]) -> int | None:
+    if "MASTER_PORT" not in env:
+        return None
+    port = _int(env, "MASTER_PORT", minimum=1)
+    if port > 65535:
+        raise LaunchError(f"MASTER_PORT={env['MASTER_PORT']!r} is invalid: expected a TCP port in 1-65535.")
+    return port
+
+
+def _check_rank(rank_name: str, rank: int, world_name: str, world: int) -> None:
+    if rank >= world:
+        raise LaunchError(f"{rank_name}={rank} is invalid with {world_name}={world}: expected 0 <= {rank_name} < "
+                          f"{world_name}.")
+
+
+def _from_torch_variables(env: Mapping[str, str]) -> LaunchEnv:
+    launcher = "deepspeed" if "CROSS_RANK" in env else "torchrun"  # the deepspeed launcher also sets CROSS_RANK
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if name not in env:
+            present = [n for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if n in env]
+            raise LaunchError(f"{name} is not set although {' and '.join(present)} "
+                              f"{'is' if len(present) == 1 else 'are'}: launch with torchrun or deepspeed, which "
+                              "set RANK, WORLD_SIZE and LOCAL_RANK, or set all three yourself.")
+    rank, world, local = _int(env, "RANK"), _int(env, "WORLD_SIZE", minimum=1), _int(env, "LOCAL_RANK")
+    _check_rank("RANK", rank, "WORLD_SIZE", world)
+    _check_rank("LOCAL_RANK", local, "WORLD_SIZE", world)
+    local_world = None
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if name in env:
+            local_world = _int(env, name, minimum=1)
+            _check_rank("LOCAL_RANK", local, name, local_world)
+            break
+    if world > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+        if missing:
+            raise LaunchError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set with "
+                              f"WORLD_SIZE={world}: set the rendezvous host and port of rank 0 (torchrun and deepspeed "
+                              "set both).")
+    return LaunchEnv(rank=rank, world_size=world, local_rank=local,
+                     master_addr=env.get("MASTER_ADDR") or "127.0.0.1", master_port=_port(env) or free_port(),
+                     launcher=launcher, local_world_size=local_world)
+
+
+def _is_srun_task(env: Mapping[str, str]) -> bool:
+    """Whether srun started this process as one task per rank.
+
+    An sbatch script itself sees SLURM_PROCID=0 and SLURM_NTASKS=<tasks allocated> but no SLURM_STEP_ID (measured
+    on Slurm 22.05): it is one process, not rank 0 of many. mpirun inside an allocation starts its daemons with
+    srun, so its ranks inherit that step's SLURM_* too; then the MPI world size disagrees and MPI decides.
+    """
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return False
+    mpi_size = next((env[name] for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE") if name in env),
+                    None)
+    return mpi_size is None or mpi_size == env.get("SLURM_NTASKS")
+
+
+def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
+    rank, world, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", minimum=1), _int(env, "SLURM_LOCALID")
+    _check_rank("SLURM_PROCID", rank, "SLURM_NTASKS", world)
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise LaunchError("SLURM_JOB_NODELIST (or SLURM_NODELIST) is not set under srun: set MASTER_ADDR to the "
+                              "first node's host name.")
+        master_addr = expand_nodelist(nodelist)[0]
+    port = _port(env)
+    if port is None:
+        # Every task must agree on the port without talking to each other: derive it from the job id.
+        port = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID", default=0) % SLURM_PORT_SPAN
+    local_world = _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"),
+                                 _int(env, "SLURM_NODEID", default=0))
+    return LaunchEnv(rank=rank, world_size=world, local_rank=local, master_addr=master_addr, master_port=port,
+                     launcher="slurm", local_world_size=local_world)
+
+
+def _tasks_on_node(spec: str | None, node_id: int) -> int | None:
+    """Tasks on node `node_id` from SLURM's "2(x3),1" form (3 nodes with 2 tasks, then one with 1)."""
+    if not spec:
+        return None
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node_id] if node_id < len(counts) else None
+
+
+def _from_mpi(env: Mapping[str, str]) -> LaunchEnv:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        found = ", ".join(name for name in MPI_VARIABLES if name in env)
+        raise LaunchError(f"{found} {'is' if ',' not in found else 'are'} set (an MPI launcher) but mpi4py is not "
+                          "installed: pip install 'megatron_mixln[mpi]', or launch with torchrun.") from None
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the ranks sharing this node's memory
+    local, local_world = node.Get_rank(), node.Get_size()
+    node.Free()
+    master_addr = env.get("MASTER_ADDR") or comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
+    # Rank 0 picks a port free on its own host; everyone else learns it from the broadcast.
+    port = _port(env) or comm.bcast(free_port() if rank == 0 else None, root=0)
+    return LaunchEnv(rank=rank, world_size=world, local_rank=local, master_addr=master_addr, master_port=port,
+                     launcher="mpi", local_world_size=local_world)

@@ -1,0 +1,336 @@
+"""Rank discovery under every launcher (fake environments, then real mpirun / torchrun / deepspeed runs) and the
+SLURM templates (syntax, and the exact command each one runs, through stub srun / torchrun / deepspeed)."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_mixln.parallel import launch
+from megatron_mixln.parallel.launch import (LaunchEnv, LaunchError, apply_launch_env, data_parallel_size,
+                                            discover_launch_env, expand_nodelist)
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+TEMPLATES = ("torchrun", "deepspeed", "srun")
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node01",
+            "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none", "GROUP_RANK": "0"}
+DEEPSPEED = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+             "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"}
+SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+# What an sbatch script itself sees (measured on Slurm 22.05): SLURM_PROCID=0 and the allocation's task count,
+# but no step id. It is one process, not rank 0 of 4.
+SBATCH_SCRIPT = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                 "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm"}
+
+
+# --- fake environments -------------------------------------------------------------------------------------------
+
+def test_torchrun_variables_give_their_ranks():
+    assert discover_launch_env(TORCHRUN) == LaunchEnv(rank=3, world_size=8, local_rank=1, master_addr="node01",
+                                                     master_port=29500, launcher="torchrun", local_world_size=4)
+
+
+def test_deepspeed_launcher_is_recognised_by_cross_rank():
+    assert discover_launch_env(DEEPSPEED) == LaunchEnv(rank=5, world_size=8, local_rank=1, master_addr="10.0.0.1",
+                                                      master_port=29600, launcher="deepspeed", local_world_size=4)
+
+
+def test_single_process_torch_variables_need_no_rendezvous_address():
+    env = discover_launch_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert (env.rank, env.world_size, env.master_addr, env.launcher) == (0, 1, "127.0.0.1", "torchrun")
+    assert 1 <= env.master_port <= 65535
+
+
+def test_srun_task_takes_ranks_from_slurm_and_master_from_the_compact_nodelist():
+    assert discover_launch_env(SRUN) == LaunchEnv(rank=5, world_size=8, local_rank=1, master_addr="gpu07",
+                                                 master_port=20000 + 123456 % 10000, launcher="slurm",
+                                                 local_world_size=4)
+
+
+def test_srun_port_is_the_same_for_every_task_and_inside_the_safe_range():
+    ports = {discover_launch_env({**SRUN, "SLURM_PROCID": str(r)}).master_port for r in range(8)}
+    assert len(ports) == 1 and 20000 <= ports.pop() < 30000
+
+
+def test_srun_honours_exported_master_addr_and_port():
+    env = discover_launch_env({**SRUN, "MASTER_ADDR": "login-ib0", "MASTER_PORT": "31000"})
+    assert (env.master_addr, env.master_port) == ("login-ib0", 31000)
+
+
+def test_srun_falls_back_to_slurm_nodelist_when_job_nodelist_is_absent():
+    environ = {k: v for k, v in SRUN.items() if "NODELIST" not in k}
+    assert discover_launch_env({**environ, "SLURM_NODELIST": "a[3-4],b1"}).master_addr == "a3"
+
+
+def test_sbatch_script_without_srun_is_a_single_process():
+    env = discover_launch_env(SBATCH_SCRIPT)
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_torchrun_inside_an_sbatch_script_goes_the_torchrun_way():
+    assert discover_launch_env({**SBATCH_SCRIPT, **SRUN, **TORCHRUN}).launcher == "torchrun"
+
+
+def test_mpi_markers_route_to_mpi(monkeypatch):
+    monkeypatch.setattr(launch, "_from_mpi", lambda env: "mpi")
+    for marker in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALRANKID"):
+        assert discover_launch_env({marker: "2"}) == "mpi"
+    # mpirun inside an allocation starts its proxies with srun, so every rank also sees that step's SLURM_*
+    # (SLURM_PROCID=0, SLURM_NTASKS=1 on each; measured with MPICH's hydra): MPI's world size decides.
+    hydra_under_slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
+                         "SLURM_JOB_NODELIST": "vm", "PMI_RANK": "1", "PMI_SIZE": "2"}
+    assert discover_launch_env(hydra_under_slurm) == "mpi"
+
+
+def test_mpi_without_mpi4py_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(LaunchError) as err:
+        discover_launch_env({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert str(err.value) == ("OMPI_COMM_WORLD_SIZE is set (an MPI launcher) but mpi4py is not installed: "
+                              "pip install 'megatron_mixln[mpi]', or launch with torchrun.")
+
+
+def test_no_launcher_is_one_process_on_localhost():
+    env = discover_launch_env({})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (0, 1, 0, "127.0.0.1", "single")
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"RANK": "0"}, "WORLD_SIZE is not set although RANK is: launch with torchrun or deepspeed, which set RANK, "
+                    "WORLD_SIZE and LOCAL_RANK, or set all three yourself."),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK is not set although WORLD_SIZE and LOCAL_RANK are: launch with "
+                                             "torchrun or deepspeed, which set RANK, WORLD_SIZE and LOCAL_RANK, or set "
+                                             "all three yourself."),
+    ({**TORCHRUN, "LOCAL_RANK": None}, "LOCAL_RANK is not set although RANK and WORLD_SIZE are: launch with "
+                                       "torchrun or deepspeed, which set RANK, WORLD_SIZE and LOCAL_RANK, or set all "
+                                       "three yourself."),
+    ({**TORCHRUN, "RANK": "8"}, "RANK=8 is invalid with WORLD_SIZE=8: expected 0 <= RANK < WORLD_SIZE."),
+    ({**TORCHRUN, "RANK": "three"}, "RANK='three' is invalid: expected an integer >= 0."),
+    ({**TORCHRUN, "RANK": "-1"}, "RANK='-1' is invalid: expected an integer >= 0."),
+    ({**TORCHRUN, "WORLD_SIZE": "0"}, "WORLD_SIZE='0' is invalid: expected an integer >= 1."),
+    ({**TORCHRUN, "LOCAL_RANK": "4"}, "LOCAL_RANK=4 is invalid with LOCAL_WORLD_SIZE=4: expected 0 <= LOCAL_RANK < "
+                                      "LOCAL_WORLD_SIZE."),
+    ({**TORCHRUN, "MASTER_ADDR": None}, "MASTER_ADDR is not set with WORLD_SIZE=8: set the rendezvous host and port "
+                                        "of rank 0 (torchrun and deepspeed set both)."),
+    ({**TORCHRUN, "MASTER_ADDR": None, "MASTER_PORT": None}, "MASTER_ADDR and MASTER_PORT are not set with "
+                                                             "WORLD_SIZE=8: set the rendezvous host and port of rank 0 "
+                                                             "(torchrun and deepspeed set both)."),
+    ({**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT='70000' is invalid: expected a TCP port in 1-65535."),
+    ({**SRUN, "SLURM_PROCID": "8"}, "SLURM_PROCID=8 is invalid with SLURM_NTASKS=8: expected 0 <= SLURM_PROCID < "
+                                    "SLURM_NTASKS."),
+    ({**SRUN, "SLURM_LOCALID": None}, "SLURM_LOCALID is not set: the launcher should set it."),
+    ({**SRUN, "SLURM_JOB_NODELIST": None, "SLURM_STEP_NODELIST": None},
+     "SLURM_JOB_NODELIST (or SLURM_NODELIST) is not set under srun: set MASTER_ADDR to the first node's host name."),
+    ({**SRUN, "SLURM_STEP_NODELIST": "gpu[07-08"}, "SLURM_JOB_NODELIST='gpu[07-08' is invalid: expected host names "
+                                                   "like node[01-03,07]."),
+])
+def test_inconsistent_environment_gives_one_sentence(environ, message):
+    environ = {key: value for key, value in environ.items() if value is not None}
+    with pytest.raises(LaunchError) as err:
+        discover_launch_env(environ)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("solo", ["solo"]),
+    ("a1,b[2-3]", ["a1", "b2", "b3"]),
+    ("gpu-[8-10]-ib", ["gpu-8-ib", "gpu-9-ib", "gpu-10-ib"]),
+    ("node[098-101]", ["node098", "node099", "node100", "node101"]),
+    ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "a,,b", "node[01-03", "node]1[", "node[]", "node[3-1]", "node[a-b]"])
+def test_malformed_nodelist_is_a_launch_error(nodelist):
+    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST=.* is invalid"):
+        expand_nodelist(nodelist)
+
+
+def test_apply_launch_env_exports_the_rendezvous_variables(monkeypatch):
+    monkeypatch.setattr(os, "environ", {"PATH": "/bin"})
+    apply_launch_env(discover_launch_env(SRUN))
+    assert os.environ == {"PATH": "/bin", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                          "MASTER_PORT": "23456", "LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "4"}
+    # Discovering again in the same process finds the same ranks (now through RANK / WORLD_SIZE).
+    again = discover_launch_env()
+    assert (again.rank, again.world_size, again.local_rank, again.master_port) == (5, 8, 1, 23456)
+
+
+def test_data_parallel_size():
+    assert data_parallel_size(64, 2, 4) == 8
+    assert data_parallel_size(1, 1, 1) == 1
+    with pytest.raises(LaunchError) as err:
+        data_parallel_size(6, 2, 2)
+    assert str(err.value) == ("world size 6 is not a multiple of parallel.tp x parallel.pp = 2 x 2 = 4: launch a "
+                              "multiple of 4 processes (e.g. 4) or change parallel.tp / parallel.pp.")
+    with pytest.raises(LaunchError, match="world size 0, parallel.tp=1 and parallel.pp=1 are invalid"):
+        data_parallel_size(0, 1, 1)
+
+
+# --- real launchers: discover, then a gloo all-reduce --------------------------------------------------------------
+
+# Each rank writes its own file into $RESULTS (launchers interleave the ranks' stdout).
+SNIPPET = """
+import json, os, torch, torch.distributed as dist
+from megatron_mixln.parallel.launch import apply_launch_env, discover_launch_env
+env = discover_launch_env()
+apply_launch_env(env)
+dist.init_process_group("gloo")
+total = torch.tensor([float(env.rank + 1)])
+dist.all_reduce(total)
+result = {"launcher": env.launcher, "rank": dist.get_rank(), "world": dist.get_world_size(),
+          "local_rank": env.local_rank, "sum": total.item()}
+with open(os.path.join(os.environ["RESULTS"], f"rank{env.rank}.json"), "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def _results(folder: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("rank*.json"))]
+
+
+def _run_ranks(command: list[str], results: Path, timeout: int = 120) -> list[dict]:
+    # A clean environment: no RANK / SLURM_* / PMI_* from whatever runs pytest.
+    keep = ("PATH", "HOME", "LANG", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONWARNINGS="ignore", RESULTS=str(results))
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return _results(results)
+
+
+def _assert_two_ranks(results: list[dict], launcher: str) -> None:
+    assert [(r["launcher"], r["rank"], r["world"], r["local_rank"], r["sum"]) for r in results] == [
+        (launcher, 0, 2, 0, 3.0), (launcher, 1, 2, 1, 3.0)]
+
+
+def test_mpirun_two_ranks_through_mpi4py(tmp_path):
+    mpirun = shutil.which("mpirun", path=f"{BIN}:{os.environ.get('PATH', '')}")
+    if mpirun is None:
+        pytest.skip("mpirun is not installed (pip install 'megatron_mixln[mpi]' brings MPICH's)")
+    _assert_two_ranks(_run_ranks([mpirun, "-n", "2", sys.executable, "-c", SNIPPET], tmp_path), "mpi")
+
+
+def test_torchrun_two_ranks(tmp_path):
+    _assert_two_ranks(_run_ranks([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                                  "--no-python", sys.executable, "-c", SNIPPET], tmp_path), "torchrun")
+
+
+def test_deepspeed_launcher_two_ranks(tmp_path):
+    _assert_two_ranks(_run_ranks([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(launch.free_port()),
+                                  "--no_python", "--no_local_rank", sys.executable, "-c", SNIPPET], tmp_path),
+                      "deepspeed")
+
+
+# --- SLURM templates ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_is_valid_bash_and_runs_mixln_train_with_the_arguments(name):
+    path = ROOT / "slurm" / f"{name}.sbatch"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    assert 'mixln-train "$@"' in text
+    assert "#SBATCH --nodes=" in text and "# EDIT" in text
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def stub_cluster(tmp_path):
+    """A PATH where srun runs its command once as node 0, and torchrun / deepspeed / mixln-train record argv."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    record = 'python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$(basename "$0")" "$@" >> "$RECORD"'
+    for tool in ("torchrun", "deepspeed", "mixln-train"):
+        _stub(stubs, tool, record)
+    _stub(stubs, "srun", 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"')
+    _stub(stubs, "scontrol", 'printf "node1\\nnode2\\n"')
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f"export PATH={stubs}:$PATH\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "VENV": str(venv), "RECORD": str(tmp_path / "calls"),
+           "SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "4"}
+
+    def run(name, *args):
+        proc = subprocess.run(["bash", str(ROOT / "slurm" / f"{name}.sbatch"), *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+        calls = [json.loads(line) for line in Path(env["RECORD"]).read_text().splitlines()] if Path(
+            env["RECORD"]).exists() else []
+        return proc, calls
+
+    return run
+
+
+ARGS = ["configs/tiny.yaml", "train.out_dir=runs/with space", "parallel.pp=2"]
+
+
+def test_torchrun_template_command(stub_cluster):
+    proc, calls = stub_cluster("torchrun", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "77", "--rdzv_backend",
+                      "c10d", "--rdzv_endpoint", "node1:20077", "--no-python", "mixln-train", *ARGS]]
+
+
+def test_deepspeed_template_command(stub_cluster, tmp_path):
+    proc, calls = stub_cluster("deepspeed", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    hostfile = str(tmp_path / "hostfile-77")
+    assert calls == [["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", "0", "--master_addr", "node1",
+                      "--master_port", "20077", "--no_python", "--no_local_rank", "mixln-train", *ARGS]]
+    assert not Path(hostfile).exists()  # removed when the job ends
+
+
+def test_srun_template_command(stub_cluster):
+    proc, calls = stub_cluster("srun", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["mixln-train", *ARGS]]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_without_a_config_prints_usage(stub_cluster, name):
+    proc, calls = stub_cluster(name)
+    assert proc.returncode == 2 and "usage: sbatch" in proc.stderr and calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MIXLN_TEST_SLURM") != "1",
+                    reason="submits jobs to the local Slurm; opt in with MIXLN_TEST_SLURM=1 on a 1-node test cluster")
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_under_real_slurm(tmp_path, name):
+    """sbatch each template on one node with 2 CPU processes; mixln-train is replaced by the all-reduce snippet."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (tmp_path / "snippet.py").write_text(SNIPPET)
+    _stub(stubs, "mixln-train", f'exec {sys.executable} {tmp_path / "snippet.py"}')
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f"export PATH={stubs}:{BIN}:$PATH\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    out = tmp_path / "job.out"
+    tasks = ["--ntasks-per-node=2"] if name == "srun" else []
+    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                           "--partition=" + os.environ.get("MIXLN_TEST_SLURM_PARTITION", "debug"), *tasks,
+                           f"--export=ALL,VENV={venv},GPUS_PER_NODE=2,RESULTS={results}", f"--output={out}",
+                           str(ROOT / "slurm" / f"{name}.sbatch"), "configs/tiny.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + (out.read_text() if out.exists() else "")
+    _assert_two_ranks(_results(results), {"torchrun": "torchrun", "deepspeed": "deepspeed", "srun": "slurm"}[name])
