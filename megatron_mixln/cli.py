@@ -35,16 +35,30 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def _train(argv) -> int:
     from megatron_mixln.config import load_config
+    from megatron_mixln.parallel.launch import LaunchError
     from megatron_mixln.train.loop import NonFiniteLossError, train
 
     parser = _config_parser("mixln-train", "Pre-train a LLaMA model with the configured normalisation placement.")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device, print parameter counts and per-rank memory, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="processes to plan for with --dry-run (default: one node, --gpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node for --dry-run (default 8)")
+    args = parser.parse_intermixed_args(argv)
     config = load_config(args.config, args.overrides)
     try:
+        if args.dry_run:
+            from megatron_mixln.train.memory import dry_run_report
+
+            print(dry_run_report(config, args.world_size or args.gpus_per_node, args.gpus_per_node))
+            return 0
         result = train(config)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result.eval_loss is not None and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
         print(f"done: step {result.last_step}, eval loss {result.eval_loss:.4f}, "
               f"eval perplexity {math.exp(min(result.eval_loss, 700)):.2f}; "
