@@ -40,6 +40,9 @@ def test_shipped_config_loads_and_places_post_ln_in_the_first_layers(path):
         assert (config.train.warmup_fraction, config.train.min_lr_ratio, config.train.betas) == (0.1, 0.1, (0.9, 0.999))
         assert config.train.weight_decay == 0.0 and config.train.precision == "bf16"
         assert (config.data.source, config.data.tokenizer, config.data.mode) == ("c4", "t5-base", "document")
+    if path.stem == "llama_7b":  # the paper's 7B recipe on ZeRO-3
+        p = config.parallel
+        assert (p.zero_stage, p.pp, p.activation_checkpointing, config.train.precision) == (3, 1, True, "bf16")
 
 
 def test_overrides_take_every_type():

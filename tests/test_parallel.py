@@ -97,16 +97,16 @@ def test_layout_matches_single_process_losses_and_weights(layout, single, cache,
 
 @pytest.mark.slow
 def test_checkpoint_moves_between_layouts_with_the_same_next_loss(single, cache, tmp_path):
-    straight, _ = run_ok(1, tmp_path / "straight", *MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix")
-    # TP=2 x PP=2 for three steps, then continue in one process from its consolidated export ...
-    run_ok(4, tmp_path / "big", *MODEL, *RUN, cache, "train.steps=3", "model.norm_placement=mix",
-           "parallel.tp=2", "parallel.pp=2")
-    moved, _ = run_ok(1, tmp_path / "small", *MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix",
-                      f"train.resume={tmp_path / 'big' / 'export'}")
+    run = [*MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix"]
+    straight, _ = run_ok(1, tmp_path / "straight", *run)
+    # TP=2 x PP=2 stops after three steps; one process continues from its consolidated export ...
+    run_ok(4, tmp_path / "big", *run, "train.stop_after_step=3", "parallel.tp=2", "parallel.pp=2")
+    moved, _ = run_ok(1, tmp_path / "small", *run, f"train.resume={tmp_path / 'big' / 'export'}")
     assert sorted(moved) == [4] and rel(moved[4], straight[4]) < 1e-5
-    # ... and the reverse: the single-process export continues at TP=2 x PP=2.
-    back, _ = run_ok(4, tmp_path / "back", *MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix",
-                     "parallel.tp=2", "parallel.pp=2", f"train.resume={tmp_path / 'small' / 'export'}")
+    # ... and the reverse: a single-process run stopped after three steps continues at TP=2 x PP=2.
+    run_ok(1, tmp_path / "one", *run, "train.stop_after_step=3")
+    back, _ = run_ok(4, tmp_path / "back", *run, "parallel.tp=2", "parallel.pp=2",
+                     f"train.resume={tmp_path / 'one' / 'export'}")
     assert sorted(back) == [4] and rel(back[4], straight[4]) < 1e-5
 
 
@@ -115,9 +115,9 @@ def test_world_size_that_does_not_fit_the_layout_is_one_clear_error(cache, tmp_p
     proc = mixln_train(2, *MODEL, *RUN, cache, "train.steps=1", "parallel.tp=2", "parallel.pp=2",
                        f"train.out_dir={tmp_path}")
     assert proc.returncode != 0
-    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}  # one per rank, identical
     assert len(errors) == 1 and "world size 2" in errors.pop().lower()
-    assert "Traceback" not in proc.stderr
+    assert "megatron_mixln/" not in proc.stderr  # no traceback from our code (torchrun reports the exit itself)
 
 
 @pytest.mark.parametrize("override,message", [

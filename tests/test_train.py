@@ -207,3 +207,19 @@ class _Evil:
     def _run():
         _Evil.ran = True
         return _Evil
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_losses(tmp_path, data_cache):
+    plain = train(tiny_config(tmp_path / "plain", data_cache, "train.steps=3"))
+    recomputed = train(tiny_config(tmp_path / "ckpt", data_cache, "train.steps=3",
+                                   "parallel.activation_checkpointing=true"))
+    assert recomputed.losses == plain.losses
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_and_optimizer_offload_in_one_process_match_plain_training(tmp_path, data_cache, stage):
+    plain = train(tiny_config(tmp_path / "plain", data_cache, "train.steps=3"))
+    offloaded = train(tiny_config(tmp_path / "offload", data_cache, "train.steps=3",
+                                  f"parallel.zero_stage={stage}", "parallel.offload_optimizer=true"))
+    for step in (1, 2, 3):
+        assert offloaded.losses[step] == pytest.approx(plain.losses[step], rel=1e-5)

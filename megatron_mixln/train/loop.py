@@ -159,6 +159,15 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     return model
 
 
+def _peak_memory_mb() -> float:
+    """This rank's peak memory: CUDA allocations on a GPU, the process's maximum resident set on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _set_schedule_step(scheduler, step: int) -> None:
     """Put the LR schedule at optimiser step `step` (when weights come from an export, without its state)."""
     scheduler.last_epoch = step
@@ -328,15 +337,21 @@ def train(config: Config) -> TrainResult:
                 result.stopped_early = True
                 break
         result.last_step = step
+        peaks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, _peak_memory_mb())
+        writer.write({"step": step, "peak_memory_mb_per_rank": peaks,
+                      "memory": "cuda max allocated" if torch.cuda.is_available() else "process max RSS"})
         if not result.stopped_early:
             if last_saved != step:
                 save(step)
             result.eval_loss = evaluate(engine, eval_data, config, layout)
             writer.write({"step": step, "eval_loss": result.eval_loss,
                           "eval_ppl": math.exp(min(result.eval_loss, 700))})
-            result.export_dir = ckpt.export_from_module(
-                module, config.model, layout, out / "export",
-                extra={"step": step, "data": meta, "run_config": config.to_dict()})
+        # The consolidated export also at a stop: it is how a run moves to another parallel layout.
+        result.export_dir = ckpt.export_from_module(
+            module, config.model, layout, out / "export",
+            extra={"step": step, "data": meta, "run_config": config.to_dict()})
+        if not result.stopped_early:
             if is_main:
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                                 title=f"{config.model.norm_placement} placement, {config.model.num_layers} layers")
