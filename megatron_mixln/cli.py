@@ -12,9 +12,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: printed as one line, no stack trace."""
     from megatron_mixln.config import ConfigError
     from megatron_mixln.data import DataError
+    from megatron_mixln.parallel.launch import LaunchError
     from megatron_mixln.train.checkpoint import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, LaunchError)
 
 
 def _run(main, argv) -> int:
@@ -35,7 +36,6 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def _train(argv) -> int:
     from megatron_mixln.config import load_config
-    from megatron_mixln.parallel.launch import LaunchError
     from megatron_mixln.train.loop import NonFiniteLossError, train
 
     parser = _config_parser("mixln-train", "Pre-train a LLaMA model with the configured normalisation placement.")
@@ -56,15 +56,12 @@ def _train(argv) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     if result.eval_loss is not None and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
         print(f"done: step {result.last_step}, eval loss {result.eval_loss:.4f}, "
               f"eval perplexity {math.exp(min(result.eval_loss, 700)):.2f}; "
               f"metrics in {result.out_dir / 'metrics.jsonl'}, curve in {result.out_dir / 'loss_curve.png'}, "
               f"weights in {result.export_dir}")
-    elif result.stopped_early:
+    elif result.stopped_early and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
         print(f"stopped after step {result.last_step} (train.stop_after_step); resume with train.resume=auto")
     return 0
 
@@ -152,10 +149,14 @@ def _eval(argv) -> int:
 
 def _bench(argv) -> int:
     parser = argparse.ArgumentParser(prog="mixln-bench", description="Benchmarks (scripts that print a table).")
-    parser.add_argument("what", choices=["hf", "kernels"], help="hf: our model vs transformers' LLaMA; kernels: Triton kernels")
+    parser.add_argument("what", choices=["hf", "kernels", "parallel"],
+                        help="hf: our model vs transformers' LLaMA; kernels: Triton kernels; "
+                             "parallel: DP / TP / PP / TP x PP on this machine")
     args, rest = parser.parse_known_args(argv)
     if args.what == "hf":
         from megatron_mixln.benchmarks.model_vs_hf import main
+    elif args.what == "parallel":
+        from megatron_mixln.benchmarks.parallel import main
     else:
         from megatron_mixln.kernels.bench import main
     return main(rest)

@@ -55,10 +55,17 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("overrides", nargs="*", help="extra mixln-train overrides, e.g. model.num_layers=8")
     args = parser.parse_args(argv)
-    base = [f"train.steps={args.steps}", *args.overrides]
+    from megatron_mixln.config import load_config
+
+    # One micro-batch size for every layout, so each has the same global batch: two micro-batches per rank
+    # at full data parallelism (and so enough micro-batches to fill a 2-stage pipeline).
+    global_batch = load_config(args.config, args.overrides).train.global_batch_size
+    micro = global_batch // (2 * args.nproc) if global_batch % (2 * args.nproc) == 0 else 1
+    base = [f"train.steps={args.steps}", f"train.micro_batch_size={micro}", *args.overrides]
     scratch = Path(tempfile.mkdtemp(prefix="mixln-bench-parallel-"))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"{args.config} {' '.join(args.overrides)}: {args.steps} steps, median after {args.warmup}, "
+    print(f"{args.config} {' '.join(args.overrides)}: global batch {global_batch}, micro-batch {micro}, "
+          f"{args.steps} steps, median after {args.warmup}, "
           f"{args.nproc} processes on {device}")
     print("| layout | tokens/s | peak memory per rank (MB) |")
     print("|---|---|---|")

@@ -61,19 +61,10 @@ def parameter_counts(model_config: ModelConfig) -> dict:
     }
 
 
-def stage_boundaries(partition: str, spec_params: list[int], pp: int) -> list[int]:
-    """Stage boundaries over the layer specs, as DeepSpeed's PipelineModule cuts them for `partition`."""
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
-    if partition == "parameters":
-        return list(partition_balanced(spec_params, pp))
-    if partition == "uniform":
-        return list(partition_uniform(len(spec_params), pp))
-    return [int(part) for part in partition.split(",")]
-
-
 def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> dict:
     """Parameter counts and per-rank bytes of parameters, gradients and optimizer states; see dry_run_report."""
+    from megatron_mixln.model.stages import stage_boundaries
+
     parallel = config.parallel
     tp, pp, zero = parallel.tp, parallel.pp, parallel.zero_stage
     dp = data_parallel_size(world_size, tp, pp)
@@ -87,7 +78,7 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
 
     counts = parameter_counts(config.model)
     spec_params = [split // tp + replicated for split, replicated in counts["specs"]]  # one TP rank's share
-    bounds = [int(b) for b in stage_boundaries(parallel.pipeline_partition, spec_params, pp)]
+    bounds = stage_boundaries(config.model, pp, parallel.pipeline_partition)  # the rule training uses
     stages = [sum(spec_params[a:b]) for a, b in zip(bounds, bounds[1:])]
     largest_stage = max(range(pp), key=stages.__getitem__)
     params = stages[largest_stage]  # what the busiest rank holds before ZeRO partitions it
