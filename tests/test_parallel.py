@@ -40,6 +40,8 @@ LAYOUTS = {  # name -> (processes, overrides)
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2xdp2-zero3": (4, ["parallel.tp=2", "parallel.zero_stage=3"]),
+    "pp2xdp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
 }
 
 

@@ -82,7 +82,9 @@ def model_construction(config: Config, layout):
     if config.parallel.zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config, layout.dp), mpu=layout.grid):
+        # Partition over the data-parallel group only: tensor-parallel ranks hold different shards.
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config, layout.dp), mpu=layout.grid,
+                                 data_parallel_group=layout.dp_group):
             yield
     else:
         yield
