@@ -159,6 +159,23 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     return model
 
 
+def _layout_summary(config: Config, layout) -> str:
+    """One start-up line: the layout, and which Post-LN layers each pipeline stage holds."""
+    from megatron_mixln.model.norms import POST, norm_placement
+    from megatron_mixln.model.stages import post_ln_layers_of_stage, stage_boundaries
+
+    m, p = config.model, config.parallel
+    post = [i for i in range(m.num_layers) if norm_placement(i, m.num_layers, m) == POST]
+    line = (f"layout: {dist.get_world_size()} processes = tp {layout.tp} x pp {layout.pp} x dp {layout.dp}, "
+            f"ZeRO-{p.zero_stage}; {m.norm_placement} placement, Post-LN layers {post or 'none'}")
+    if layout.pp > 1:
+        bounds = stage_boundaries(m, layout.pp, p.pipeline_partition)
+        line += "; stages (layer specs [embedding, layers, head]): " + ", ".join(
+            f"{s}: specs {bounds[s]}-{bounds[s + 1] - 1} Post-LN {post_ln_layers_of_stage(m, bounds, s) or 'none'}"
+            for s in range(layout.pp))
+    return line
+
+
 def _peak_memory_mb() -> float:
     """This rank's peak memory: CUDA allocations on a GPU, the process's maximum resident set on a CPU."""
     if torch.cuda.is_available():
@@ -204,6 +221,8 @@ def train(config: Config) -> TrainResult:
     sampler = GlobalBatchSampler(len(train_data), tcfg.global_batch_size, tcfg.seed)
 
     model = build_training_model(config, layout)
+    if is_main:
+        print(_layout_summary(config, layout))
     engine, base_optimizer, scheduler = build_engine(model, config, layout)
     module = engine.module
     pipelined = layout.pp > 1
