@@ -47,7 +47,21 @@ def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, tp: Tens
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """Shared by the column- and row-parallel layers: a bias-free weight of full shape (out, in), sharded."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel, partition_dim: int):
+        super().__init__()
+        self.tp = tp
+        what = "out_features" if partition_dim == 0 else "in_features"
+        self.weight = _sharded_parameter((out_features, in_features), partition_dim, tp, what)
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.full_shape
+        return f"in_features={inp}, out_features={out}, tp={self.tp.size}"
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T with W split by output rows: each rank produces its slice of y (no gather).
 
     `copy_input=False` when the caller already passed x through copy_to_tensor_parallel once for several
@@ -55,36 +69,24 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel = NO_TP, copy_input: bool = True):
-        super().__init__()
-        self.tp = tp
+        super().__init__(in_features, out_features, tp, partition_dim=0)
         self.copy_input = copy_input
-        self.weight = _sharded_parameter((out_features, in_features), 0, tp, "out_features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size > 1 and self.copy_input:
             x = copy_to_tensor_parallel(x, self.tp.group)
         return F.linear(x, self.weight)
 
-    def extra_repr(self) -> str:
-        out, inp = self.weight.full_shape
-        return f"in_features={inp}, out_features={out}, tp={self.tp.size}"
 
-
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """y = x W^T with W split by input columns: each rank holds its slice of x, partial products are summed."""
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel = NO_TP):
-        super().__init__()
-        self.tp = tp
-        self.weight = _sharded_parameter((out_features, in_features), 1, tp, "in_features")
+        super().__init__(in_features, out_features, tp, partition_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
         return reduce_from_tensor_parallel(out, self.tp.group) if self.tp.size > 1 else out
-
-    def extra_repr(self) -> str:
-        out, inp = self.weight.full_shape
-        return f"in_features={inp}, out_features={out}, tp={self.tp.size}"
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -140,21 +140,26 @@ def export_consolidated(state_dict: dict[str, torch.Tensor], model_config: Model
     """Write `model.safetensors` (PAPER.md parameter names) and `config.json` into folder `out`, atomically."""
     from safetensors.torch import save_file
 
-    from megatron_mixln.model.norms import norm_placement
-
     out = Path(out)
     tmp = out.with_name(out.name + PARTIAL)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
     save_file(tensors, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    _publish_export(tmp, out, model_config, extra)
+    return out
+
+
+def _publish_export(tmp: Path, out: Path, model_config: ModelConfig, extra: dict[str, Any] | None) -> None:
+    """Write the export's config.json into the finished temporary folder, then move it into place whole."""
+    from megatron_mixln.model.norms import norm_placement
+
     placements = [norm_placement(i, model_config.num_layers, model_config) for i in range(model_config.num_layers)]
     config = {"model": vars(model_config).copy(), "layer_placements": placements, **(extra or {})}
     (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
 
 
 def read_export(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -207,11 +212,12 @@ def module_state_from_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     path = folder / "mp_rank_00_model_states.pt"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {folder} is not a single-model-parallel-rank DeepSpeed checkpoint.")
+        raise CheckpointError(f"{path} is missing: {folder} was saved with tensor or pipeline parallelism; use the "
+                              "consolidated export the run writes (<out_dir>/export) instead.")
     return torch.load(path, map_location="cpu", weights_only=True)["module"]
 
 
-def _gathered(param, layout):
+def gathered(param):
     """A context making a ZeRO-3 partitioned parameter whole (a no-op for any other parameter)."""
     if hasattr(param, "ds_id"):
         import deepspeed
@@ -230,7 +236,7 @@ def full_named_parameters(module: torch.nn.Module, model_config: ModelConfig, la
     tp = layout.tensor_parallel
     for local_name, param in module.named_parameters():
         name = consolidated_name(local_name, model_config.num_layers) if layout.pp > 1 else local_name
-        with _gathered(param, layout):
+        with gathered(param):
             value = param.detach().clone()
         dim = getattr(param, "partition_dim", None)
         if dim is not None and tp.size > 1:
@@ -261,14 +267,7 @@ def export_from_module(module: torch.nn.Module, model_config: ModelConfig, layou
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / file), metadata={"format": "pt"})
     _barrier()
     if _is_rank0():
-        from megatron_mixln.model.norms import norm_placement
-
-        placements = [norm_placement(i, model_config.num_layers, model_config) for i in range(model_config.num_layers)]
-        config = {"model": vars(model_config).copy(), "layer_placements": placements, **(extra or {})}
-        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish_export(tmp, out, model_config, extra)
     _barrier()
     return out
 
@@ -297,7 +296,7 @@ def load_export_into(module: torch.nn.Module, folder: str | Path, model_config: 
             raise CheckpointError(f"{folder} has no tensor {name!r}.")
         piece = where[name].get_slice(name)
         dim = getattr(param, "partition_dim", None)
-        with _gathered(param, layout):
+        with gathered(param):
             if dim is None or tp.size == 1:
                 value = piece[:]
             else:

@@ -154,7 +154,7 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
             model = MixLNForCausalLM(config.model, layout.tensor_parallel)
         model.model.activation_checkpointing = config.parallel.activation_checkpointing
         initialize_weights(model, config.model, seed, layout.tensor_parallel,
-                           gathered=(lambda p: ckpt._gathered(p, layout)) if config.parallel.zero_stage == 3 else None)
+                           gathered=ckpt.gathered if config.parallel.zero_stage == 3 else None)
     mark_norm_owners(model, layout.tensor_parallel)
     return model
 
@@ -188,8 +188,8 @@ def _peak_memory_mb() -> float:
 def _set_schedule_step(scheduler, step: int) -> None:
     """Put the LR schedule at optimiser step `step` (when weights come from an export, without its state)."""
     scheduler.last_epoch = step
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
-        group["lr"] = lr
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
