@@ -19,7 +19,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(main, argv) -> int:
+    import torch
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        # Say "CPU" up front, so DeepSpeed does not warn on every start that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return main(argv) or 0
     except _user_errors() as err:

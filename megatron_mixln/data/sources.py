@@ -105,8 +105,12 @@ def _local_documents(files: list[Path], text_field: str) -> Iterator[str]:
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     """Stream one local file through `datasets`; on failure, find the offending line and say which it is."""
+    import logging
+
     import datasets
 
+    # The json builder logs its own "Failed to load JSON ..." line; we report the failing line ourselves.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     if path.stat().st_size == 0:
         raise DataError(f"data file {str(path)!r} is empty: expected at least one document.")
     is_text = path.name.endswith(TEXT_SUFFIXES)
