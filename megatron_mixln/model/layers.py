@@ -119,19 +119,38 @@ class DecoderLayer(nn.Module):
         self.residual_scale = deepnorm_residual_scale(config.num_layers) if self.placement == DEEPNORM else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = layer(x), as a plain tensor (what a pipeline stage passes on)."""
+        residual, pending = self.forward_deferred(x)
+        return residual if pending is None else residual + pending
+
+    def forward_deferred(self, x: torch.Tensor, pending: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer on input x + pending, returning its output the same way, as (residual, pending).
+
+        A residual add that a norm follows is never done alone: the previous layer's last branch output
+        (`pending`) is added inside this layer's first norm, and this layer's last branch output is left for
+        the next layer's first norm (or the final norm). Post-LN layers need their input whole.
+        """
         if self.placement in (PRE, LNS):
-            normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(self.input_layernorm(x)), x)
-            return h + self.mlp(normed)
+            normed, x = self._first_norm(self.input_layernorm, x, pending)
+            normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(normed), x)
+            return h, self.mlp(normed)
         if self.placement in (POST, DEEPNORM):
+            x = x if pending is None else x + pending
             a = self.residual_scale
             h, _ = self.post_attention_layernorm.add_and_norm(self.self_attn(x), x if a == 1.0 else a * x)
             y, _ = self.post_feedforward_layernorm.add_and_norm(self.mlp(h), h if a == 1.0 else a * h)
-            return y
+            return y, None
         if self.placement == SANDWICH:
-            attn_out = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
+            normed, x = self._first_norm(self.input_layernorm, x, pending)
+            attn_out = self.post_attention_layernorm(self.self_attn(normed))
             normed, h = self.pre_feedforward_layernorm.add_and_norm(attn_out, x)
-            return h + self.post_feedforward_layernorm(self.mlp(normed))
+            return h, self.post_feedforward_layernorm(self.mlp(normed))
         raise AssertionError(f"unhandled placement {self.placement}")
+
+    @staticmethod
+    def _first_norm(norm: RMSNorm, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (norm(x), x) if pending is None else norm.add_and_norm(pending, x)
 
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, placement={self.placement}"

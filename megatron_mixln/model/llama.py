@@ -30,13 +30,15 @@ class MixLNModel(nn.Module):
         self.activation_checkpointing = False  # recompute each layer in the backward pass (saves activations)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, pending = self.embed_tokens(input_ids), None
         for layer in self.layers:
+            # (hidden, pending): each residual add is fused into the norm that follows it (DecoderLayer).
             if self.activation_checkpointing and self.training:
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False)
+                hidden, pending = torch.utils.checkpoint.checkpoint(layer.forward_deferred, hidden, pending,
+                                                                    use_reentrant=False)
             else:
-                hidden = layer(hidden)
-        return self.norm(hidden)
+                hidden, pending = layer.forward_deferred(hidden, pending)
+        return self.norm(hidden) if pending is None else self.norm.add_and_norm(pending, hidden)[0]
 
 
 class MixLNForCausalLM(nn.Module):
