@@ -193,6 +193,34 @@ def _set_schedule_step(scheduler, step: int) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
+def _install_pipeline_hooks(engine, base_optimizer, layout, name_of, stats: dict) -> None:
+    """The pipeline engine steps inside train_batch, so gradients are inspected from the optimiser's pre-step
+    hook: a non-finite gradient anywhere skips the update; gradient norms (pre-clip) land in `stats`."""
+    module = engine.module
+
+    def before_step() -> bool:
+        finite = torch.tensor([1.0])
+        for param in module.parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                finite.zero_()
+        _all_reduce_(finite, op=dist.ReduceOp.MIN)
+        stats["nonfinite"] = finite.item() == 0
+        if not stats["nonfinite"]:
+            stats["norms"] = _grad_norms(module, layout, stats.get("want_layers", False), name_of,
+                                         read_grad=lambda p: p.grad)
+        return stats["nonfinite"]  # never apply a non-finite update (stop mode then raises)
+
+    def clip_and_record() -> None:
+        # DeepSpeed's fp32 clipping, keeping the pre-clip norm it computes (the hook sees clipped grads).
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        stats["pre_clip_norm"] = float(clip_grad_norm_(
+            parameters=module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+
+    base_optimizer.before_step = before_step
+    engine.clip_fp32_gradients = clip_and_record
+
+
 def train(config: Config) -> TrainResult:
     """Run (or resume) one training run as described by `config`; returns what happened."""
     from megatron_mixln.data import GlobalBatchSampler, collate, open_datasets
@@ -255,31 +283,9 @@ def train(config: Config) -> TrainResult:
         state = {"step": step, "seed": tcfg.seed, "config": config.to_dict(), "data": meta}
         ckpt.save_checkpoint(engine, out, step, state, keep=tcfg.keep_checkpoints)
 
-    # The pipeline engine steps inside train_batch: inspect gradients from the optimiser's pre-step hook.
     pipeline_stats: dict[str, Any] = {}
     if pipelined:
-        def before_step() -> bool:
-            finite = torch.tensor([1.0])
-            for param in module.parameters():
-                if param.grad is not None and not torch.isfinite(param.grad).all():
-                    finite.zero_()
-            _all_reduce_(finite, op=dist.ReduceOp.MIN)
-            pipeline_stats["nonfinite"] = finite.item() == 0
-            if not pipeline_stats["nonfinite"]:
-                pipeline_stats["norms"] = _grad_norms(module, layout, pipeline_stats.get("want_layers", False),
-                                                      name_of, read_grad=lambda p: p.grad)
-            return pipeline_stats["nonfinite"]  # never apply a non-finite update (stop mode then raises)
-
-        base_optimizer.before_step = before_step
-
-        def clip_and_record() -> None:
-            # DeepSpeed's fp32 clipping, keeping the pre-clip norm it computes (the hook sees clipped grads).
-            from deepspeed.runtime.utils import clip_grad_norm_
-
-            pipeline_stats["pre_clip_norm"] = float(clip_grad_norm_(
-                parameters=module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu))
-
-        engine.clip_fp32_gradients = clip_and_record
+        _install_pipeline_hooks(engine, base_optimizer, layout, name_of, pipeline_stats)
 
     tokens_per_step = tcfg.global_batch_size * config.data.seq_len
     last_saved = start_step
