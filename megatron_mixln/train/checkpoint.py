@@ -184,7 +184,7 @@ def export_files(folder: str | Path) -> tuple[ModelConfig, list[Path]]:
     files = sorted(folder.glob("model*.safetensors"))
     if not config_path.is_file() or not files:
         raise CheckpointError(f"{folder} is not an export folder: it must hold {EXPORT_CONFIG} and "
-                              f"{EXPORT_WEIGHTS} (or model-XXXXX-of-XXXXX.safetensors shards).")
+                              f"{EXPORT_WEIGHTS} (or per-stage shards such as model-00001-of-00002.safetensors).")
     try:
         raw = json.loads(config_path.read_text())
         model_config = model_config_from_dict(raw["model"])
