@@ -64,22 +64,26 @@ def _grad_norms(module: torch.nn.Module, layout, per_layer: bool, name_of=lambda
         dist.all_gather_object(gathered, all_keys, group=layout.model_parallel_group)
         all_keys = sorted(set().union(*gathered))
     position = {key: i for i, key in enumerate(all_keys)}
-    squares = torch.zeros(len(all_keys), dtype=torch.float64)
     tp_rank = layout.tensor_parallel.rank
-    found = False
+    slots, squares = [], []
     for key, (_, param) in zip(keys, module.named_parameters()):
         grad = read_grad(param)
-        if grad is None:
-            continue
-        found = True
-        if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:  # replicated: count on TP rank 0 only
-            squares[position[key]] += grad.detach().double().pow(2).sum().cpu()
-    flag = torch.tensor([1.0 if found else 0.0], dtype=torch.float64)
-    _all_reduce_(flag, group=layout.model_parallel_group)
-    if flag.item() == 0:
+        if grad is not None and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
+            # Replicated parameters count on TP rank 0 only. fp32 accumulation without an upcast copy, and no
+            # host sync per parameter: everything stays on the device until one transfer below.
+            slots.append(position[key])
+            squares.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square())
+    # [found-any flag, squares per key]: one all-reduce, one device-to-host copy.
+    device = squares[0].device if squares else torch.device("cpu")
+    totals = torch.zeros(len(all_keys) + 1, dtype=torch.float32, device=device)
+    if squares:
+        totals[0] = 1.0
+        totals[1:].index_add_(0, torch.tensor(slots, device=device), torch.stack(squares))
+    _all_reduce_(totals, group=layout.model_parallel_group)
+    totals = totals.double().cpu()
+    if totals[0].item() == 0:
         return None, {}
-    _all_reduce_(squares, group=layout.model_parallel_group)
-    values = squares.tolist()
+    values = totals[1:].tolist()
     layers = {key: math.sqrt(value) for key, value in zip(all_keys, values)} if per_layer else {}
     return math.sqrt(sum(values)), layers
 
@@ -329,7 +333,9 @@ def train(config: Config) -> TrainResult:
                                     f"(last checkpoint: step {last_saved}; set train.on_nonfinite=skip to skip "
                                     "such steps).")
                             base_optimizer.skip_next_step = True
-                        else:
+                        elif want_layer_norms or config.parallel.zero_stage == 0:
+                            # Under ZeRO the engine's own global norm is used (read after the step); the
+                            # per-layer breakdown gathers full gradients, so it only runs every K steps.
                             grad_norm, layer_norms = _grad_norms(module, layout, want_layer_norms)
                     engine.step()
                 nonfinite = loss_sum[1].item() > 0
