@@ -117,38 +117,28 @@ def _export(argv) -> int:
 
 
 def _eval(argv) -> int:
-    import torch
-
-    from megatron_mixln.config import config_from_dict, load_config, parse_overrides
+    from megatron_mixln.config import config_from_dict, parse_overrides
     from megatron_mixln.data import eval_batches, open_datasets
-    from megatron_mixln.model import causal_lm_loss
     from megatron_mixln.train import checkpoint as ckpt
+    from megatron_mixln.train.loop import loss_totals
 
     parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
     parser.add_argument("export", help="an export folder (model.safetensors + config.json)")
     parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
     args = parser.parse_args(argv)
-    raw = json.loads((Path(args.export) / ckpt.EXPORT_CONFIG).read_text()) if (
-        Path(args.export) / ckpt.EXPORT_CONFIG).is_file() else {}
-    if "run_config" not in raw:
+    config_path = Path(args.export) / ckpt.EXPORT_CONFIG
+    run_config = json.loads(config_path.read_text()).get("run_config") if config_path.is_file() else None
+    if run_config is None:
         raise ckpt.CheckpointError(f"{args.export} holds no run_config: export it with mixln-train or mixln-export.")
-    config = config_from_dict(raw["run_config"])
-    if args.overrides:
-        base = json.loads(json.dumps(raw["run_config"]))
-        for section, values in parse_overrides(args.overrides).items():
-            base.setdefault(section, {}).update(values)
-        config = config_from_dict(base)
-    model = ckpt.load_exported_model(args.export).eval()
+    for section, values in parse_overrides(args.overrides).items():
+        run_config.setdefault(section, {}).update(values)
+    config = config_from_dict(run_config)
+    model = ckpt.load_exported_model(args.export)
     _, _, eval_data = open_datasets(config.data)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for inputs, labels in eval_batches(eval_data, min(config.train.eval_sequences, len(eval_data)),
-                                           config.train.micro_batch_size):
-            n = int((labels != -100).sum())
-            total += causal_lm_loss(model(inputs), labels).item() * n
-            count += n
+    num = min(config.train.eval_sequences, len(eval_data))
+    total, count = loss_totals(model, eval_batches(eval_data, num, config.train.micro_batch_size)).tolist()
     loss = total / max(count, 1)
-    print(json.dumps({"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "tokens": count}))
+    print(json.dumps({"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "tokens": int(count)}))
     return 0
 
 

@@ -103,19 +103,28 @@ def evaluate(engine, eval_dataset, config: Config, layout) -> float:
             count = (labels != -100).sum().item()
             totals += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
     else:
-        module = engine.module
-        module.eval()
-        device = next(module.parameters()).device
-        for batch_index, (inputs, labels) in enumerate(eval_batches(eval_dataset, num, micro)):
-            if batch_index % layout.dp != layout.dp_rank:
-                continue
-            labels = labels.to(device)
-            loss = causal_lm_loss(module(inputs.to(device)), labels, layout.tensor_parallel)
-            count = (labels != -100).sum().item()
-            totals += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
-        module.train()
+        mine = (batch for index, batch in enumerate(eval_batches(eval_dataset, num, micro))
+                if index % layout.dp == layout.dp_rank)  # each data-parallel rank takes every dp-th batch
+        totals = loss_totals(engine.module, mine, layout.tensor_parallel)
+        engine.module.train()
         _all_reduce_(totals, group=layout.dp_group)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
+
+
+@torch.no_grad()
+def loss_totals(module: torch.nn.Module, batches, tp=None) -> torch.Tensor:
+    """[sum of per-token losses, number of target tokens] of `module` (put in eval mode) over `batches`."""
+    from megatron_mixln.parallel.tensor_parallel import NO_TP
+
+    module.eval()
+    device = next(module.parameters()).device
+    totals = torch.zeros(2, dtype=torch.float64)
+    for inputs, labels in batches:
+        labels = labels.to(device)
+        loss = causal_lm_loss(module(inputs.to(device)), labels, tp or NO_TP)
+        count = (labels != -100).sum().item()
+        totals += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
+    return totals
 
 
 def _resume_source(config: Config) -> tuple[str, Path | None]:
