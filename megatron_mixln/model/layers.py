@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,21 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+# The residual stream between layers: a tensor, or (residual, pending) whose sum is the hidden state. Layers,
+# pipeline stages and the final norm all pass it on as it is, so every residual add can fuse into the next norm.
+Stream = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def split_stream(stream: Stream) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (stream, None) if isinstance(stream, torch.Tensor) else (stream[0], stream[1])
+
+
+def hidden_state(stream: Stream) -> torch.Tensor:
+    """The hidden state a stream stands for, as one tensor (what the next layer sees)."""
+    residual, pending = split_stream(stream)
+    return residual if pending is None else residual + pending
 
 
 class Attention(nn.Module):
@@ -118,19 +134,14 @@ class DecoderLayer(nn.Module):
             self.add_module(name, RMSNorm(config.hidden_size, config.rms_norm_eps, output_scale, config.kernels))
         self.residual_scale = deepnorm_residual_scale(config.num_layers) if self.placement == DEEPNORM else 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = layer(x), as a plain tensor (what a pipeline stage passes on)."""
-        residual, pending = self.forward_deferred(x)
-        return residual if pending is None else residual + pending
-
-    def forward_deferred(self, x: torch.Tensor, pending: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer on input x + pending, returning its output the same way, as (residual, pending).
+    def forward(self, stream: Stream) -> Stream:
+        """The layer on the residual stream: a tensor, or a (residual, pending) pair meaning residual + pending.
 
         A residual add that a norm follows is never done alone: the previous layer's last branch output
         (`pending`) is added inside this layer's first norm, and this layer's last branch output is left for
         the next layer's first norm (or the final norm). Post-LN layers need their input whole.
         """
+        x, pending = split_stream(stream)
         if self.placement in (PRE, LNS):
             normed, x = self._first_norm(self.input_layernorm, x, pending)
             normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(normed), x)
@@ -140,7 +151,7 @@ class DecoderLayer(nn.Module):
             a = self.residual_scale
             h, _ = self.post_attention_layernorm.add_and_norm(self.self_attn(x), x if a == 1.0 else a * x)
             y, _ = self.post_feedforward_layernorm.add_and_norm(self.mlp(h), h if a == 1.0 else a * h)
-            return y, None
+            return y
         if self.placement == SANDWICH:
             normed, x = self._first_norm(self.input_layernorm, x, pending)
             attn_out = self.post_attention_layernorm(self.self_attn(normed))

@@ -11,63 +11,110 @@ from torch import nn
 
 from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
-from megatron_mixln.model.layers import DecoderLayer
+from megatron_mixln.model.layers import DecoderLayer, Stream, split_stream
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain
 from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
-                                                     VocabParallelEmbedding, vocab_parallel_cross_entropy)
+                                                     VocabParallelEmbedding, vocab_parallel_token_losses)
 
 IGNORE_INDEX = -100
 
 
-class MixLNModel(nn.Module):
-    """Embedding, decoder layers and the final RMSNorm (applied for every placement, as the official code does)."""
+class LMHead(nn.Module):
+    """The final RMSNorm (applied for every placement, as the official code does) and the untied LM head.
+
+    It takes the residual stream, so the last layer's pending branch output is added inside the final norm.
+    """
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
-        self.activation_checkpointing = False  # recompute each layer in the backward pass (saves activations)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden, pending = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            # (hidden, pending): each residual add is fused into the norm that follows it (DecoderLayer).
-            if self.activation_checkpointing and self.training:
-                hidden, pending = torch.utils.checkpoint.checkpoint(layer.forward_deferred, hidden, pending,
-                                                                    use_reentrant=False)
-            else:
-                hidden, pending = layer.forward_deferred(hidden, pending)
-        return self.norm(hidden) if pending is None else self.norm.add_and_norm(pending, hidden)[0]
+    def forward(self, stream: Stream) -> torch.Tensor:
+        hidden, pending = split_stream(stream)
+        normed = self.norm(hidden) if pending is None else self.norm.add_and_norm(pending, hidden)[0]
+        return self.lm_head(normed)
+
+
+def stage_constructors(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[tuple[type, tuple]]:
+    """The model as the sequence a pipeline cuts into stages, [embedding, decoder layer 0..L-1, LM head], as
+    (class, arguments) pairs: built at once by `stage_modules`, or lazily per stage as DeepSpeed layer specs.
+
+    Each module takes the previous one's output (token ids, then the residual stream) and returns its own;
+    decoder layers carry their *global* index, so a stage decides Post-LN / Pre-LN as the unsplit model does.
+    """
+    return ([(VocabParallelEmbedding, (config.vocab_size, config.hidden_size, tp))]
+            + [(DecoderLayer, (config, index, tp)) for index in range(config.num_layers)]
+            + [(LMHead, (config, tp))])
+
+
+def stage_modules(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[nn.Module]:
+    return [cls(*args) for cls, args in stage_constructors(config, tp)]
+
+
+class MixLNModel(nn.Module):
+    """Holds the embedding, the decoder layers and the final norm under HF LlamaModel's names."""
+
+    def __init__(self, embed_tokens: nn.Module, layers: list[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
 
 
 class MixLNForCausalLM(nn.Module):
     """LLaMA with an untied LM head; `forward(input_ids)` returns logits [batch, seq, vocab]
-    (under tensor parallelism: this rank's vocabulary slice, for vocab-parallel cross-entropy)."""
+    (under tensor parallelism: this rank's vocabulary slice, for vocab-parallel cross-entropy).
+
+    Built from `stage_modules`, the same modules a pipeline stage holds, and run the way a pipeline stage runs
+    them: each through `nn.Module.__call__`, so forward hooks, ZeRO-3's parameter fetching and per-module
+    compilation see every layer. Parameters keep HF LLaMA names (model.embed_tokens, model.layers.i, model.norm,
+    lm_head).
+    """
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
         self.config = config
         self.tp = tp
-        self.model = MixLNModel(config, tp)
-        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp)
+        embedding, *layers, head = stage_modules(config, tp)
+        self.model = MixLNModel(embedding, layers, head.norm)
+        self.lm_head = head.lm_head
+        # The head's norm and LM head are registered above under their HF names; the stage module itself stays
+        # outside the module tree, so every parameter has exactly one name.
+        self.__dict__["head"] = head
+        self.activation_checkpointing = False  # recompute each decoder layer in the backward pass
+
+    def stages(self) -> list[nn.Module]:
+        return [self.model.embed_tokens, *self.model.layers, self.head]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+        stream = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                stream = torch.utils.checkpoint.checkpoint(layer, stream, use_reentrant=False)
+            else:
+                stream = layer(stream)
+        return self.head(stream)
 
     @property
     def placements(self) -> list[str]:
         return [layer.placement for layer in self.model.layers]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; labels are already shifted.
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
+    """Per-position cross-entropy (fp32), 0 where the label is IGNORE_INDEX; labels are already shifted.
 
     Under tensor parallelism `logits` is this rank's vocabulary slice and the loss is vocab-parallel.
     """
     if tp.size > 1:
-        return vocab_parallel_cross_entropy(logits, labels, tp)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        return vocab_parallel_token_losses(logits, labels, tp)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX (NaN when there is none)."""
+    return token_losses(logits, labels, tp).sum() / (labels != IGNORE_INDEX).sum()
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -120,7 +167,7 @@ def initialize_weights(module: nn.Module, config: ModelConfig, seed: int, tp: Te
     """Fill every parameter from its own seeded generator: draw the full tensor, keep this rank's slice.
 
     Initial weights therefore never depend on the TP/PP layout or on construction order. `name_of` maps a
-    local parameter name to its consolidated (PAPER.md) name, e.g. for pipeline stages; `gathered(param)`
+    local parameter name to its consolidated name (docs/method.md#parameter-names), e.g. for pipeline stages; `gathered(param)`
     is a context that makes a ZeRO-3 partitioned parameter whole while it is written.
     """
     import contextlib

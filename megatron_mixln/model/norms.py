@@ -1,4 +1,4 @@
-"""RMSNorm and the placement rule: which normalisation scheme global layer i uses (PAPER.md)."""
+"""RMSNorm and the placement rule: which normalisation scheme global layer i uses (docs/method.md)."""
 from __future__ import annotations
 
 import math

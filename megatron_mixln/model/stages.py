@@ -1,41 +1,20 @@
-"""The same model as DeepSpeed pipeline layer specs: [embedding, decoder layer 0..L-1, final norm + head].
+"""The unsplit model's stage modules as DeepSpeed pipeline layer specs: [embedding, decoder layer 0..L-1, LM head].
 
 Each decoder layer spec carries its *global* index, so a stage decides Post-LN / Pre-LN exactly as the
-unsplit model does (the first stage may hold every Post-LN layer of Mix-LN). Parameter names map one to one
-onto the consolidated (PAPER.md) names, which is what makes checkpoints portable between layouts.
+unsplit model does (the first stage may hold every Post-LN layer of Mix-LN). Inside a stage, layers hand the
+residual stream on as in the unsplit model, (residual, pending) pairs included; between stages it travels whole.
+Parameter names map one to one onto the consolidated names (docs/method.md#parameter-names), which makes
+checkpoints portable between layouts.
 """
 from __future__ import annotations
 
 import re
 
 import torch
-from torch import nn
 
 from megatron_mixln.config import ModelConfig
-from megatron_mixln.model.layers import DecoderLayer
-from megatron_mixln.model.llama import causal_lm_loss
-from megatron_mixln.model.norms import RMSNorm
-from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
-                                                     VocabParallelEmbedding)
-
-
-class EmbeddingStage(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-
-class HeadStage(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
-        super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
-        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+from megatron_mixln.model.llama import stage_constructors, stage_modules
+from megatron_mixln.parallel.tensor_parallel import NO_TP, TensorParallel
 
 
 def num_specs(config: ModelConfig) -> int:
@@ -47,7 +26,7 @@ def consolidated_name(spec_name: str, num_layers: int) -> str:
     index, rest = spec_name.split(".", 1)
     index = int(index)
     if index == 0:
-        return f"model.{rest}"  # embed_tokens
+        return f"model.embed_tokens.{rest}"
     if index <= num_layers:
         return f"model.layers.{index - 1}.{rest}"
     return rest if rest.startswith("lm_head") else f"model.{rest}"  # norm / lm_head
@@ -56,7 +35,7 @@ def consolidated_name(spec_name: str, num_layers: int) -> str:
 def spec_name(name: str, num_layers: int) -> str:
     """Inverse of consolidated_name."""
     if name.startswith("model.embed_tokens."):
-        return "0." + name[len("model."):]
+        return "0." + name[len("model.embed_tokens."):]
     match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
     if match:
         return f"{int(match.group(1)) + 1}.{match.group(2)}"
@@ -64,18 +43,16 @@ def spec_name(name: str, num_layers: int) -> str:
 
 
 def pipeline_layer_specs(config: ModelConfig, tp: TensorParallel = NO_TP) -> list:
+    """The unsplit model's stage modules (model/llama.py) as DeepSpeed layer specs: each stage builds its own."""
     from deepspeed.pipe import LayerSpec
 
-    return ([LayerSpec(EmbeddingStage, config, tp)]
-            + [LayerSpec(DecoderLayer, config, index, tp) for index in range(config.num_layers)]
-            + [LayerSpec(HeadStage, config, tp)])
+    return [LayerSpec(cls, *args) for cls, args in stage_constructors(config, tp)]
 
 
 def spec_parameter_counts(config: ModelConfig) -> list[int]:
     """Parameters of each spec (full, unsharded), counted on the meta device: what "parameters" balances."""
     with torch.device("meta"):
-        modules = ([EmbeddingStage(config)] + [DecoderLayer(config, i) for i in range(config.num_layers)]
-                   + [HeadStage(config)])
+        modules = stage_modules(config)
     return [sum(p.numel() for p in module.parameters()) for module in modules]
 
 
@@ -106,6 +83,7 @@ def build_pipeline(config: ModelConfig, layout, seed: int, partition: str = "par
     """The pipeline module of this rank's stage, initialised exactly like the unsplit model."""
     from deepspeed.pipe import PipelineModule
 
+    from megatron_mixln.model.layers import hidden_state
     from megatron_mixln.model.llama import initialize_weights
 
     tp = layout.tensor_parallel
@@ -117,11 +95,14 @@ def build_pipeline(config: ModelConfig, layout, seed: int, partition: str = "par
             self.parts = bounds
             self._set_bounds(start=bounds[self.stage_id], stop=bounds[self.stage_id + 1])
 
-    def loss_fn(logits, labels):
-        return causal_lm_loss(logits, labels, tp)
+        def forward(self, inputs):
+            # Inside the stage layers pass (residual, pending) pairs; the stage hands on one tensor, because
+            # DeepSpeed partitions exactly one activation over the TP ranks when it sends it to the next stage.
+            return hidden_state(super().forward(inputs))
 
+    # loss_fn is installed by the training step engine (train/step.py), which owns loss and token accounting.
     module = MixLNPipeline(
-        layers=pipeline_layer_specs(config, tp), topology=layout.grid._topo, loss_fn=loss_fn,
+        layers=pipeline_layer_specs(config, tp), topology=layout.grid._topo, loss_fn=None,
         partition_method=partition,
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         checkpointable_layers=["DecoderLayer"] if activation_checkpointing else None)

@@ -138,16 +138,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.unsqueeze(-1), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; logits [..., vocab / tp] are this
-    rank's vocabulary slice, never gathered."""
+def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Per-position cross-entropy, 0 where the label is IGNORE_INDEX; logits [..., vocab / tp] are this rank's
+    vocabulary slice, never gathered."""
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
     keep = flat_labels != IGNORE_INDEX
     per_token = _VocabParallelCrossEntropy.apply(flat_logits, flat_labels.masked_fill(~keep, 0),
                                                  tp.rank * logits.shape[-1], tp.group)
-    # Like F.cross_entropy: NaN when no position has a target.
-    return (per_token * keep).sum() / keep.sum()
+    return per_token * keep
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Mean of `vocab_parallel_token_losses` over positions with a target (like F.cross_entropy: NaN without one)."""
+    return vocab_parallel_token_losses(logits, labels, tp).sum() / (labels != IGNORE_INDEX).sum()
 
 
 def mark_norm_owners(module: nn.Module, tp: TensorParallel) -> None:
