@@ -16,6 +16,7 @@ import yaml
 
 NORM_PLACEMENTS = ("pre", "post", "mix", "deepnorm", "sandwich", "lns")
 KERNEL_CHOICES = ("auto", "triton", "torch", "apex")
+LOSS_REDUCTIONS = ("tokens", "micro_batch_mean")
 
 
 class ConfigError(ValueError):
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A LLaMA decoder and its normalisation placement (PAPER.md)."""
+    """A LLaMA decoder and its normalisation placement (docs/method.md)."""
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -80,9 +81,15 @@ class DataConfig:
     seq_len: int = 256
     mode: str = "document"  # "document": one document per sequence, padded (paper); "packed"
     eval_fraction: float = 0.01  # documents held out from local sources (C4 uses its validation split)
-    max_train_documents: int = 0  # 0 = all; needed to bound a streamed C4
+    # 0 = what the run reads (train.steps x train.global_batch_size documents, or as many tokens in packed mode),
+    # so a C4 run tokenises only that; -1 = the whole source; N > 0 = the first N documents.
+    max_train_documents: int = 0
     max_eval_documents: int = 0  # 0 = all
     cache_dir: str = ".cache/mixln"
+    num_proc: int = 0  # tokenising processes; 0 = one per CPU core, at most one per shard and 32
+    # true: cache_dir is on a file system every node sees and global rank 0 prepares; false: each node has its
+    # own cache_dir and local rank 0 of each node prepares.
+    cache_shared: bool = True
 
     def validate(self, prefix: str = "data") -> None:
         _require(bool(self.source), f"{prefix}.source", self.source, "a dataset name or a path")
@@ -90,8 +97,11 @@ class DataConfig:
         _require(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "an integer >= 2")
         _require(0.0 <= self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction, "a number in [0, 1)")
         _require(self.bpe_vocab_size >= 260, f"{prefix}.bpe_vocab_size", self.bpe_vocab_size, "an integer >= 260")
-        for name in ("max_train_documents", "max_eval_documents"):
-            _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 (all) or a positive integer")
+        _require(self.max_train_documents >= -1, f"{prefix}.max_train_documents", self.max_train_documents,
+                 "-1 (the whole source), 0 (what the run reads) or a positive integer")
+        _require(self.max_eval_documents >= 0, f"{prefix}.max_eval_documents", self.max_eval_documents,
+                 "0 (all) or a positive integer")
+        _require(self.num_proc >= 0, f"{prefix}.num_proc", self.num_proc, "0 (one per CPU core) or a positive integer")
 
 
 @dataclass
@@ -101,7 +111,7 @@ class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 512  # sequences per optimiser step, over all data-parallel ranks
     micro_batch_size: int = 16  # sequences per forward pass on one rank
-    optimizer: str = "adam"  # adam | adamw
+    optimizer: str = "adam"  # adam | adamw | sgd (plain SGD: for equivalence tests, the update follows the gradient)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
     warmup_fraction: float = 0.1
@@ -120,7 +130,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint folder
     stop_after_step: int = 0  # stop (after saving) once this step is done; 0 = never
+    # A step whose loss or gradient is not finite never updates the weights: "stop" then ends the run, "skip"
+    # goes on with the next step (the LR schedule advances with applied updates only).
     on_nonfinite: str = "stop"  # stop | skip
+    max_consecutive_skips: int = 10  # with skip: stop once this many updates in a row were skipped
+    # "tokens": every target token of the global batch weighs the same (the gradient does not depend on
+    # micro_batch_size); "micro_batch_mean": the official code's mean of per-micro-batch mean losses.
+    loss_reduction: str = "tokens"
     tensorboard: bool = True  # used when the tensorboard package is installed
     progress_bar: bool = True
 
@@ -130,7 +146,8 @@ class TrainConfig:
         for name in ("layer_grad_norm_every", "eval_every", "save_every", "stop_after_step", "eval_sequences"):
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 or a positive integer")
         _require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "a positive integer")
-        _require(self.optimizer in ("adam", "adamw"), f"{prefix}.optimizer", self.optimizer, "one of adam, adamw")
+        _require(self.optimizer in ("adam", "adamw", "sgd"), f"{prefix}.optimizer", self.optimizer,
+                 "one of adam, adamw, sgd")
         _require(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         _require(0.0 <= self.warmup_fraction < 1.0, f"{prefix}.warmup_fraction", self.warmup_fraction, "a number in [0, 1)")
@@ -141,6 +158,10 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
         _require(self.precision in ("fp32", "bf16"), f"{prefix}.precision", self.precision, "one of fp32, bf16")
         _require(self.on_nonfinite in ("stop", "skip"), f"{prefix}.on_nonfinite", self.on_nonfinite, "one of stop, skip")
+        _require(self.max_consecutive_skips >= 1, f"{prefix}.max_consecutive_skips", self.max_consecutive_skips,
+                 "a positive integer")
+        _require(self.loss_reduction in LOSS_REDUCTIONS, f"{prefix}.loss_reduction", self.loss_reduction,
+                 "one of " + ", ".join(LOSS_REDUCTIONS))
         _require(bool(self.out_dir), f"{prefix}.out_dir", self.out_dir, "a folder path")
 
 
@@ -148,7 +169,7 @@ class TrainConfig:
 class ParallelConfig:
     """Parallel layout. Data parallelism is whatever the world size leaves: dp = world_size / (tp * pp).
 
-    Supported (DESIGN.md): pp=1 with any tp and ZeRO 0-3; pp>1 with any tp and ZeRO 0-1 (DeepSpeed's pipeline
+    Supported (docs/parallelism.md): pp=1 with any tp and ZeRO 0-3; pp>1 with any tp and ZeRO 0-1 (DeepSpeed's pipeline
     engine has no ZeRO-2/3).
     """
 
@@ -212,6 +233,11 @@ class Config:
                      f"boundaries ending at {m.num_layers + 2} (embedding + {m.num_layers} layers + final norm/head)")
         _require(self.parallel.pp <= m.num_layers + 2, "parallel.pp", self.parallel.pp,
                  f"at most {m.num_layers + 2} stages for {m.num_layers} layers plus embedding and head")
+        # DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only in its BF16 / ZeRO optimisers; at ZeRO-0 it
+        # would accumulate (and all-reduce) them in bf16. ZeRO-1 keeps every rank's full model and gradients.
+        _require(self.train.precision != "bf16" or self.parallel.zero_stage >= 1, "parallel.zero_stage",
+                 self.parallel.zero_stage, "1, 2 or 3 with train.precision=bf16 (fp32 gradient accumulation and "
+                 "master weights live in DeepSpeed's ZeRO optimisers; ZeRO-1 partitions only optimiser states)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,14 +301,17 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     if annotation is float:
         if isinstance(value, bool):
             raise ConfigError(f"{name}={value!r} is invalid: expected a number.")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name}={value!r} is invalid: expected a number.")
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a finite number.")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

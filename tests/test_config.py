@@ -8,7 +8,7 @@ from megatron_mixln.model import norm_placement, num_post_ln_layers
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
-# name -> (hidden, ffn, heads, layers, Post-LN layers, peak LR) from PAPER.md's table
+# name -> (hidden, ffn, heads, layers, Post-LN layers, peak LR) from the table in docs/recipes.md#model-sizes
 PAPER_SIZES = {
     "llama_71m": (512, 1368, 8, 12, 3, 1e-3),
     "llama_130m": (768, 2048, 12, 12, 3, 1e-3),
@@ -62,7 +62,7 @@ def test_overrides_take_every_type():
     ("model.post_layers=9", r"model\.post_layers=9 is invalid: expected an integer in \[0, num_layers=4\]"),
     ("model.hidden_size=abc", r"model\.hidden_size='abc' is invalid: expected an integer\."),
     ("model.hidden_size=1.5", r"model\.hidden_size='1\.5' is invalid: expected an integer\."),
-    ("train.lr=fast", r"train\.lr='fast' is invalid: expected a number\."),
+    ("train.lr=fast", r"train\.lr='fast' is invalid: expected a finite number\."),
     ("train.tensorboard=maybe", r"train\.tensorboard='maybe' is invalid: expected true or false\."),
     ("train.precision=fp16", r"train\.precision='fp16' is invalid: expected one of fp32, bf16\."),
     ("train.steps=0", r"train\.steps=0 is invalid: expected a positive integer\."),
@@ -97,9 +97,13 @@ def test_bad_config_files_are_named(tmp_path):
         load_config(section)
 
 
-def test_model_config_is_the_public_dataclass():
+def test_model_config_is_the_public_dataclass_with_the_paper_defaults():
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    assert names == ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "norm_placement",
+                     "mix_alpha", "post_layers", "rms_norm_eps", "rope_theta", "max_seq_len", "init_std",
+                     "scaled_init", "scaled_embed_init", "kernels"]
     config = ModelConfig()
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "norm_placement",
-                 "mix_alpha", "post_layers", "rms_norm_eps", "rope_theta", "max_seq_len", "init_std"):
-        assert hasattr(config, name)
-    assert (config.rms_norm_eps, config.rope_theta) == (1e-6, 10000.0)
+    assert (config.vocab_size, config.rms_norm_eps, config.rope_theta, config.max_seq_len) == (32000, 1e-6, 10000.0,
+                                                                                             256)

@@ -3,7 +3,6 @@ predict, DeepSpeed's estimate next to ours, and `mixln-train CONFIG --dry-run` a
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,18 +51,23 @@ def test_sandwich_layers_count_their_four_norms():
     assert s["total"] == total and s["layers"] == [per_layer] * 12
 
 
-def test_bytes_per_parameter_without_zero():
-    p = summary(world=8, parallel__zero_stage=0)
+def test_bytes_per_parameter_with_fp32_gradient_accumulation_under_bf16():
+    p = summary(world=1, parallel__zero_stage=1)  # dp 1: nothing is partitioned
     assert p["bytes"]["parameters"] == 2 * p["total"]  # bf16
-    assert p["bytes"]["gradients"] == 2 * p["total"]
+    assert p["bytes"]["gradients"] == 4 * p["total"]  # accumulated and reduced in fp32
     assert p["bytes"]["optimizer_gpu"] == 12 * p["total"]  # fp32 master + two Adam moments
     f = summary(world=8, parallel__zero_stage=0, train__precision="fp32")
     assert (f["bytes"]["parameters"], f["bytes"]["gradients"], f["bytes"]["optimizer_gpu"]) == (
         4 * f["total"], 4 * f["total"], 8 * f["total"])
+    from megatron_mixln.config import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel.zero_stage=0 is invalid: expected 1, 2 or 3 with "
+                                          "train.precision=bf16"):
+        summary(world=8, parallel__zero_stage=0)
 
 
 def test_zero_stages_partition_what_they_promise_over_dp():
-    z = [summary(world=8, parallel__zero_stage=stage)["bytes"] for stage in range(4)]
+    z = [summary(world=8, parallel__zero_stage=stage, train__precision="fp32")["bytes"] for stage in range(4)]
     assert z[1]["optimizer_gpu"] == pytest.approx(z[0]["optimizer_gpu"] / 8, rel=1e-12)
     assert z[1]["gradients"] == z[0]["gradients"] and z[1]["parameters"] == z[0]["parameters"]
     assert z[2]["gradients"] == pytest.approx(z[0]["gradients"] / 8, rel=1e-12)
@@ -71,15 +75,15 @@ def test_zero_stages_partition_what_they_promise_over_dp():
     assert z[3]["parameters"] == pytest.approx(z[0]["parameters"] / 8, rel=1e-12)
     assert z[3]["gpu_total"] == pytest.approx(z[0]["gpu_total"] / 8, rel=1e-12)
     # Doubling dp halves every partitioned state.
-    z3_16 = summary(world=16, parallel__zero_stage=3)["bytes"]
+    z3_16 = summary(world=16, parallel__zero_stage=3, train__precision="fp32")["bytes"]
     assert z3_16["gpu_total"] == pytest.approx(z[3]["gpu_total"] / 2, rel=1e-12)
 
 
 def test_tensor_parallelism_splits_matrices_but_not_norms():
     total, _ = llama_params(32000, 4096, 11008, 32)
     norms = 32 * 2 * 4096 + 4096
-    one = summary(world=4, parallel__tp=1, parallel__zero_stage=0)
-    two = summary(world=8, parallel__tp=2, parallel__zero_stage=0)  # same dp = 4
+    one = summary(world=4, parallel__tp=1, parallel__zero_stage=1)
+    two = summary(world=8, parallel__tp=2, parallel__zero_stage=1)  # same dp = 4
     assert (one["dp"], two["dp"]) == (4, 4)
     assert one["rank_params"] == total
     assert two["rank_params"] == (total - norms) // 2 + norms
@@ -89,7 +93,7 @@ def test_tensor_parallelism_splits_matrices_but_not_norms():
 def test_pipeline_stages_hold_embedding_first_and_head_last():
     _, per_layer = llama_params(32000, 4096, 11008, 32)
     embedding = head = 32000 * 4096
-    s = summary(world=16, parallel__pp=2, parallel__zero_stage=0, parallel__pipeline_partition="0,17,34")
+    s = summary(world=16, parallel__pp=2, parallel__zero_stage=1, parallel__pipeline_partition="0,17,34")
     assert s["stage_params"] == [embedding + 16 * per_layer, 16 * per_layer + 4096 + head]
     assert s["largest_stage"] == 1 and s["rank_params"] == s["stage_params"][1]
     balanced = summary(world=16, parallel__pp=4, parallel__zero_stage=1)
@@ -131,18 +135,15 @@ def test_world_size_not_divisible_by_gpus_per_node_is_a_launch_error():
         summary(world=12, parallel__zero_stage=3)
 
 
-def test_cli_dry_run_of_7b_takes_seconds_and_allocates_nothing(tmp_path):
+def test_cli_dry_run_of_7b_allocates_nothing(tmp_path):
     command = [str(BIN / "mixln-train"), "configs/llama_7b.yaml", "--dry-run", "--world-size", "64",
                "parallel.zero_stage=3"]
-    start = time.perf_counter()
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
-    elapsed = time.perf_counter() - start
     stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert os.waitstatus_to_exitcode(status) == 0, stderr[-2000:]
     assert "parameters: 6,738,415,616 (6.74B)" in stdout and "dp 64" in stdout
-    assert elapsed < 30
     # 6.7B fp32 parameters would be 27 GB; on the meta device the whole process stays well under 2 GB.
     assert usage.ru_maxrss < 2 * 2**20  # KiB on Linux
 

@@ -27,11 +27,13 @@ MODEL = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_siz
 RUN = ["data.source=embedded", "data.max_train_documents=150", "data.max_eval_documents=20", "data.tokenizer=bpe",
        "data.bpe_vocab_size=300", "data.seq_len=32", "data.mode=packed", "train.global_batch_size=4",
        "train.micro_batch_size=1", "train.eval_sequences=8", "train.progress_bar=false", "train.tensorboard=false",
-       "train.layer_grad_norm_every=0", "train.save_every=0", "train.warmup_fraction=0",
-       # Adam's first steps move every weight by ~lr * sign(grad): with eps 1e-8 a gradient that rounds
-       # differently near zero flips a whole lr-sized step. A larger eps keeps the comparison about the
-       # parallel maths (gradients agree to ~1e-7) rather than about that amplification.
-       "train.adam_eps=1e-3"]
+       "train.layer_grad_norm_every=1", "train.save_every=0", "train.warmup_fraction=0",
+       # Clipping on (the gradient norm is ~0.8), so a wrong clip coefficient changes the update.
+       "train.grad_clip=0.5"]
+# Plain SGD: the update is lr x gradient, so a gradient-scale bug (DP averaging, clipping) shows in the weights.
+# Adam normalises it away, and its near-zero-gradient elements amplify fp32 rounding (a 1e-3 relative change of
+# a near-cancelling sum flips an lr-sized step), so Adam runs (default eps) compare losses and norms.
+SGD = ["train.optimizer=sgd", "train.lr=0.05"]
 
 LAYOUTS = {  # name -> (processes, overrides)
     "tp2": (2, ["parallel.tp=2"]),
@@ -54,11 +56,14 @@ def mixln_train(nproc: int, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def run_ok(nproc, out, *overrides):
+    """(losses, grad norms, per-layer grad norms, exported weights) of a run that must succeed."""
     proc = mixln_train(nproc, *overrides, f"train.out_dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
-    return losses, read_export(Path(out) / "export")[1]
+    steps = [r for r in records if "loss" in r]
+    return ({r["step"]: r["loss"] for r in steps}, {r["step"]: r["grad_norm"] for r in steps},
+            {r["step"]: r["layer_grad_norms"] for r in steps if "layer_grad_norms" in r},
+            read_export(Path(out) / "export")[1])
 
 
 def rel(a, b):
@@ -70,45 +75,67 @@ def cache(tmp_path_factory):
     return f"data.cache_dir={tmp_path_factory.mktemp('cache')}"
 
 
+RUNS = {"pre": SGD, "post": SGD, "mix": SGD, "mix-adam": ["model.norm_placement=mix"]}  # name -> overrides
+
+
+def run_overrides(name: str) -> list[str]:
+    placement = name.split("-")[0]
+    return [*MODEL, *RUN, "train.steps=3", f"model.norm_placement={placement}", *RUNS[name]]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, cache):
-    """The single-process reference run of each placement (3 steps)."""
-    runs = {}
-    for placement in ("pre", "post", "mix"):
-        out = tmp_path_factory.mktemp(f"single-{placement}")
-        runs[placement] = run_ok(1, out, *MODEL, *RUN, cache, "train.steps=3", f"model.norm_placement={placement}")
-    return runs
+    """The single-process reference run of each RUNS entry (3 steps)."""
+    return {name: run_ok(1, tmp_path_factory.mktemp(f"single-{name}"), *run_overrides(name), cache) for name in RUNS}
+
+
+def initial_weights(name: str) -> dict[str, torch.Tensor]:
+    from megatron_mixln import load_config
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", run_overrides(name))
+    return build_model(config.model, seed=config.train.seed).state_dict()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process_losses_and_weights(layout, single, cache, tmp_path):
+def test_layout_matches_single_process_losses_gradient_norms_and_updates(layout, single, cache, tmp_path):
     nproc, overrides = LAYOUTS[layout]
-    for placement in ("pre", "post", "mix"):
-        losses, weights = run_ok(nproc, tmp_path / placement, *MODEL, *RUN, cache, "train.steps=3",
-                                 f"model.norm_placement={placement}", *overrides)
-        ref_losses, ref_weights = single[placement]
-        assert sorted(losses) == [1, 2, 3]
+    for name in RUNS:
+        losses, norms, layer_norms, weights = run_ok(nproc, tmp_path / name, *run_overrides(name), cache, *overrides)
+        ref_losses, ref_norms, ref_layer_norms, ref_weights = single[name]
+        assert sorted(losses) == sorted(layer_norms) == [1, 2, 3]
         for step in (1, 2, 3):
-            assert rel(losses[step], ref_losses[step]) < 1e-5, (placement, step)
+            assert rel(losses[step], ref_losses[step]) < 1e-5, (name, step)
+            assert rel(norms[step], ref_norms[step]) < 1e-5, (name, step, norms[step], ref_norms[step])
+            assert layer_norms[step].keys() == ref_layer_norms[step].keys()
+            for key, value in ref_layer_norms[step].items():
+                assert rel(layer_norms[step][key], value) < 1e-5, (name, step, key)
         assert weights.keys() == ref_weights.keys()  # consolidated names do not depend on the layout
-        for name, value in ref_weights.items():
-            err = ((weights[name] - value).abs().max() / value.abs().max()).item()
-            assert err < 1e-5, (placement, name, err)
+        if "adam" in name:
+            continue
+        # What three SGD steps changed, per tensor (L2), relative to the largest change of any tensor: fp32
+        # rounding leaves the same absolute error everywhere, and q/k change ~25x less than the embedding.
+        start = initial_weights(name)
+        updates = {key: (weights[key] - start[key]).double() for key in ref_weights}
+        ref_updates = {key: (value - start[key]).double() for key, value in ref_weights.items()}
+        scale = max(torch.linalg.vector_norm(update) for update in ref_updates.values())
+        for key, ref_update in ref_updates.items():
+            err = (torch.linalg.vector_norm(updates[key] - ref_update) / scale).item()
+            assert err < 1e-5, (name, key, err)
 
 
 @pytest.mark.slow
 def test_checkpoint_moves_between_layouts_with_the_same_next_loss(single, cache, tmp_path):
     run = [*MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix"]
-    straight, _ = run_ok(1, tmp_path / "straight", *run)
+    straight = run_ok(1, tmp_path / "straight", *run)[0]
     # TP=2 x PP=2 stops after three steps; one process continues from its consolidated export ...
     run_ok(4, tmp_path / "big", *run, "train.stop_after_step=3", "parallel.tp=2", "parallel.pp=2")
-    moved, _ = run_ok(1, tmp_path / "small", *run, f"train.resume={tmp_path / 'big' / 'export'}")
+    moved = run_ok(1, tmp_path / "small", *run, f"train.resume={tmp_path / 'big' / 'export'}")[0]
     assert sorted(moved) == [4] and rel(moved[4], straight[4]) < 1e-5
     # ... and the reverse: a single-process run stopped after three steps continues at TP=2 x PP=2.
     run_ok(1, tmp_path / "one", *run, "train.stop_after_step=3")
-    back, _ = run_ok(4, tmp_path / "back", *run, "parallel.tp=2", "parallel.pp=2",
-                     f"train.resume={tmp_path / 'one' / 'export'}")
+    back = run_ok(4, tmp_path / "back", *run, "parallel.tp=2", "parallel.pp=2",
+                  f"train.resume={tmp_path / 'one' / 'export'}")[0]
     assert sorted(back) == [4] and rel(back[4], straight[4]) < 1e-5
 
 
@@ -157,7 +184,7 @@ def test_post_ln_layers_are_the_same_for_pp_1_2_4(placement):
 # Tensor-parallel layers in two processes (FileStore: no ports), against the unsharded model.
 # ------------------------------------------------------------------------------------------------
 def _tp_worker(rank, world, store_path, result_path):
-    from megatron_mixln.model.layers import DecoderLayer
+    from megatron_mixln.model.layers import DecoderLayer, hidden_state
     from megatron_mixln.model.llama import initialize_weights, shard_of
     from megatron_mixln.parallel.tensor_parallel import TensorParallel, vocab_parallel_cross_entropy
 
@@ -187,13 +214,13 @@ def _tp_worker(rank, world, store_path, result_path):
         x_full = x.detach().clone().requires_grad_()
         dist.all_reduce = counting_all_reduce
         try:
-            y = shard(x)
+            y = hidden_state(shard(x))  # the residual stream as one tensor
             forward_calls = calls["n"]
             y.pow(2).sum().backward()
             backward_calls = calls["n"] - forward_calls
         finally:
             dist.all_reduce = real_all_reduce
-        y_full = full(x_full)
+        y_full = hidden_state(full(x_full))
         y_full.pow(2).sum().backward()
         grads_match = all(
             torch.allclose(p.grad, shard_of(full_params[n].grad, p, tp), rtol=1e-5, atol=1e-6)

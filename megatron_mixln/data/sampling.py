@@ -43,6 +43,15 @@ class SequenceDataset:
         # Window i reads tokens [i*S, i*S + S]: the +1 is the last target, so the stream must hold one extra token.
         return max(0, (self.token_file.num_tokens - 1) // self.seq_len)
 
+    def target_counts(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Positions with a target in each sequence of `indices`, from document offsets alone (no token read):
+        what the token-weighted loss divides by, known on every rank without communication."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.mode == "packed":
+            return np.full(len(indices), self.seq_len, dtype=np.int64)
+        lengths = self.token_file.document_lengths()[self.document_index[indices]]
+        return np.minimum(lengths, self.seq_len) - 1
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"sequence {index} out of range for {len(self)} sequences")
@@ -110,10 +119,17 @@ def collate(dataset: SequenceDataset, indices: Sequence[int]) -> tuple[torch.Ten
     return torch.from_numpy(input_ids), torch.from_numpy(labels)
 
 
+def eval_indices(num_sequences: int, wanted: int) -> np.ndarray:
+    """A fixed sample of `wanted` sequence indices spread evenly over the whole split (all when it has fewer):
+    the same held-out set for every run, step and seed, drawn from every part of the split, not its head."""
+    if wanted >= num_sequences:
+        return np.arange(num_sequences, dtype=np.int64)
+    return (np.arange(wanted, dtype=np.int64) * num_sequences) // wanted
+
+
 def eval_batches(dataset: SequenceDataset, num_sequences: int, batch_size: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first min(num_sequences, len(dataset)) sequences in order, in batches of batch_size (the last may be
-    smaller): the same eval set for every run and every step."""
-    total = min(num_sequences, len(dataset))
-    for start in range(0, total, batch_size):
-        yield collate(dataset, range(start, min(start + batch_size, total)))
+    """The `eval_indices` sample of `num_sequences` sequences, in batches of batch_size (the last may be smaller)."""
+    indices = eval_indices(len(dataset), num_sequences)
+    for start in range(0, len(indices), batch_size):
+        yield collate(dataset, indices[start:start + batch_size])

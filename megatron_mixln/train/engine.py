@@ -1,4 +1,5 @@
-"""Process-group start-up and the DeepSpeed engine (same code in one process and under any launcher)."""
+"""Process-group start-up, this rank's part of the model, and the DeepSpeed engine (same code in one process and
+under any launcher)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,16 +11,20 @@ from megatron_mixln.train.optim import build_optimizer
 from megatron_mixln.train.schedule import lr_multiplier
 
 
-def init_distributed():
-    """Join the default process group (torchrun, deepspeed, srun, mpirun, or a plain single process) and
-    build the tp x pp x dp layout. Returns a ParallelLayout."""
+def init_distributed(env=None) -> None:
+    """Join the default process group (torchrun, deepspeed, srun, mpirun, or a plain single process); `env` is
+    the LaunchEnv already discovered, if any.
+
+    On a GPU the backend is NCCL, which serves CUDA tensors only: every collective of ours runs on the
+    communication device (train/step.py), never on a host tensor.
+    """
     import deepspeed
     import torch.distributed as dist
 
     from megatron_mixln.parallel.launch import apply_launch_env, discover_launch_env
 
     if not dist.is_initialized():
-        env = discover_launch_env()
+        env = env or discover_launch_env()
         apply_launch_env(env)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if env.world_size == 1:
@@ -56,18 +61,26 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
     """The DeepSpeed JSON config derived from ours; there is one source of truth, the YAML."""
     train, parallel = config.train, config.parallel
     zero = {"stage": parallel.zero_stage}
+    bf16 = train.precision == "bf16"
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if parallel.zero_stage == 3:
         # Gather each parameter only when its layer runs; keep nothing resident between steps.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9})
+    precision = {}
+    if bf16:
+        # Accumulate over micro-batches and reduce over DP ranks in fp32 (DeepSpeed's default would be bf16).
+        precision = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(config, dp_size),
-        "gradient_clipping": train.grad_clip,
+        # fp32 at ZeRO-0 has no DeepSpeed optimiser wrapper: GuardedStep (train/optim.py) clips there, after
+        # reading the pre-clip norm and checking it is finite.
+        "gradient_clipping": train.grad_clip if bf16 or parallel.zero_stage >= 1 else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": bf16},
+        **precision,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -88,6 +101,30 @@ def model_construction(config: Config, layout):
             yield
     else:
         yield
+
+
+def build_training_model(config: Config, layout) -> torch.nn.Module:
+    """This rank's part of the model, initialised exactly as the single-process model would be: the unsplit
+    model (under ZeRO-3 built already partitioned), or this rank's pipeline stage."""
+    from megatron_mixln.model import ops
+    from megatron_mixln.model.llama import MixLNForCausalLM, initialize_weights
+    from megatron_mixln.model.stages import build_pipeline
+    from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
+    from megatron_mixln.train.checkpoint import gathered
+
+    ops.check_backend(config.model.kernels)
+    seed = config.train.seed
+    if layout.pp > 1:
+        model = build_pipeline(config.model, layout, seed, config.parallel.pipeline_partition,
+                               config.parallel.activation_checkpointing)
+    else:
+        with model_construction(config, layout):
+            model = MixLNForCausalLM(config.model, layout.tensor_parallel)
+        model.activation_checkpointing = config.parallel.activation_checkpointing
+        initialize_weights(model, config.model, seed, layout.tensor_parallel,
+                           gathered=gathered if config.parallel.zero_stage == 3 else None)
+    mark_norm_owners(model, layout.tensor_parallel)
+    return model
 
 
 def build_engine(model: torch.nn.Module, config: Config, layout):

@@ -14,8 +14,9 @@ GIB = 2**30
 # Parameters that tensor parallelism splits (Megatron: vocab-parallel embedding and head, column/row-parallel
 # attention and MLP projections). Norm gains are replicated on every TP rank.
 TP_SPLIT = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Bytes per parameter of (weights, gradients, Adam states). bf16 keeps fp32 master weights next to the two moments.
-BYTES_PER_PARAM = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+# Bytes per parameter of (weights, gradients, Adam states). bf16: bf16 weights, gradients accumulated and reduced
+# in fp32 (data_types.grad_accum_dtype, train/engine.py), fp32 master weights next to the two moments.
+BYTES_PER_PARAM = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
 
 
 def _is_split(name: str) -> bool:
@@ -162,7 +163,8 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
     lines += [
         f"per-rank model states ({s['rank_params']:,} parameters on the busiest rank before ZeRO):",
         f"  parameters       {_gib(b['parameters'])}   {weight_b} B/param, {over['parameters']}",
-        f"  gradients        {_gib(b['gradients'])}   {grad_b} B/param, {over['gradients']}",
+        f"  gradients        {_gib(b['gradients'])}   {grad_b} B/param"
+        f"{' (fp32 accumulation)' if s['precision'] == 'bf16' else ''}, {over['gradients']}",
         f"  optimizer states {_gib(b['optimizer_gpu'])}   {optim_b} B/param (Adam"
         f"{' + fp32 master weights' if s['precision'] == 'bf16' else ''}), {over['optimizer']}"
         f"{', offloaded to CPU' if s['offload_optimizer'] else ''}",

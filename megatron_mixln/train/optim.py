@@ -1,38 +1,53 @@
-"""Optimisers handed to DeepSpeed: torch Adam/AdamW (no JIT-compiled ops) that can skip one step."""
+"""Optimisers handed to DeepSpeed: torch Adam/AdamW/SGD (no JIT-compiled ops) that honour DeepSpeed's overflow
+contract. SGD (plain, no momentum) is there for equivalence tests: its update is proportional to the gradient,
+so a gradient-scale bug (DP averaging, clipping) shows in the weights, where Adam would normalise it away.
+
+DeepSpeed's optimiser wrappers (bf16, ZeRO-1/2/3) compute the global gradient norm before the update and, when
+it is not finite, skip the base optimiser's step and set `overflow`; the engine then leaves the LR schedule
+where it is and counts the step as skipped. In fp32 without ZeRO there is no wrapper: DeepSpeed calls this
+optimiser directly. `GuardedStep` gives that path the same contract, so a bad step is skipped the same way in
+every layout and nothing is carried over to the next step.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
 
-class _SkippableStep:
-    """`skip_next_step = True` turns the next `step()` into a no-op, whatever DeepSpeed wrapper calls it.
+class GuardedStep:
+    """`guard()`, when set (fp32 ZeRO-0 only; see train/step.py), returns the global pre-clip gradient norm
+    (a collective) and clips the gradients; a non-finite norm skips this update and sets `overflow`, which
+    DeepSpeed reads right after `step()` to skip the LR schedule too."""
 
-    DeepSpeed's bf16 and ZeRO wrappers all end in this optimiser's step() on the fp32 master weights, so
-    a step skipped here leaves weights and moments untouched at every precision and ZeRO stage.
-    `before_step`, when set, runs first with the gradients in place (the pipeline engine steps inside
-    train_batch, so this is where its gradients can be inspected); returning True skips the step.
-    """
-
-    skip_next_step = False
-    before_step = None
+    guard = None
+    overflow = False
+    _global_grad_norm = None  # DeepSpeed copies it into engine.get_global_grad_norm()
 
     def step(self, closure=None):
-        if self.before_step is not None and self.before_step():
-            self.skip_next_step = True
-        if self.skip_next_step:
-            self.skip_next_step = False
-            return None
+        if self.guard is not None:
+            self._global_grad_norm = self.guard()
+            self.overflow = not math.isfinite(self._global_grad_norm)
+            if self.overflow:
+                self.zero_grad(set_to_none=True)
+                return None
         return super().step(closure)
 
 
-class Adam(_SkippableStep, torch.optim.Adam):
+class Adam(GuardedStep, torch.optim.Adam):
     pass
 
 
-class AdamW(_SkippableStep, torch.optim.AdamW):
+class AdamW(GuardedStep, torch.optim.AdamW):
+    pass
+
+
+class SGD(GuardedStep, torch.optim.SGD):
     pass
 
 
 def build_optimizer(params, name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    if name == "sgd":
+        return SGD(params, lr=lr, weight_decay=weight_decay)
     cls = {"adam": Adam, "adamw": AdamW}[name]
     return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

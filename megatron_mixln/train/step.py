@@ -1,0 +1,342 @@
+"""One training step and one evaluation, done the same way in every tp x pp x dp layout.
+
+`StepEngine` owns everything the loop must not branch on: the communication device and every collective,
+loss and token accounting, the decision that a step was bad, gradient norms (global and per layer) and
+evaluation. Its two implementations differ only in how micro-batches run: `MicroBatchSteps` (forward and
+backward per micro-batch through the DeepSpeed engine) and `PipelineSteps` (DeepSpeed's 1F1B PipelineEngine),
+as Megatron's `get_forward_backward_func` returns one schedule or the other behind one signature.
+
+Non-finite steps are skipped by construction, not by a flag: a non-finite loss makes its own gradient
+non-finite (`poison_if_nonfinite`), DeepSpeed's optimiser wrappers (bf16, ZeRO-1/2/3) skip an update whose
+global gradient norm is not finite (no weight, moment or LR-schedule change), and the one path without a
+wrapper (fp32 ZeRO-0) gets the same contract from `GuardedStep` (train/optim.py). The engine then reports
+whether the update was applied; nothing carries over to the next step.
+
+Collectives: every tensor handed to torch.distributed here lives on `self.device`, the device the backend
+serves (CUDA under NCCL, CPU under gloo). Host tensors are never communicated.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_mixln.config import Config, ModelConfig
+from megatron_mixln.model import IGNORE_INDEX, layer_index_of, token_losses
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), int64 [micro_batch, seq_len], on the host
+FAULT_VARIABLE = "MIXLN_TEST_FAULT"  # test-only: "loss@STEP" or "grad@STEP" makes that step non-finite
+
+
+@dataclass
+class StepResult:
+    loss: float  # the objective's value over the whole global batch (NaN when it was not finite)
+    target_tokens: int  # positions with a target in the global batch (padding excluded)
+    applied: bool  # False: the update was skipped (non-finite loss or gradient); weights and schedule unchanged
+    grad_norm: float | None  # global L2 norm of the gradient before clipping
+    layer_grad_norms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    loss: float | None  # token-weighted mean cross-entropy; None without held-out data
+    sequences: int
+    tokens: int
+
+
+def communication_device() -> torch.device:
+    """The device collectives run on: the current CUDA device (NCCL serves nothing else), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss itself when finite; otherwise a loss whose gradient is NaN, so the optimiser's non-finite
+    gradient check skips the update even where a non-finite loss would leave finite gradients (e.g. an
+    infinite target logit). No host sync."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
+
+
+def layer_norm_keys(config: ModelConfig) -> list[str]:
+    """Names of the per-layer gradient norms: embed_tokens, layer_000 ... layer_{L-1}, norm, lm_head."""
+    return ["embed_tokens"] + [f"layer_{i:03d}" for i in range(config.num_layers)] + ["norm", "lm_head"]
+
+
+def layer_norm_key(name: str) -> str:
+    """`model.layers.7.mlp.up_proj.weight` -> `layer_007`; `model.norm.weight` -> `norm`."""
+    index = layer_index_of(name)
+    return f"layer_{index:03d}" if index is not None else name.removeprefix("model.").removesuffix(".weight")
+
+
+def counts_here(param: torch.nn.Parameter) -> bool:
+    """Whether this rank counts `param` in a model-wide norm: tensor-parallel shards everywhere, replicated
+    parameters on TP rank 0 only (`model_parallel`, set by parallel.tensor_parallel.mark_norm_owners)."""
+    return bool(getattr(param, "model_parallel", True))
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test-only fault switch (MIXLN_TEST_FAULT): make step `step` non-finite through its loss or, with a
+    finite loss, through one gradient. Injected on the last rank only, so every rank must agree to skip."""
+
+    kind: str
+    step: int
+
+    @staticmethod
+    def from_env() -> "Fault | None":
+        spec = os.environ.get(FAULT_VARIABLE)
+        if not spec:
+            return None
+        kind, _, step = spec.partition("@")
+        if kind not in ("loss", "grad") or not step.isdigit():
+            raise ValueError(f"{FAULT_VARIABLE}={spec!r} is invalid: expected loss@STEP or grad@STEP.")
+        return Fault(kind, int(step))
+
+
+class StepEngine:
+    """The step and evaluation interface the training loop uses; see the module docstring."""
+
+    def __init__(self, engine, config: Config, layout, name_of: Callable[[str], str] = lambda name: name):
+        self.engine = engine
+        self.module = engine.module
+        self.config = config
+        self.layout = layout
+        self.tp = layout.tensor_parallel
+        self.name_of = name_of  # local parameter name -> consolidated name
+        self.device = communication_device()
+        self.micro_batches = engine.gradient_accumulation_steps()
+        self.layer_keys = layer_norm_keys(config.model)
+        self.fault = Fault.from_env()
+        self.is_fault_rank = dist.get_rank() == dist.get_world_size() - 1
+        self._step = 0
+        self._token_scale = 1.0  # (micro-batches x dp) / global targets: see objective()
+        self._evaluating = False
+        self._want_layer_norms = False
+        self._layer_norms: dict[str, float] = {}
+        # Per-layer norms must read the reduced, unclipped gradients, which exist only between the last backward
+        # and the update: both engines pass through _take_model_step there (DeepSpeed 0.19.8).
+        take_model_step = engine._take_model_step
+
+        def take_model_step_after_reading_gradients(*args, **kwargs):
+            if self._want_layer_norms:
+                self._layer_norms = self._read_layer_norms()
+            return take_model_step(*args, **kwargs)
+
+        engine._take_model_step = take_model_step_after_reading_gradients
+        if engine.optimizer is engine.basic_optimizer:  # fp32 ZeRO-0: DeepSpeed hands our optimiser through bare
+            engine.optimizer.guard = self._norm_and_clip
+
+    # ------------------------------------------------------------------ collectives (all on self.device)
+    def all_reduce(self, tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if tensor.device != self.device:
+            raise RuntimeError(f"collective on a {tensor.device} tensor; this process group serves {self.device}")
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+
+    # ------------------------------------------------------------------ loss and token accounting
+    def objective(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch as the engine back-propagates it (also the pipeline's loss_fn).
+
+        `tokens` (default): sum of per-token losses x (micro-batches x dp) / targets in the global batch.
+        DeepSpeed divides by the micro-batch count and averages over DP ranks, so the update follows the mean
+        over every target token of the global batch, whatever the micro-batch size. `micro_batch_mean`: the
+        official code's mean within each micro-batch. Evaluation: the plain sum.
+        """
+        total = token_losses(logits, labels, self.tp).sum()
+        if self._evaluating:
+            return total
+        if self.config.train.loss_reduction == "tokens":
+            loss = total * self._token_scale
+        else:
+            loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if self.fault is not None and self.fault.kind == "loss" and self._step == self.fault.step \
+                and self.is_fault_rank:
+            loss = loss * math.nan
+        return poison_if_nonfinite(loss)
+
+    def train_step(self, step: int, micro_batches: Sequence[Batch], global_targets: int,
+                   want_layer_norms: bool = False) -> StepResult:
+        """Forward, backward and (unless non-finite) the update of optimiser step `step` on this rank's
+        micro-batches; `global_targets` counts target tokens over the whole global batch (all DP ranks)."""
+        if len(micro_batches) != self.micro_batches:
+            raise ValueError(f"expected {self.micro_batches} micro-batches per step, got {len(micro_batches)}")
+        self._step = step
+        self._token_scale = self.micro_batches * self.layout.dp / max(global_targets, 1)
+        self._want_layer_norms, self._layer_norms = want_layer_norms, {}
+        hook = self._inject_gradient_fault() if self.fault is not None and self.fault.step == step else None
+        try:
+            mean_loss = self._forward_backward_update(micro_batches)
+        finally:
+            if hook is not None:
+                hook.remove()
+        applied = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(loss=float(mean_loss), target_tokens=int(global_targets), applied=applied,
+                          grad_norm=None if norm is None else float(norm),
+                          layer_grad_norms=self._layer_norms if applied else {})
+
+    def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        """Run the step; return the objective averaged as DeepSpeed averages it (over micro-batches and DP)."""
+        raise NotImplementedError
+
+    def _inject_gradient_fault(self):
+        if self.fault.kind != "grad" or not self.is_fault_rank:
+            return None
+        param = next(p for p in self.module.parameters() if p.requires_grad)
+        return param.register_hook(lambda grad: grad * math.nan)
+
+    # ------------------------------------------------------------------ gradient norms
+    def _squared_norms(self, gradients) -> torch.Tensor:
+        """[sum of squares per slot] over (slot, gradient) pairs, summed over the model-parallel group (pipeline
+        stages and TP ranks of one replica). fp32 accumulation, on the device, no host sync."""
+        squares = torch.zeros(len(self.layer_keys), dtype=torch.float32, device=self.device)
+        for slot, grad in gradients:
+            squares[slot] += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square().to(self.device)
+        return self.all_reduce(squares, group=self.layout.model_parallel_group)
+
+    def _counted_gradients(self, read_grad):
+        slot = {key: i for i, key in enumerate(self.layer_keys)}
+        for name, param in self.module.named_parameters():
+            grad = read_grad(param)  # may be a collective (ZeRO-1/2/3): every rank reads every parameter
+            if grad is not None and counts_here(param):
+                yield slot[layer_norm_key(self.name_of(name))], grad
+
+    def _read_layer_norms(self) -> dict[str, float]:
+        from deepspeed.utils import safe_get_full_grad  # the reduced gradient under every ZeRO stage
+
+        squares = self._squared_norms(self._counted_gradients(safe_get_full_grad)).double().cpu()
+        return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.tolist())}
+
+    def _norm_and_clip(self) -> float:
+        """GuardedStep's check for the fp32 ZeRO-0 path: the global pre-clip norm of the (DP-averaged)
+        gradients; clips them to train.grad_clip when it is finite."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = math.sqrt(self._squared_norms(self._counted_gradients(lambda p: p.grad)).sum().item())
+        if math.isfinite(norm) and self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.train.grad_clip,
+                                                 torch.tensor(norm, device=self.device))
+        return norm
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def weights_are_finite(self) -> bool:
+        """Whether every weight of the model is finite (collective); checked before anything is saved."""
+        bad = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for param in self.module.parameters():
+            local = getattr(param, "ds_tensor", param)  # ZeRO-3: this rank's partition
+            bad += (~torch.isfinite(local)).any().to(device=self.device, dtype=torch.float32)
+        return self.all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, dataset, num_sequences: int) -> EvalResult:
+        """Token-weighted held-out loss over a fixed sample spread over the whole split.
+
+        Every DP rank runs the same number of forwards (the last ones padded with zero-weight batches), which
+        ZeRO-3's parameter gathers need; every micro-batch has the training shape, which the pipeline needs.
+        """
+        from megatron_mixln.data.sampling import eval_indices
+
+        indices = eval_indices(len(dataset), num_sequences)
+        if len(indices) == 0:
+            return EvalResult(loss=None, sequences=0, tokens=0)
+        size, dp = self.config.train.micro_batch_size, self.layout.dp
+        chunks = [indices[start:start + size] for start in range(0, len(indices), size)]
+        mine = chunks[self.layout.dp_rank::dp]
+        padding = -(-len(chunks) // dp) - len(mine)
+        batches = [eval_batch(dataset, chunk, size) for chunk in mine]
+        batches += [zero_weight(eval_batch(dataset, chunks[0], size))] * padding
+        tokens = int(dataset.target_counts(indices).sum())
+        self._evaluating = True
+        try:
+            total = self._loss_sum(batches)
+        finally:
+            self._evaluating = False
+        return EvalResult(loss=float(total) / tokens if tokens else None, sequences=len(indices), tokens=tokens)
+
+    def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """Sum of per-token losses over every DP rank's `batches` (identical on every rank)."""
+        raise NotImplementedError
+
+
+class MicroBatchSteps(StepEngine):
+    """No pipeline: each micro-batch runs forward and backward through the DeepSpeed engine; the engine
+    reduces gradients and updates at the last one."""
+
+    def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for inputs, labels in micro_batches:
+            loss = self.objective(self.engine(inputs.to(self.device)), labels.to(self.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        return self.all_reduce(total, group=self.layout.dp_group) / (self.micro_batches * self.layout.dp)
+
+    def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
+        total = loss_sum(self.module, batches, self.device, self.tp)
+        return self.all_reduce(total, group=self.layout.dp_group)
+
+
+class PipelineSteps(StepEngine):
+    """Pipeline parallelism: DeepSpeed's PipelineEngine runs the micro-batches (1F1B) and the update inside
+    `train_batch`; this engine's `objective` is the pipeline's loss function."""
+
+    def __init__(self, engine, config: Config, layout, name_of: Callable[[str], str] = lambda name: name):
+        super().__init__(engine, config, layout, name_of)
+        self.module.loss_fn = self.objective
+
+    def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        # DeepSpeed's mean over micro-batches and DP ranks, broadcast from the last stage to every stage.
+        return self.engine.train_batch(iter(micro_batches)).float()
+
+    def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
+        # eval_batch averages the loss sums over micro-batches and DP ranks and broadcasts it to every stage.
+        mean = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+        return mean.float() * (len(batches) * self.layout.dp)
+
+
+def make_step_engine(engine, config: Config, layout) -> StepEngine:
+    if layout.pp > 1:
+        from megatron_mixln.model.stages import consolidated_name
+
+        return PipelineSteps(engine, config, layout,
+                             name_of=lambda local: consolidated_name(local, config.model.num_layers))
+    return MicroBatchSteps(engine, config, layout)
+
+
+@torch.no_grad()
+def loss_sum(module: torch.nn.Module, batches, device: torch.device, tp=None) -> torch.Tensor:
+    """Sum of per-token losses of `module` (in eval mode meanwhile) over `batches`, as a device scalar."""
+    from megatron_mixln.parallel.tensor_parallel import NO_TP
+
+    was_training = module.training
+    module.eval()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    try:
+        for inputs, labels in batches:
+            total += token_losses(module(inputs.to(device)), labels.to(device), tp or NO_TP).sum()
+    finally:
+        module.train(was_training)
+    return total
+
+
+def eval_batch(dataset, indices, rows: int) -> Batch:
+    """Sequences `indices` as one batch of exactly `rows` rows (padding rows have no targets)."""
+    from megatron_mixln.data.sampling import collate
+
+    inputs, labels = collate(dataset, indices)
+    missing = rows - inputs.shape[0]
+    if missing > 0:
+        inputs = torch.cat([inputs, inputs[:1].expand(missing, -1)])
+        labels = torch.cat([labels, torch.full((missing, labels.shape[1]), IGNORE_INDEX, dtype=labels.dtype,
+                                               device=labels.device)])
+    return inputs, labels
+
+
+def zero_weight(batch: Batch) -> Batch:
+    """A batch with the same shape and no target: it runs the same forward and adds nothing."""
+    inputs, labels = batch
+    return inputs, torch.full_like(labels, IGNORE_INDEX)

@@ -1,0 +1,82 @@
+"""Exact resume under every ZeRO stage and layout: 6 steps straight, and 3 + resume + 3, give identical losses
+and gradient norms (CPU, fp32). Loading stays safe: weights_only with DeepSpeed's own classes only."""
+
+import pytest
+import torch
+
+from megatron_mixln.config import load_config
+from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train.loop import train
+from training_runs import result_summary, run_processes, tiny
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def straight_and_resumed(run, cache, out, *overrides):
+    """Summaries of a straight 6-step run and of a run stopped after step 3 then resumed (train.resume=auto)."""
+    straight = run(tiny(cache, out / "straight", *overrides))
+    first = run(tiny(cache, out / "resumed", *overrides, "train.stop_after_step=3"))
+    assert first["stopped_early"] and sorted(first["losses"], key=int) == ["1", "2", "3"]
+    second = run(tiny(cache, out / "resumed", *overrides, "train.resume=auto"))
+    return straight, second
+
+
+def assert_identical_continuation(straight, resumed):
+    assert sorted(resumed["losses"], key=int) == ["4", "5", "6"]
+    for step in ("4", "5", "6"):
+        assert resumed["losses"][step] == straight["losses"][step], step
+        assert resumed["grad_norms"][step] == straight["grad_norms"][step], step
+    assert resumed["eval_loss"] == straight["eval_loss"]
+
+
+@pytest.mark.parametrize("precision,zero", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 1)])
+def test_one_process_resume_is_exact_at_every_zero_stage(precision, zero, cache, tmp_path):
+    straight, resumed = straight_and_resumed(lambda overrides: result_summary(train(load_config(None, overrides))),
+                                             cache, tmp_path, f"train.precision={precision}",
+                                             f"parallel.zero_stage={zero}")
+    assert_identical_continuation(straight, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.zero_stage=2"], ["parallel.zero_stage=3"],
+                                    ["parallel.pp=2", "parallel.zero_stage=1"], ["parallel.tp=2", "parallel.zero_stage=3"]],
+                         ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "pp2-zero1", "tp2-zero3"])
+def test_two_process_resume_is_exact(layout, cache, tmp_path):
+    def run(overrides):
+        ranks = run_processes(2, overrides, tmp_path)
+        for rank in ranks:
+            assert "error" not in rank, rank.get("traceback")
+        return ranks[0]
+
+    straight, resumed = straight_and_resumed(run, cache, tmp_path, *layout)
+    assert_identical_continuation(straight, resumed)
+
+
+class _Evil:
+    ran = False
+
+    def __reduce__(self):
+        return (_Evil._run, ())
+
+    @staticmethod
+    def _run():
+        _Evil.ran = True
+        return _Evil
+
+
+@pytest.mark.parametrize("zero,file", [(0, "mp_rank_00_model_states.pt"),
+                                       (1, "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
+def test_checkpoint_loading_refuses_arbitrary_pickles(zero, file, cache, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, tiny(cache, out, "train.steps=2", f"parallel.zero_stage={zero}")))
+    path = ckpt.latest_checkpoint(out) / file
+    with torch.serialization.safe_globals(ckpt.deepspeed_checkpoint_globals()):
+        state = torch.load(path, weights_only=True)  # DeepSpeed's own classes are allowed ...
+    state["payload"] = _Evil()
+    torch.save(state, path)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        train(load_config(None, tiny(cache, out, "train.steps=3", f"parallel.zero_stage={zero}")))
+    assert not _Evil.ran  # ... and nothing else
