@@ -53,7 +53,7 @@ def test_train_export_eval_round_trip(tmp_path):
     exported = tmp_path / "exported"
     proc = run("mixln-export", out, exported)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (exported / "model.safetensors").is_file()
+    assert (exported / "model.safetensors.index.json").is_file()
 
     proc = run("mixln-eval", exported)
     assert proc.returncode == 0, proc.stderr[-2000:]
