@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# One prepared GPU check, under 8 minutes on one H100/H200 (the device tool's machines, which cannot fetch anything):
+#   1. install the carried wheels (.whl/, made here beforehand by scripts/gpu_wheels.sh) into /tmp/site;
+#   2. kernels/gpu_check.sh: the kernel tests on the GPU against float64, then the kernel benchmark (time-capped);
+#   3. the 130M Mix-LN config trained for 200 bf16 steps on the embedded text through the real entry point
+#      (megatron_mixln.cli:train_main, i.e. mixln-train), once with model.kernels=triton and once with
+#      model.kernels=torch, same seed; scripts/compare_runs.py checks the losses are finite and the curves match,
+#      and tabulates tokens/s and peak memory.
+# Device command:  bash scripts/gpu_check.sh      with carry: [".whl"]
+# CPU smoke test:  GPU_CHECK_SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh
+#                  (configs/tiny.yaml, a few fp32 steps, triton under TRITON_INTERPRET=1 vs torch; the kernel part
+#                  is skipped without a GPU, the wheel install when deepspeed & co already import).
+# Writes into ${OUT:-gpu_results} (flat, 6 files): summary.md, summary.json, log.txt (everything printed),
+# kernels_tests.log, kernels_bench.json, loss_curves.png. Every part runs even if an earlier one failed; the exit
+# status is non-zero if any part failed.
+# Knobs (environment): GPU_CHECK_BUDGET_S (whole script, default 430), GPU_CHECK_KERNEL_S (kernel part, default
+# 150), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger apex": everything
+# but torch.compile, whose per-width compiles would not let the three ops fit the budget; set it empty for the
+# full benchmark), GPU_CHECK_STEPS / GPU_CHECK_GLOBAL_BATCH / GPU_CHECK_MICRO_BATCH (200 / 256 / 64),
+# GPU_CHECK_SMOKE_TRITON (smoke: 1 = triton under the interpreter vs torch, 0 = torch twice), PYTHON (python3).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT="$(pwd)"
+START=$(date +%s)
+OUTDIR="${OUT:-gpu_results}"
+mkdir -p "$OUTDIR" && OUTDIR="$(cd "$OUTDIR" && pwd)"
+LOG="$OUTDIR/log.txt"
+exec 3>&1 4>&2
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+
+PY="${PYTHON:-python3}"
+SMOKE="${GPU_CHECK_SMOKE:-0}"
+TOTAL_S="${GPU_CHECK_BUDGET_S:-430}"   # worst case ~470 s with the kill grace periods: under 8 minutes
+DEADLINE=$((START + TOTAL_S))
+KERNEL_S="${GPU_CHECK_KERNEL_S:-150}"
+RESERVE_S=20                           # kept back at the end for the comparison and the summary
+SITE="${GPU_CHECK_SITE:-/tmp/site}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing can be fetched there anyway
+
+# Scratch space: tmpfs when it has room (each run writes a ~2 GB checkpoint at its end).
+SCRATCH="${TMPDIR:-/tmp}"
+if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')" -gt $((8 * 1024 * 1024)) ] 2>/dev/null; then
+  SCRATCH=/dev/shm
+fi
+WORK="$(mktemp -d "$SCRATCH/gpu_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+
+PARTS=()
+declare -A STATUS=() SECS=() DETAIL=()
+record() {  # record PART STATUS SECONDS DETAIL
+  PARTS+=("$1"); STATUS[$1]="$2"; SECS[$1]="$3"; DETAIL[$1]="${4:-}"
+  echo "gpu_check: [$1] $2 (${3} s)${4:+: $4}"
+}
+now() { date +%s; }
+left() { echo $((DEADLINE - $(now))); }
+
+echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), mode $([ "$SMOKE" = 1 ] && echo smoke || echo full), budget ${TOTAL_S} s =="
+{ nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"; } | tee "$WORK/nvidia_smi.txt"
+date -u | tee "$WORK/date.txt"
+uname -srm
+
+# ---- 1. wheels ---------------------------------------------------------------------------------------------------
+T0=$(now)
+NEEDED="import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ('deepspeed', 'pydantic', 'hjson')) else 1)"
+if "$PY" -c "$NEEDED" 2>/dev/null; then
+  record wheels skipped $(( $(now) - T0 )) "deepspeed, pydantic and hjson already import"
+elif ! compgen -G ".whl/*.whl" >/dev/null; then
+  record wheels FAILED $(( $(now) - T0 )) "no .whl/*.whl: run scripts/gpu_wheels.sh here first and carry .whl"
+elif "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  if "$PY" -c "import deepspeed, pydantic, hjson" >/dev/null 2>"$WORK/import.err"; then
+    # datasets serves C4 / hf: sources only (not the embedded text trained on here): a failure is noted, not fatal.
+    DS_NOTE="datasets imports"
+    "$PY" -c "import datasets" >/dev/null 2>"$WORK/datasets.err" \
+      || DS_NOTE="datasets does NOT import: $(tail -n 1 "$WORK/datasets.err")"
+    record wheels ok $(( $(now) - T0 )) "$(find .whl -type f -name '*.whl' | wc -l) wheels into $SITE; $DS_NOTE"
+  else
+    cat "$WORK/import.err"
+    record wheels FAILED $(( $(now) - T0 )) "installed, but: $(tail -n 1 "$WORK/import.err")"
+  fi
+else
+  record wheels FAILED $(( $(now) - T0 )) "pip install --target $SITE failed"
+fi
+
+# The working tree's package, not installed: megatron_mixln from the repo root, and kernels/ as megatron_mixln.kernels
+# (setup.py's package_dir) through scripts/site/sitecustomize.py, as kernels/gpu_check.sh does.
+export PYTHONPATH="$ROOT/scripts/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# Versions, for the record (and the summary).
+"$PY" - "$WORK/env.json" <<'EOF'
+import importlib, importlib.metadata as md, json, platform, sys
+info = {"python": platform.python_version(), "executable": sys.executable}
+for name in ("torch", "triton", "deepspeed", "pydantic", "datasets", "transformers", "tokenizers", "numpy",
+             "typing_extensions", "fsspec", "huggingface_hub", "pyarrow"):
+    try:
+        info[name] = md.version(name.replace("_", "-"))
+    except md.PackageNotFoundError:
+        try:
+            info[name] = md.version(name)
+        except md.PackageNotFoundError:
+            info[name] = None
+try:
+    import torch
+    info["cuda_available"] = torch.cuda.is_available()
+    info["torch_cuda"] = torch.version.cuda
+    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+except Exception as exc:  # noqa: BLE001
+    info["torch_error"] = repr(exc)
+try:
+    import megatron_mixln.kernels as k
+    info["megatron_mixln.kernels"] = k.__file__
+except Exception as exc:  # noqa: BLE001
+    info["megatron_mixln.kernels"] = f"import failed: {exc!r}"
+print(" ".join(f"{k}={v}" for k, v in info.items()))
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+EOF
+DEVICE_NAME=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1])).get('device'))" "$WORK/env.json" 2>/dev/null)
+HAVE_CUDA=$("$PY" -c "import json, sys; print(1 if json.load(open(sys.argv[1])).get('cuda_available') else 0)" "$WORK/env.json" 2>/dev/null || echo 0)
+
+# ---- 2. kernels: kernels/gpu_check.sh, called as it is -------------------------------------------------------
+T0=$(now)
+if [ "$HAVE_CUDA" != 1 ]; then
+  if [ "$SMOKE" = 1 ]; then record kernels skipped 0 "no CUDA device (smoke test)"
+  else record kernels FAILED 0 "no CUDA device visible to $PY"; fi
+else
+  KLIMIT=$KERNEL_S
+  [ $(( $(left) - 240 )) -lt "$KLIMIT" ] && KLIMIT=$(( $(left) - 240 ))   # keep >= 4 min for the training part
+  [ "$KLIMIT" -lt 60 ] && KLIMIT=60
+  mkdir -p "$WORK/kernels"
+  # The tests take ~1 min on an H100; the benchmark gets what is left, ending 30 s before this part's limit.
+  PYTHON="$PY" KERNEL_BENCH_BUDGET_S=$(( KLIMIT - 90 )) \
+    KERNEL_BENCH_ARGS="${KERNEL_BENCH_ARGS-"--providers eager unfused liger apex"}" \
+    timeout -k 10 "$KLIMIT" bash kernels/gpu_check.sh "$WORK/kernels"
+  RC=$?
+  [ -f "$WORK/kernels/tests.log" ] && cp "$WORK/kernels/tests.log" "$OUTDIR/kernels_tests.log"
+  [ -f "$WORK/kernels/bench.json" ] && cp "$WORK/kernels/bench.json" "$OUTDIR/kernels_bench.json"
+  [ -f "$WORK/kernels/bench.md" ] && cp "$WORK/kernels/bench.md" "$WORK/kernels_bench.md"
+  DET="$(tail -n 1 "$WORK/kernels/tests.log" 2>/dev/null)"
+  if [ "$RC" -eq 0 ]; then record kernels ok $(( $(now) - T0 )) "tests: $DET; benchmark done"
+  elif [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then
+    record kernels FAILED $(( $(now) - T0 )) "killed at its ${KLIMIT} s limit; tests: $DET"
+  else record kernels FAILED $(( $(now) - T0 )) "kernels/gpu_check.sh exit $RC; tests: $DET"; fi
+fi
+
+# ---- 3. training: triton vs torch, same config and seed ------------------------------------------------------
+if [ "$SMOKE" = 1 ]; then
+  STEPS="${GPU_CHECK_STEPS:-6}" GBATCH="${GPU_CHECK_GLOBAL_BATCH:-16}" MBATCH="${GPU_CHECK_MICRO_BATCH:-8}"
+  CONFIG=configs/tiny.yaml
+  TRAIN_ARGS=(data.source=embedded data.tokenizer=bpe data.bpe_vocab_size=4096 data.mode=document data.seq_len=128
+              train.eval_sequences=16 train.layer_grad_norm_every=0)
+  # fp32 on a CPU: the kernels round once in fp32 like the torch path, so the curves agree to ~1e-5.
+  COMPARE_ARGS=(--skip-steps 1 --tail 3 --max-abs-diff 1e-3 --tail-mean-diff 1e-3)
+  if [ "${GPU_CHECK_SMOKE_TRITON:-1}" = 1 ]; then RUNS=(triton torch); else RUNS=(torch torch_again); fi
+  [ "$HAVE_CUDA" = 1 ] || export TRITON_INTERPRET=1   # kernels on CPU tensors need Triton's interpreter
+else
+  # 4 micro-batches of 64 x 256 tokens per step: 13M token positions in 200 steps
+  STEPS="${GPU_CHECK_STEPS:-200}" GBATCH="${GPU_CHECK_GLOBAL_BATCH:-256}" MBATCH="${GPU_CHECK_MICRO_BATCH:-64}"
+  CONFIG=configs/llama_130m.yaml
+  # The paper's t5-base tokenizer needs the Hugging Face hub: a 32000-token byte-level BPE trained on the embedded
+  # text instead (model.vocab_size stays 32000). warmup_fraction and the rest as in the config (0.1 of 200 steps).
+  TRAIN_ARGS=(data.source=embedded data.tokenizer=bpe data.bpe_vocab_size=32000 data.mode=document data.seq_len=256
+              train.eval_sequences=256 train.precision=bf16)
+  # bf16 tolerances: see scripts/compare_runs.py's docstring.
+  COMPARE_ARGS=(--skip-steps 10 --tail 50 --max-abs-diff 0.05 --tail-mean-diff 0.02)
+  RUNS=(triton torch)
+fi
+TRAIN_ARGS+=("train.steps=$STEPS" "train.global_batch_size=$GBATCH" "train.micro_batch_size=$MBATCH" train.eval_every=0
+             train.save_every=0 train.progress_bar=false train.tensorboard=false train.resume=none
+             "data.cache_dir=$WORK/data_cache")
+echo "== training: $CONFIG ${TRAIN_ARGS[*]} =="
+COMPARE_RUNS=()
+for i in "${!RUNS[@]}"; do
+  name="${RUNS[$i]}"
+  kernels="${name%_again}"
+  T0=$(now)
+  if [ "$HAVE_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then
+    record "train_$name" FAILED 0 "no CUDA device (the 130M run needs a GPU; GPU_CHECK_SMOKE=1 for a CPU smoke test)"
+    continue
+  fi
+  remaining=$(( ${#RUNS[@]} - i ))
+  limit=$(( ($(left) - RESERVE_S) / remaining )); [ "$limit" -lt 30 ] && limit=30
+  RUN_DIR="$WORK/run_$name"
+  COMPARE_RUNS+=("$name=$RUN_DIR")
+  echo "== train $name: model.kernels=$kernels, limit ${limit} s =="
+  timeout -k 15 "$limit" "$PY" -c 'from megatron_mixln.cli import train_main; train_main()' \
+    "$CONFIG" "${TRAIN_ARGS[@]}" "train.out_dir=$RUN_DIR" "model.kernels=$kernels"
+  RC=$?
+  # Keep the metrics only: the checkpoint and the export (GBs for 130M) are not needed here.
+  rm -rf "$RUN_DIR/checkpoints" "$RUN_DIR/export"
+  STEPS_DONE=$(grep -c '"tokens_per_second"' "$RUN_DIR/metrics.jsonl" 2>/dev/null); STEPS_DONE=${STEPS_DONE:-0}
+  if [ "$RC" -eq 0 ]; then record "train_$name" ok $(( $(now) - T0 )) "$STEPS_DONE/$STEPS steps"
+  elif [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then
+    record "train_$name" FAILED $(( $(now) - T0 )) "killed at its ${limit} s limit after $STEPS_DONE/$STEPS steps"
+  else record "train_$name" FAILED $(( $(now) - T0 )) "mixln-train exit $RC after $STEPS_DONE/$STEPS steps"; fi
+done
+
+T0=$(now)
+if [ "${#COMPARE_RUNS[@]}" -eq 2 ]; then
+  "$PY" scripts/compare_runs.py "${COMPARE_RUNS[@]}" --steps "$STEPS" "${COMPARE_ARGS[@]}" \
+    --label "$CONFIG, ${STEPS} steps, global batch $GBATCH, micro-batch $MBATCH, $DEVICE_NAME" \
+    --md "$WORK/train_compare.md" --json "$WORK/train_compare.json" --plot "$OUTDIR/loss_curves.png"
+  RC=$?
+  if [ "$RC" -eq 0 ]; then record compare ok $(( $(now) - T0 )) "finite losses, matching curves"
+  else record compare FAILED $(( $(now) - T0 )) "see the checks in summary.md"; fi
+else
+  record compare FAILED 0 "no two runs to compare"
+fi
+
+# ---- summary -------------------------------------------------------------------------------------------------
+FAILED=0
+for p in "${PARTS[@]}"; do [ "${STATUS[$p]}" = FAILED ] && FAILED=1; done
+PARTS_TSV="$WORK/parts.tsv"
+: > "$PARTS_TSV"
+for p in "${PARTS[@]}"; do printf '%s\t%s\t%s\t%s\n' "$p" "${STATUS[$p]}" "${SECS[$p]}" "${DETAIL[$p]}" >> "$PARTS_TSV"; done
+"$PY" - "$WORK" "$OUTDIR" "$SMOKE" "$FAILED" "$(( $(now) - START ))" <<'EOF'
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+smoke, failed, seconds = sys.argv[3] == "1", sys.argv[4] == "1", int(sys.argv[5])
+def text(name):
+    path = work / name
+    return path.read_text().strip() if path.is_file() else ""
+env = json.loads(text("env.json") or "{}")
+parts = [dict(zip(("part", "status", "seconds", "detail"), line.split("\t", 3)))
+         for line in text("parts.tsv").splitlines() if line]
+train = json.loads(text("train_compare.json")) if text("train_compare.json") else None
+md = [f"# gpu_check {'smoke test' if smoke else 'results'}: {'FAILED' if failed else 'PASSED'}", "",
+      f"- device: {text('nvidia_smi.txt') or env.get('device')}", f"- date: {text('date.txt')}",
+      "- versions: " + ", ".join(f"{k} {env.get(k)}" for k in ("python", "torch", "torch_cuda", "triton", "deepspeed",
+                                                              "pydantic", "datasets", "transformers", "tokenizers")),
+      f"- total: {seconds} s", "", "| part | status | seconds | detail |", "|---|---|---|---|"]
+md += [f"| {p['part']} | {p['status']} | {p['seconds']} | {p.get('detail', '').replace('|', '/')} |" for p in parts]
+md += ["", "## Training: model.kernels=triton vs torch", "", text("train_compare.md") or "(no comparison)"]
+bench = text("kernels_bench.md")
+short = list(md)
+if bench:
+    md += ["", "## Kernel benchmark (kernels/gpu_check.sh; JSON in kernels_bench.json)", "", bench]
+    # On stdout (the device tool returns only its last 12,000 characters): the targets and notes, not every row.
+    lines = bench.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| target")), len(lines))
+    short += ["", "## Kernel benchmark targets (every row in summary.md)", ""] + lines[:1] + [""] + lines[start:]
+(out / "summary.md").write_text("\n".join(md) + "\n")
+print("\n".join(short))
+summary = {"ok": not failed, "mode": "smoke" if smoke else "full", "seconds": seconds,
+           "nvidia_smi": text("nvidia_smi.txt"), "date": text("date.txt"), "env": env, "parts": parts, "train": train}
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+EOF
+echo
+echo "gpu_check: $([ "$FAILED" = 0 ] && echo PASSED || echo FAILED) in $(( $(now) - START )) s;" \
+  "results in $OUTDIR: $(find "$OUTDIR" -type f -printf '%P ')"
+exec 1>&3 2>&4 3>&- 4>&-
+wait "$TEE_PID" 2>/dev/null
+exit "$FAILED"
