@@ -73,12 +73,13 @@ def _train(argv) -> int:
 
 def _prepare(argv) -> int:
     from megatron_mixln.config import load_config
-    from megatron_mixln.data import prepare_dataset
+    from megatron_mixln.data import prepare_dataset, train_limits
 
-    parser = _config_parser("mixln-prepare", "Tokenise a config's data once into memory-mapped token files.")
+    parser = _config_parser("mixln-prepare", "Tokenise what a config's run reads once into memory-mapped token "
+                                             "files, in the folder mixln-train with the same config then finds.")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    folder = prepare_dataset(config.data)
+    folder = prepare_dataset(config.data, limits=train_limits(config), num_proc=config.data.num_proc or None)
     meta = json.loads((Path(folder) / "meta.json").read_text())
     print(f"prepared {folder}: " + ", ".join(f"{k}={v}" for k, v in meta.items() if not isinstance(v, (dict, list))))
     return 0
@@ -89,7 +90,8 @@ def _export(argv) -> int:
     from megatron_mixln.train import checkpoint as ckpt
 
     parser = argparse.ArgumentParser(prog="mixln-export", description=(
-        "Write a consolidated export (model.safetensors with PAPER.md names + config.json) from a checkpoint."))
+        "Write a consolidated export (safetensors shards under HF LLaMA names, see docs/method.md#parameter-names, "
+        "+ config.json) from a checkpoint."))
     parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--hf", action="store_true",
@@ -117,13 +119,16 @@ def _export(argv) -> int:
 
 
 def _eval(argv) -> int:
+    import torch
+
     from megatron_mixln.config import config_from_dict, parse_overrides
     from megatron_mixln.data import eval_batches, open_datasets
+    from megatron_mixln.data.sampling import eval_indices
     from megatron_mixln.train import checkpoint as ckpt
-    from megatron_mixln.train.loop import loss_totals
+    from megatron_mixln.train.step import loss_sum
 
     parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
-    parser.add_argument("export", help="an export folder (model.safetensors + config.json)")
+    parser.add_argument("export", help="an export folder (safetensors shards + index + config.json)")
     parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
     args = parser.parse_args(argv)
     config_path = Path(args.export) / ckpt.EXPORT_CONFIG
@@ -134,24 +139,36 @@ def _eval(argv) -> int:
         run_config.setdefault(section, {}).update(values)
     config = config_from_dict(run_config)
     model = ckpt.load_exported_model(args.export)
-    _, _, eval_data = open_datasets(config.data)
-    num = min(config.train.eval_sequences, len(eval_data))
-    total, count = loss_totals(model, eval_batches(eval_data, num, config.train.micro_batch_size)).tolist()
-    loss = total / max(count, 1)
-    print(json.dumps({"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "tokens": int(count)}))
+    _, _, eval_data = open_datasets(config)
+    indices = eval_indices(len(eval_data), config.train.eval_sequences)
+    count = int(eval_data.target_counts(indices).sum())
+    if count == 0:
+        raise ckpt.CheckpointError(f"{args.export}: its run's held-out split has no sequences to evaluate; "
+                                   "pass a data source with held-out text, e.g. data.eval_fraction=0.05.")
+    total = loss_sum(model, eval_batches(eval_data, len(indices), config.train.micro_batch_size),
+                     torch.device("cpu")).item()
+    loss = total / count
+    print(json.dumps({"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "sequences": len(indices),
+                      "tokens": count}))
     return 0
 
 
 def _bench(argv) -> int:
     parser = argparse.ArgumentParser(prog="mixln-bench", description="Benchmarks (scripts that print a table).")
-    parser.add_argument("what", choices=["hf", "kernels", "parallel"],
+    parser.add_argument("what", choices=["hf", "kernels", "parallel", "export-memory", "tokenize"],
                         help="hf: our model vs transformers' LLaMA; kernels: Triton kernels; "
-                             "parallel: DP / TP / PP / TP x PP on this machine")
+                             "parallel: DP / TP / PP / TP x PP on this machine; "
+                             "export-memory: host memory per rank of the consolidated export; "
+                             "tokenize: data preparation throughput per process count")
     args, rest = parser.parse_known_args(argv)
     if args.what == "hf":
         from megatron_mixln.benchmarks.model_vs_hf import main
+    elif args.what == "export-memory":
+        from megatron_mixln.benchmarks.export_memory import main
     elif args.what == "parallel":
         from megatron_mixln.benchmarks.parallel import main
+    elif args.what == "tokenize":
+        from megatron_mixln.benchmarks.tokenize import main
     else:
         from megatron_mixln.kernels.bench import main
     return main(rest)

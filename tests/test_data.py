@@ -4,17 +4,21 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_mixln.config import ConfigError, DataConfig
+from megatron_mixln.benchmarks.tokenize import write_c4_mirror
+from megatron_mixln.config import Config, ConfigError, DataConfig, load_config
 from megatron_mixln.data import (EMBEDDED_CORPUS, IGNORE_INDEX, DataError, GlobalBatchSampler, SequenceDataset,
-                                 TokenFile, collate, eval_batches, iter_documents, load_tokenizer, open_datasets,
-                                 prepare_dataset, read_meta)
+                                 TokenFile, TrainLimits, collate, dataset_folder, eval_batches, is_preparer,
+                                 iter_documents, load_tokenizer, open_datasets, prepare_dataset, prepared_tokenizer,
+                                 read_meta, train_limits, wait_for_dataset)
 from megatron_mixln.data import prepare as prepare_module
+from megatron_mixln.data.sources import source_shards
 from megatron_mixln.data.tokenizers import train_bpe
 
 
@@ -94,7 +98,8 @@ def test_collate_and_eval_batches_give_the_first_sequences_in_order(tmp_path):
     assert input_ids[0].tolist() == [11, 12, 13, 0] and labels[1].tolist() == [3, 4, -100, -100]
     batches = list(eval_batches(dataset, num_sequences=10, batch_size=4))
     assert [b[0].shape[0] for b in batches] == [4, 4, 2]
-    assert torch.cat([b[0][:, 0] for b in batches]).tolist() == [doc[0] for doc in documents[:10]]
+    spread = [0, 1, 2, 3, 5, 6, 7, 9, 10, 11]  # 10 of 13 sequences, evenly over the whole split: floor(i * 13 / 10)
+    assert torch.cat([b[0][:, 0] for b in batches]).tolist() == [documents[i][0] for i in spread]
     assert sum(b[0].shape[0] for b in eval_batches(dataset, num_sequences=100, batch_size=4)) == len(dataset)
 
 
@@ -284,8 +289,10 @@ def test_embedded_corpus_prepares_into_consistent_token_files(embedded_bpe):
 def test_open_datasets_serves_both_modes_from_one_prepared_folder(embedded_bpe):
     cfg, folder = embedded_bpe
     for mode in ("document", "packed"):
-        meta, train, eval_ = open_datasets(DataConfig(**{**vars(cfg), "mode": mode}), progress=False)
-        assert meta["folder"] == str(folder)  # seq_len and mode are read-time choices: no new folder
+        # An explicit bound (-1: everything) leaves seq_len and mode read-time choices: no new folder.
+        config = Config(data=DataConfig(**{**vars(cfg), "mode": mode, "max_train_documents": -1})).validate()
+        meta, train, eval_ = open_datasets(config, progress=False)
+        assert meta["folder"] == str(folder)
         input_ids, labels = collate(train, [0, len(train) - 1])
         assert input_ids.shape == (2, cfg.seq_len) and len(eval_) > 0
         assert int(input_ids.max()) < meta["vocab_size"]
@@ -313,14 +320,14 @@ def test_prepare_is_idempotent_and_keyed_by_what_changes_tokens(tmp_path, monkey
 def test_a_crashed_prepare_leaves_nothing_that_is_ever_used(tmp_path, monkeypatch):
     source = write_c4_jsonl(tmp_path / "docs.jsonl", embedded_texts(40))
     cfg = DataConfig(source=str(source), tokenizer="bpe", bpe_vocab_size=300, cache_dir=str(tmp_path / "cache"))
-    real_write_split = prepare_module._write_split
+    real_tokenize_split = prepare_module.tokenize_split
 
-    def crash_on_eval(documents, tokenizer, dtype, tokens_path, offsets_path):
-        if tokens_path.name.startswith("eval"):
+    def crash_on_eval(pool, data_cfg, split, *args, **kwargs):
+        if split == "eval":
             raise KeyboardInterrupt  # killed half-way: the train split is on disk already
-        return real_write_split(documents, tokenizer, dtype, tokens_path, offsets_path)
+        return real_tokenize_split(pool, data_cfg, split, *args, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "_write_split", crash_on_eval)
+    monkeypatch.setattr(prepare_module, "tokenize_split", crash_on_eval)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(cfg, progress=False)
     monkeypatch.undo()
@@ -338,3 +345,205 @@ def test_a_crashed_prepare_leaves_nothing_that_is_ever_used(tmp_path, monkeypatc
     assert not [p for p in cache.iterdir() if p.name.startswith(prepare_module.TEMP_PREFIX)]
     assert read_meta(folder)["splits"] == read_meta(reference)["splits"]
     np.testing.assert_array_equal(TokenFile(folder, "train").tokens, TokenFile(reference, "train").tokens)
+
+
+# ---------------------------------------------------------------- bounded, sharded, parallel prepare
+
+
+def embedded_records(start: int, stop: int) -> list[dict]:
+    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream][start:stop]
+
+
+@pytest.fixture(scope="module")
+def c4_mirror(tmp_path_factory) -> tuple[Path, list[list[dict]], list[dict]]:
+    """A local folder laid out like allenai/c4 (README front matter declaring config `en`): three train shards of
+    unequal size and one validation shard, C4-schema records from the embedded corpus."""
+    train = [embedded_records(0, 80), embedded_records(80, 140), embedded_records(140, 210)]
+    validation = embedded_records(1900, 1940)
+    folder = write_c4_mirror(tmp_path_factory.mktemp("mirror") / "c4", train, [validation])
+    return folder, train, validation
+
+
+def texts_of(records: list[dict]) -> list[str]:
+    return [record["text"] for record in records]
+
+
+def decoded_documents(folder: Path, split: str) -> list[str]:
+    """Each prepared document decoded without its eos (the trained BPE is lossless)."""
+    tokenizer, tokens = prepared_tokenizer(folder), TokenFile(folder, split)
+    assert all(tokens.document(i)[-1] == tokenizer.eos_id for i in range(tokens.num_documents))
+    return [tokenizer.decode(tokens.document(i)[:-1].tolist()) for i in range(tokens.num_documents)]
+
+
+def mirror_config(folder: Path, cache: Path, *overrides: str):
+    return load_config(None, [f"data.source=hf:{folder}:en", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                              f"data.cache_dir={cache}", "data.num_proc=1", "model.vocab_size=320",
+                              "model.max_seq_len=64", "data.seq_len=64", *overrides])
+
+
+def test_a_local_c4_mirror_opens_exactly_as_c4_does(c4_mirror, monkeypatch):
+    import datasets
+
+    folder, train, validation = c4_mirror
+    real_load_dataset, calls = datasets.load_dataset, []
+
+    def recording(name, config=None, **kwargs):
+        calls.append((name, config, kwargs))
+        return real_load_dataset(str(folder) if name == "allenai/c4" else name, config, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    mirror, c4 = source_shards(DataConfig(source=f"hf:{folder}:en")), source_shards(DataConfig(source="c4"))
+    assert calls == [(str(folder), "en", {"streaming": True}), ("allenai/c4", "en", {"streaming": True})]
+    for shards in (mirror, c4):  # one shard per data file, train and validation
+        assert [s.index for s in shards["train"]] == [0, 1, 2] and len(shards["eval"]) == 1
+        assert not any(s.held_out for s in shards["train"] + shards["eval"])
+    assert "train, shard 2 of 3" in mirror["train"][1].where
+    for source in (f"hf:{folder}:en", "c4"):
+        cfg = DataConfig(source=source)
+        assert list(iter_documents(cfg, "train")) == texts_of(train[0] + train[1] + train[2])
+        assert list(iter_documents(cfg, "eval")) == texts_of(validation)
+
+
+@pytest.mark.parametrize("source_kind,limits", [
+    ("mirror", TrainLimits(max_documents=150)),  # ends inside the third shard
+    ("folder", TrainLimits(max_tokens=60_000)),  # a local folder of .json.gz files; eval held out of each
+])
+def test_parallel_sharded_prepare_writes_the_bytes_of_a_serial_one(c4_mirror, tmp_path, source_kind, limits):
+    folder, train, validation = c4_mirror
+    source = f"hf:{folder}:en" if source_kind == "mirror" else str(folder / "en")
+    cfg = DataConfig(source=source, tokenizer="bpe", bpe_vocab_size=300, eval_fraction=0.2)
+    serial = prepare_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "one")}), False, limits, 1)
+    parallel = prepare_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "two")}), False, limits, 2)
+    assert read_meta(parallel)["processes"] == 2 and read_meta(serial)["processes"] == 1
+    for name in ("tokenizer.json", "train.tokens", "train.offsets.npy", "eval.tokens", "eval.offsets.npy"):
+        assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
+    assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in serial.iterdir())  # no part files
+
+    documents = decoded_documents(parallel, "train")
+    if source_kind == "mirror":  # the first 150 train documents in shard order; eval is the validation shard
+        assert documents == texts_of(train[0] + train[1] + train[2])[:150]
+        assert decoded_documents(parallel, "eval") == texts_of(validation)
+    else:  # the fewest documents that reach the token bound, from a folder whose files also give the eval split
+        offsets = TokenFile(parallel, "train").offsets
+        assert offsets[-2] < 60_000 <= offsets[-1]
+        every = texts_of(train[0] + train[1] + train[2] + validation)
+        held_out = decoded_documents(parallel, "eval")
+        assert 0.1 < len(held_out) / len(every) < 0.3 and set(held_out).isdisjoint(documents)
+        assert [t for t in every if t not in held_out][:len(documents)] == documents
+
+
+def test_the_run_reads_bound_is_what_prepare_tokenises(c4_mirror, tmp_path):
+    folder, train, validation = c4_mirror
+    every_train_text = texts_of(train[0] + train[1] + train[2])
+
+    config = mirror_config(folder, tmp_path, "train.steps=7", "train.global_batch_size=4", "data.mode=document")
+    assert train_limits(config) == TrainLimits(max_documents=28)
+    meta, train_data, eval_data = open_datasets(config, progress=False)
+    assert meta["splits"]["train"]["documents"] == len(train_data) == 28
+    assert decoded_documents(Path(meta["folder"]), "train") == every_train_text[:28]
+    assert decoded_documents(Path(meta["folder"]), "eval") == texts_of(validation) and len(eval_data) == 40
+
+    config = mirror_config(folder, tmp_path, "train.steps=5", "train.global_batch_size=2", "data.mode=packed")
+    assert train_limits(config) == TrainLimits(max_tokens=5 * 2 * 64 + 1)
+    meta, train_data, _ = open_datasets(config, progress=False)
+    offsets = TokenFile(meta["folder"], "train").offsets
+    assert offsets[-2] < 641 <= offsets[-1] and len(train_data) >= 10  # just enough for every step's windows
+
+    # A source smaller than the bound gives all it has (the sampler then runs several epochs).
+    config = mirror_config(folder, tmp_path, "train.steps=1000", "train.global_batch_size=4")
+    meta, train_data, _ = open_datasets(config, progress=False)
+    assert len(train_data) == len(every_train_text) < 4000
+
+    # The bound is part of the cache key: the same run finds its folder again, another run gets its own.
+    assert dataset_folder(config.data, train_limits(config)) == Path(meta["folder"])
+    longer = mirror_config(folder, tmp_path, "train.steps=1001", "train.global_batch_size=4")
+    assert dataset_folder(longer.data, train_limits(longer)) != Path(meta["folder"])
+    assert train_limits(mirror_config(folder, tmp_path, "data.max_train_documents=-1")) == TrainLimits()
+    assert train_limits(mirror_config(folder, tmp_path, "data.max_train_documents=9")) == TrainLimits(9)
+    with pytest.raises(ConfigError, match=r"^data.max_train_documents=-2 is invalid: expected -1 .*, 0 .* or a "):
+        mirror_config(folder, tmp_path, "data.max_train_documents=-2")
+    with pytest.raises(ConfigError, match=r"^data.num_proc=-1 is invalid"):
+        mirror_config(folder, tmp_path, "data.num_proc=-1")
+
+
+def test_who_prepares_depends_on_whether_the_cache_is_shared():
+    shared, local = load_config(None, []), load_config(None, ["data.cache_shared=false"])
+    ranks = [(0, 0), (1, 1), (8, 0), (9, 1)]  # (rank, local rank) on two nodes of 8
+    assert [is_preparer(shared, r, lr) for r, lr in ranks] == [True, False, False, False]
+    assert [is_preparer(local, r, lr) for r, lr in ranks] == [True, False, True, False]
+
+
+def run_preparer(config, delay: float, outcome: dict) -> "threading.Thread":
+    """The preparing rank, as another thread: starts after `delay`, records what open_datasets raised."""
+    import threading
+    import time
+
+    def prepare():
+        time.sleep(delay)
+        try:
+            open_datasets(config, preparer=True, progress=False)
+        except DataError as err:
+            outcome["error"] = str(err)
+
+    thread = threading.Thread(target=prepare)
+    thread.start()
+    return thread
+
+
+def local_config(tmp_path: Path, texts: list[str] | None = None, raw: str | None = None):
+    source = tmp_path / "docs.jsonl"
+    if raw is None:
+        write_c4_jsonl(source, texts)
+    else:
+        source.write_text(raw)
+    return load_config(None, [f"data.source={source}", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                              f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.1",
+                              "model.vocab_size=320", "train.steps=5", "train.global_batch_size=4"])
+
+
+def test_waiting_ranks_poll_the_file_system_until_the_preparer_finishes(tmp_path, capsys):
+    config = local_config(tmp_path, embedded_texts(40))
+    folder = dataset_folder(config.data, train_limits(config))
+    # An earlier run's failure (an hour old) must not stop this run's waiting ranks.
+    folder.parent.mkdir(parents=True)
+    stale = prepare_module.failure_marker(folder)
+    stale.write_text(json.dumps({"error": "an old failure."}))
+    os.utime(stale, (os.path.getmtime(stale) - 3600,) * 2)
+
+    outcome: dict = {}
+    thread = run_preparer(config, 0.5, outcome)
+    assert wait_for_dataset(folder, rank=3, poll_s=0.05, report_every_s=0.2) == folder
+    thread.join()
+    assert not outcome and not stale.exists()  # the prepare that started removed the old marker
+    assert "rank 3: waiting for rank 0 to prepare " in capsys.readouterr().out
+    meta, train_data, _ = open_datasets(config, preparer=False)  # prepared: returns at once
+    assert meta["folder"] == str(folder) and meta["splits"]["train"]["documents"] == 20
+
+
+def test_waiting_ranks_raise_the_preparers_own_error(tmp_path):
+    config = local_config(tmp_path, raw='{"text": "fine"}\n{"text": "broken"\n')
+    outcome: dict = {}
+    thread = run_preparer(config, 0.3, outcome)
+    with pytest.raises(DataError) as caught:
+        wait_for_dataset(dataset_folder(config.data, train_limits(config)), poll_s=0.05)
+    thread.join()
+    assert str(caught.value) == outcome["error"]
+    assert re.search(r"docs\.jsonl' is not JSON lines: line 2", outcome["error"])
+
+
+def test_shards_past_the_bound_are_not_needed_even_when_broken(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_c4_jsonl(folder / "a.jsonl", embedded_texts(30))
+    (folder / "b.jsonl").write_text('{"text": "fine"}\n{"text": "broken"\n')
+    write_c4_jsonl(folder / "c.jsonl", embedded_texts(60)[30:])
+    cfg = DataConfig(source=str(folder), tokenizer="bpe", bpe_vocab_size=300, eval_fraction=0.0,
+                     cache_dir=str(tmp_path / "cache"))
+    # The bound ends in the first shard. A pool of 2 starts the broken second one alongside it (and it fails
+    # first), but a serial read never reaches it, so the parallel prepare may not fail on it either.
+    prepared = prepare_dataset(cfg, False, TrainLimits(max_documents=20), num_proc=2)
+    assert decoded_documents(prepared, "train") == embedded_texts(20)
+    assert read_meta(prepared)["splits"]["train"]["shards"] == 1
+    with pytest.raises(DataError, match=r"b\.jsonl' is not JSON lines: line 2"):
+        prepare_dataset(cfg, False, TrainLimits(max_documents=40), num_proc=2)

@@ -458,7 +458,7 @@ def test_swiglu_extreme_gates_stay_finite(rand):
 
 
 def test_interpreter_launches_process_several_rows_per_program():
-    # One row per program is ~15x slower under the interpreter (DESIGN.md).
+    # One row per program is ~15x slower under the interpreter (kernels/README.md).
     for n_rows, n_cols in [(17, 4096), (15, 1368), (7, 5461), (4, 11008)]:
         launch = norm_launch(n_rows, n_cols, interpreted=True)
         assert launch.block_m >= min(n_rows, 4) and launch.block_n >= n_cols

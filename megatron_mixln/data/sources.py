@@ -1,16 +1,19 @@
 """Document streams: C4 and other Hugging Face datasets, the embedded Wikipedia sample, and local text / jsonl files.
 
-Every source goes through the same `datasets` streaming iteration; local sources hold out `eval_fraction` of
-their documents (chosen by a hash of the document index) because they have a single split.
+Every source is a list of shards read through `datasets` streaming: the files of a hub dataset's split
+(`IterableDataset.shard`), or one local file each. Shards are independent, so prepare.py tokenises them in
+parallel and concatenates them in shard order. Sources with a single split hold out `eval_fraction` of each
+shard's documents, chosen by a hash of (shard index, index within the shard) that any worker can compute alone.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
-from itertools import islice
+from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from megatron_mixln.config import DataConfig
 from megatron_mixln.data.errors import DataError, first_line
@@ -21,18 +24,52 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 SPLITS = ("train", "eval")
 
 
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """One independently readable piece of a split, `index` in its reading order: a local file (`path`), or
+    shard `index` of `num_shards` of a hub split (`dataset`, a picklable streaming `datasets.IterableDataset`)."""
+
+    index: int
+    num_shards: int
+    where: str  # names the shard in error messages
+    held_out: bool  # the shard feeds both splits: keep a document by its eval hash
+    path: Path | None = None
+    dataset: Any = None
+
+
 def iter_documents(data_cfg: DataConfig, split: str) -> Iterator[str]:
-    """Yield the non-empty document strings of one split ("train" or "eval"), bounded by max_*_documents."""
+    """Yield the non-empty document strings of one split ("train" or "eval") in shard order, serially, bounded by
+    a positive max_*_documents."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: expected one of {', '.join(SPLITS)}.")
     limit = data_cfg.max_train_documents if split == "train" else data_cfg.max_eval_documents
+    documents = chain.from_iterable(shard_documents(shard, split, data_cfg)
+                                    for shard in source_shards(data_cfg)[split])
+    return islice(documents, limit) if limit > 0 else documents
+
+
+def source_shards(data_cfg: DataConfig) -> dict[str, list[Shard]]:
+    """The shards of each split ("train", "eval"), in reading order; opens a hub dataset once (no data read)."""
     hub_dataset = hub_dataset_name(data_cfg.source)
     if hub_dataset is not None:
-        documents = _hub_documents(*hub_dataset, data_cfg, split)
+        return _hub_shards(*hub_dataset, data_cfg)
+    files = local_source_files(data_cfg.source)  # here, so a missing path fails before iteration starts
+    shards = [Shard(index=i, num_shards=len(files), where=repr(str(path)), held_out=True, path=path)
+              for i, path in enumerate(files)]
+    return {"train": shards, "eval": shards if data_cfg.eval_fraction > 0 else []}
+
+
+def shard_documents(shard: Shard, split: str, data_cfg: DataConfig) -> Iterator[str]:
+    """The non-empty documents of `split` in one shard, in order."""
+    if shard.path is not None:
+        documents = _file_documents(shard.path, data_cfg.text_field)
     else:
-        files = local_source_files(data_cfg.source)  # here, so a missing path fails before iteration starts
-        documents = held_out_split(_local_documents(files, data_cfg.text_field), split, data_cfg.eval_fraction)
-    return islice(documents, limit) if limit > 0 else documents
+        records = (shard.dataset if shard.num_shards == 1
+                   else shard.dataset.shard(num_shards=shard.num_shards, index=shard.index))
+        documents = _record_texts(records, data_cfg.text_field, shard.where)
+    if shard.held_out:
+        documents = held_out_split(documents, split, data_cfg.eval_fraction, shard.index)
+    return documents
 
 
 def hub_dataset_name(source: str) -> tuple[str, str | None] | None:
@@ -65,22 +102,25 @@ def local_source_files(source: str) -> list[Path]:
     return files
 
 
-def held_out_split(documents: Iterable[str], split: str, eval_fraction: float) -> Iterator[str]:
-    """Keep the documents of `split`: document i is held out for eval when a hash of i falls below eval_fraction."""
+def held_out_split(documents: Iterable[str], split: str, eval_fraction: float, shard_index: int = 0
+                   ) -> Iterator[str]:
+    """Keep the documents of `split`: document i of the shard is held out for eval when a hash of
+    (shard_index, i) falls below eval_fraction."""
     want_eval = split == "eval"
     for index, document in enumerate(documents):
-        if is_held_out(index, eval_fraction) == want_eval:
+        if is_held_out(shard_index, index, eval_fraction) == want_eval:
             yield document
 
 
-def is_held_out(index: int, eval_fraction: float) -> bool:
+def is_held_out(shard_index: int, index: int, eval_fraction: float) -> bool:
     # A hash rather than `index % k`: any fraction works, and periodic structure in a file cannot bias the eval set.
-    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8).digest()
+    digest = hashlib.blake2b(shard_index.to_bytes(8, "little") + index.to_bytes(8, "little"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < eval_fraction * 2**64
 
 
-def _hub_documents(name: str, config: str | None, data_cfg: DataConfig, split: str) -> Iterator[str]:
-    """C4 and other hub datasets: their validation split for eval, else a held-out fraction of train."""
+def _hub_shards(name: str, config: str | None, data_cfg: DataConfig) -> dict[str, list[Shard]]:
+    """C4 and other hub datasets (or a local folder laid out like one): their validation split for eval, else a
+    held-out fraction of train. One shard per data file of the split."""
     import datasets
 
     try:
@@ -90,17 +130,18 @@ def _hub_documents(name: str, config: str | None, data_cfg: DataConfig, split: s
                         f"{config!r}): {first_line(err)}") from err
     if "train" not in splits:
         raise DataError(f"data.source={data_cfg.source!r} has no train split: its splits are {', '.join(splits)}.")
-    if "validation" in splits:
-        hub_split = "train" if split == "train" else "validation"
-        yield from _record_texts(splits[hub_split], data_cfg.text_field, f"{name} ({hub_split})")
-    else:
-        yield from held_out_split(_record_texts(splits["train"], data_cfg.text_field, f"{name} (train)"),
-                                  split, data_cfg.eval_fraction)
+    held_out = "validation" not in splits
 
+    def shards(hub_split: str) -> list[Shard]:
+        dataset = splits[hub_split]
+        count = dataset.num_shards
+        return [Shard(index=i, num_shards=count, where=f"{name} ({hub_split}, shard {i + 1} of {count})",
+                      held_out=held_out, dataset=dataset) for i in range(count)]
 
-def _local_documents(files: list[Path], text_field: str) -> Iterator[str]:
-    for path in files:
-        yield from _file_documents(path, text_field)
+    train = shards("train")
+    if not held_out:
+        return {"train": train, "eval": shards("validation")}
+    return {"train": train, "eval": train if data_cfg.eval_fraction > 0 else []}
 
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:

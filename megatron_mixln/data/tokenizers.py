@@ -1,6 +1,7 @@
 """One small tokenizer interface over HF `transformers`, SentencePiece, HF `tokenizers` files and a trained BPE."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -108,9 +109,15 @@ def _sentencepiece_tokenizer(path: Path) -> Tokenizer:
     if processor.eos_id() < 0:
         raise DataError(f"SentencePiece model {str(path)!r} has no end-of-sequence token: train it with eos_id >= 0.")
     pad_id = processor.pad_id() if processor.pad_id() >= 0 else processor.eos_id()
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        # SentencePiece spreads a batch over every core; it follows HF tokenizers' switch instead, so the processes
+        # of a prepare's pool (which set it to false) each use one core rather than all of them at once.
+        parallel = os.environ.get("TOKENIZERS_PARALLELISM", "").lower() not in ("false", "0", "off", "no")
+        return processor.encode(texts, out_type=int, num_threads=None if parallel else 1)
+
     return Tokenizer(name=str(path), vocab_size=processor.get_piece_size(), eos_id=processor.eos_id(), pad_id=pad_id,
-                     encode_batch=lambda texts: processor.encode(texts, out_type=int),
-                     decode=lambda ids: processor.decode([int(i) for i in ids]))
+                     encode_batch=encode_batch, decode=lambda ids: processor.decode([int(i) for i in ids]))
 
 
 def _transformers_tokenizer(spec: str) -> Tokenizer:
