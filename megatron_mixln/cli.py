@@ -41,7 +41,7 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def _train(argv) -> int:
     from megatron_mixln.config import load_config
-    from megatron_mixln.train.loop import NonFiniteLossError, train
+    from megatron_mixln.train.loop import NonFiniteError, train
 
     parser = _config_parser("mixln-train", "Pre-train a LLaMA model with the configured normalisation placement.")
     parser.add_argument("--dry-run", action="store_true",
@@ -58,7 +58,7 @@ def _train(argv) -> int:
             print(dry_run_report(config, args.world_size or args.gpus_per_node, args.gpus_per_node))
             return 0
         result = train(config)
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if result.eval_loss is not None and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):

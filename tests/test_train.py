@@ -8,7 +8,7 @@ import torch
 from megatron_mixln.config import load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import loop
-from megatron_mixln.train.loop import NonFiniteLossError, train
+from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
 from megatron_mixln.train.schedule import lr_multiplier
 

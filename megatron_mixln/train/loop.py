@@ -27,9 +27,6 @@ class NonFiniteError(RuntimeError):
     """Training stopped because a loss, a gradient or the weights stopped being finite; nothing bad was saved."""
 
 
-NonFiniteLossError = NonFiniteError  # the earlier name
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
