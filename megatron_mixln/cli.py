@@ -66,6 +66,14 @@ def _train(argv) -> int:
               f"eval perplexity {math.exp(min(result.eval_loss, 700)):.2f}; "
               f"metrics in {result.out_dir / 'metrics.jsonl'}, curve in {result.out_dir / 'loss_curve.png'}, "
               f"weights in {result.export_dir}")
+    elif result.stop_signal is not None:
+        from megatron_mixln.train.signals import EXIT_RESUMABLE
+
+        if not os.environ.get("RANK") or os.environ.get("RANK") == "0":
+            print(f"stopped by {result.stop_signal} after step {result.last_step} with a checkpoint in "
+                  f"{result.out_dir / 'checkpoints'}; run the same command again to resume (train.resume=auto); "
+                  f"exit code {EXIT_RESUMABLE}")
+        return EXIT_RESUMABLE
     elif result.stopped_early and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
         print(f"stopped after step {result.last_step} (train.stop_after_step); resume with train.resume=auto")
     return 0

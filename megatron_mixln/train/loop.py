@@ -20,7 +20,8 @@ from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
 from megatron_mixln.train.metrics import MetricsWriter, discard_metrics_after, plot_loss_curve
-from megatron_mixln.train.step import EvalResult, StepEngine, make_step_engine
+from megatron_mixln.train.signals import StopRequests
+from megatron_mixln.train.step import EvalResult, StepEngine, StepResult, make_step_engine
 
 
 class NonFiniteError(RuntimeError):
@@ -35,7 +36,8 @@ class TrainResult:
     grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global gradient norm before clipping
     eval_loss: float | None = None
     export_dir: Path | None = None
-    stopped_early: bool = False
+    stopped_early: bool = False  # train.stop_after_step, or a stop signal
+    stop_signal: str | None = None  # the signal that stopped the run (SIGTERM, SIGUSR1, SIGINT), if one did
     skipped_steps: list[int] = field(default_factory=list)
 
 
@@ -95,6 +97,31 @@ def _set_schedule_step(scheduler, step: int) -> None:
     for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(step)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _step_record(step: int, lr: float, outcome: StepResult, seconds: float, positions: int) -> dict:
+    """The metrics.jsonl record of one step; tokens are target tokens (padding excluded)."""
+    record = {"step": step, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
+              "tokens_per_second": outcome.target_tokens / seconds, "target_tokens": outcome.target_tokens,
+              "padding_fraction": 1.0 - outcome.target_tokens / positions, "step_seconds": seconds}
+    if not outcome.applied:
+        record["skipped"] = True
+    if outcome.layer_grad_norms:
+        record["layer_grad_norms"] = outcome.layer_grad_norms
+    return record
+
+
+def _stop_if_skips_must_stop(tcfg, step: int, outcome: StepResult, skipped_in_a_row: int, last_good: str) -> None:
+    """After a skipped update: raise NonFiniteError under on_nonfinite=stop, or after too many in a row."""
+    what = (f"step {step}: the loss or a gradient is not finite (loss {outcome.loss:.4g}, gradient norm "
+            f"{outcome.grad_norm}); the update was skipped")
+    if tcfg.on_nonfinite == "stop":
+        raise NonFiniteError(f"{what} and training stopped with the weights untouched (last checkpoint: "
+                             f"{last_good}; set train.on_nonfinite=skip to skip such steps).")
+    if skipped_in_a_row >= tcfg.max_consecutive_skips:
+        raise NonFiniteError(f"{what}; that makes {skipped_in_a_row} skipped updates in a row, so training "
+                             f"stopped (train.max_consecutive_skips={tcfg.max_consecutive_skips}; last "
+                             f"checkpoint: {last_good}).")
 
 
 def _eval_record(step: int, result: EvalResult) -> dict:
@@ -181,78 +208,70 @@ def train(config: Config) -> TrainResult:
 
         progress = tqdm(total=tcfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     step = start_step
-    try:
-        for step in range(start_step + 1, tcfg.steps + 1):
-            started = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
-            batch = sampler.global_indices(step - 1)
-            mine = sampler.rank_indices(step - 1, layout.dp_rank, layout.dp)
-            micro = tcfg.micro_batch_size
-            micro_batches = [collate(train_data, mine[i * micro:(i + 1) * micro]) for i in range(accumulation)]
-            want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
-            outcome = steps.train_step(step, micro_batches, int(train_data.target_counts(batch).sum()),
-                                       want_layer_norms)
-            elapsed = time.perf_counter() - started
+    with StopRequests(launch.rank) as stop:  # from here a stop signal ends the run at a step boundary
+        try:
+            for step in range(start_step + 1, tcfg.steps + 1):
+                started = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
+                batch = sampler.global_indices(step - 1)
+                mine = sampler.rank_indices(step - 1, layout.dp_rank, layout.dp)
+                micro = tcfg.micro_batch_size
+                micro_batches = [collate(train_data, mine[i * micro:(i + 1) * micro]) for i in range(accumulation)]
+                want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
+                outcome = steps.train_step(step, micro_batches, int(train_data.target_counts(batch).sum()),
+                                           want_layer_norms)
+                elapsed = time.perf_counter() - started
 
-            if outcome.applied:
-                skipped_in_a_row = 0
-                result.losses[step] = outcome.loss
-                if outcome.grad_norm is not None:
-                    result.grad_norms[step] = outcome.grad_norm
-            else:
-                skipped_in_a_row += 1
-                result.skipped_steps.append(step)
-            if is_main and (step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied):
-                record = {"step": step, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
-                          "tokens_per_second": outcome.target_tokens / elapsed,
-                          "target_tokens": outcome.target_tokens,
-                          "padding_fraction": 1.0 - outcome.target_tokens / positions, "step_seconds": elapsed}
+                if outcome.applied:
+                    skipped_in_a_row = 0
+                    result.losses[step] = outcome.loss
+                    if outcome.grad_norm is not None:
+                        result.grad_norms[step] = outcome.grad_norm
+                else:
+                    skipped_in_a_row += 1
+                    result.skipped_steps.append(step)
+                if is_main and (step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied):
+                    writer.write(_step_record(step, lr, outcome, elapsed, positions))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
                 if not outcome.applied:
-                    record["skipped"] = True
-                if outcome.layer_grad_norms:
-                    record["layer_grad_norms"] = outcome.layer_grad_norms
-                writer.write(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
-            if not outcome.applied:
-                what = (f"step {step}: the loss or a gradient is not finite (loss {outcome.loss:.4g}, gradient norm "
-                        f"{outcome.grad_norm}); the update was skipped")
-                if tcfg.on_nonfinite == "stop":
-                    raise NonFiniteError(f"{what} and training stopped with the weights untouched (last checkpoint: "
-                                         f"{last_good()}; set train.on_nonfinite=skip to skip such steps).")
-                if skipped_in_a_row >= tcfg.max_consecutive_skips:
-                    raise NonFiniteError(f"{what}; that makes {skipped_in_a_row} skipped updates in a row, so "
-                                         f"training stopped (train.max_consecutive_skips="
-                                         f"{tcfg.max_consecutive_skips}; last checkpoint: {last_good()}).")
+                    _stop_if_skips_must_stop(tcfg, step, outcome, skipped_in_a_row, last_good())
 
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
-                evaluate(step)
-            stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
-            if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
-                save(step)
-            if stop_now:
-                result.stopped_early = True
-                break
-        result.last_step = step
-        peaks: list = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, _peak_memory_mb())
-        writer.write({"step": step, "peak_memory_mb_per_rank": peaks,
-                      "memory": "cuda max allocated" if torch.cuda.is_available() else "process max RSS"})
-        if not result.stopped_early:
-            if last_saved != step:
-                save(step)
-            result.eval_loss = evaluate(step).loss
-        # The consolidated export also at a stop: it is how a run moves to another parallel layout. save() has
-        # just checked the weights are finite.
-        result.export_dir = ckpt.export_from_module(
-            engine.module, config.model, layout, out / "export",
-            extra={"step": step, "data": meta, "run_config": config.to_dict()})
-        if not result.stopped_early and is_main:
-            plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
-                            title=f"{config.model.norm_placement} placement, {config.model.num_layers} layers")
-    finally:
-        if progress is not None:
-            progress.close()
-        writer.close()
+                if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
+                    evaluate(step)
+                stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
+                if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
+                    save(step)
+                if stop_now:
+                    result.stopped_early = True
+                    break
+                if step != tcfg.steps and steps.any_rank(stop.received is not None):
+                    # Every rank stops here, on whichever rank's signal: save (unless just saved) and leave.
+                    if last_saved != step:
+                        save(step)
+                    result.stopped_early, result.stop_signal = True, stop.received or "a signal on another rank"
+                    break
+            result.last_step = step
+            peaks: list = [None] * dist.get_world_size()
+            dist.all_gather_object(peaks, _peak_memory_mb())
+            writer.write({"step": step, "peak_memory_mb_per_rank": peaks,
+                          "memory": "cuda max allocated" if torch.cuda.is_available() else "process max RSS"})
+            if not result.stopped_early:
+                if last_saved != step:
+                    save(step)
+                result.eval_loss = evaluate(step).loss
+            # The consolidated export also at train.stop_after_step: it is how a run moves to another layout.
+            # Not after a stop signal: the time left before the job is killed belongs to the checkpoint.
+            if result.stop_signal is None:
+                result.export_dir = ckpt.export_from_module(
+                    engine.module, config.model, layout, out / "export",
+                    extra={"step": step, "data": meta, "run_config": config.to_dict()})
+            if not result.stopped_early and is_main:
+                plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
+                                title=f"{config.model.norm_placement} placement, {config.model.num_layers} layers")
+        finally:
+            if progress is not None:
+                progress.close()
+            writer.close()
     return result

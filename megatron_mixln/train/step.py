@@ -137,6 +137,11 @@ class StepEngine:
             dist.all_reduce(tensor, op=op, group=group)
         return tensor
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (collective): how every rank agrees to stop at the same step."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return self.all_reduce(value, op=dist.ReduceOp.MAX).item() > 0
+
     # ------------------------------------------------------------------ loss and token accounting
     def objective(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of one micro-batch as the engine back-propagates it (also the pipeline's loss_fn).
