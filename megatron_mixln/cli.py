@@ -96,6 +96,7 @@ def _prepare(argv) -> int:
 def _export(argv) -> int:
     from megatron_mixln.config import config_from_dict
     from megatron_mixln.train import checkpoint as ckpt
+    from megatron_mixln.train import export
 
     parser = argparse.ArgumentParser(prog="mixln-export", description=(
         "Write a consolidated export (safetensors shards under HF LLaMA names, see docs/method.md#parameter-names, "
@@ -120,7 +121,7 @@ def _export(argv) -> int:
         save_hf_pretrained(run_config.model, ckpt.module_state_from_checkpoint(folder), args.out)
         print(f"exported step {state['step']} to {args.out} (Hugging Face LlamaForCausalLM format)")
         return 0
-    out = ckpt.export_consolidated(ckpt.module_state_from_checkpoint(folder), run_config.model, args.out,
+    out = export.export_consolidated(ckpt.module_state_from_checkpoint(folder), run_config.model, args.out,
                                    extra={"step": state["step"], "run_config": state["config"]})
     print(f"exported step {state['step']} to {out}")
     return 0
@@ -133,20 +134,21 @@ def _eval(argv) -> int:
     from megatron_mixln.data import eval_batches, open_datasets
     from megatron_mixln.data.sampling import eval_indices
     from megatron_mixln.train import checkpoint as ckpt
+    from megatron_mixln.train import export
     from megatron_mixln.train.step import loss_sum
 
     parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
     parser.add_argument("export", help="an export folder (safetensors shards + index + config.json)")
     parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
     args = parser.parse_args(argv)
-    config_path = Path(args.export) / ckpt.EXPORT_CONFIG
+    config_path = Path(args.export) / export.EXPORT_CONFIG
     run_config = json.loads(config_path.read_text()).get("run_config") if config_path.is_file() else None
     if run_config is None:
         raise ckpt.CheckpointError(f"{args.export} holds no run_config: export it with mixln-train or mixln-export.")
     for section, values in parse_overrides(args.overrides).items():
         run_config.setdefault(section, {}).update(values)
     config = config_from_dict(run_config)
-    model = ckpt.load_exported_model(args.export)
+    model = export.load_exported_model(args.export)
     _, _, eval_data = open_datasets(config)
     indices = eval_indices(len(eval_data), config.train.eval_sequences)
     count = int(eval_data.target_counts(indices).sum())

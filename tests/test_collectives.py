@@ -8,7 +8,6 @@ on it is refused exactly where NCCL would refuse a host tensor; every collective
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from training_runs import HostTensorsAreNotServed, recording_collectives, run_processes, tiny

@@ -20,6 +20,7 @@ from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model
 from megatron_mixln.parallel.tensor_parallel import TensorParallel
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import export
 
 ROOT = Path(__file__).parent.parent
 LAYERS = 3
@@ -54,7 +55,7 @@ def test_export_writes_one_shard_per_unit_and_a_transformers_index(model, tmp_pa
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
     reference = model.state_dict()
-    out = ckpt.export_consolidated(reference, CONFIG, tmp_path / "export")
+    out = export.export_consolidated(reference, CONFIG, tmp_path / "export")
     assert not (tmp_path / "export.partial").exists()
     contents = shard_contents(out)
     assert sorted(contents) == [f"model-{k:05d}-of-{LAYERS + 2:05d}.safetensors" for k in range(1, LAYERS + 3)]
@@ -63,7 +64,7 @@ def test_export_writes_one_shard_per_unit_and_a_transformers_index(model, tmp_pa
     for (file, names), unit in zip(sorted(contents.items()), units):
         assert names and {unit_of(name) for name in names} == {unit}, (file, names)
 
-    assert ckpt.EXPORT_INDEX == SAFE_WEIGHTS_INDEX_NAME
+    assert export.EXPORT_INDEX == SAFE_WEIGHTS_INDEX_NAME
     index = json.loads((out / SAFE_WEIGHTS_INDEX_NAME).read_text())
     in_files = [(name, file) for file, names in contents.items() for name in names]
     assert len(in_files) == len(dict(in_files)) == len(reference)  # every tensor in exactly one file ...
@@ -82,9 +83,9 @@ def test_export_writes_one_shard_per_unit_and_a_transformers_index(model, tmp_pa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exported_model_reads_back_exactly(model, tmp_path, dtype):
     model = model.to(dtype)
-    out = ckpt.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export", extra={"step": 7})
-    loaded = ckpt.load_exported_model(out)
-    assert json.loads((out / ckpt.EXPORT_CONFIG).read_text())["step"] == 7
+    out = export.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export", extra={"step": 7})
+    loaded = export.load_exported_model(out)
+    assert json.loads((out / export.EXPORT_CONFIG).read_text())["step"] == 7
     reference = model.state_dict()
     assert loaded.state_dict().keys() == reference.keys()
     for name, value in loaded.state_dict().items():
@@ -93,7 +94,7 @@ def test_exported_model_reads_back_exactly(model, tmp_path, dtype):
 
 def write_old_layout(model, folder: Path, stages: int) -> None:
     """An export as written before per-unit shards: one model.safetensors, or one file per pipeline stage."""
-    ckpt.export_consolidated(model.state_dict(), CONFIG, folder)  # for config.json
+    export.export_consolidated(model.state_dict(), CONFIG, folder)  # for config.json
     for path in folder.glob("model*"):
         path.unlink()
     names = list(model.state_dict())
@@ -110,44 +111,44 @@ def write_old_layout(model, folder: Path, stages: int) -> None:
 def test_older_export_layouts_still_load(model, tmp_path, stages):
     folder = tmp_path / "old"
     write_old_layout(model, folder, stages)
-    assert not (folder / ckpt.EXPORT_INDEX).exists()
+    assert not (folder / export.EXPORT_INDEX).exists()
     reference = model.state_dict()
-    _, tensors = ckpt.read_export(folder)
+    _, tensors = export.read_export(folder)
     assert tensors.keys() == reference.keys() and all(torch.equal(tensors[n], reference[n]) for n in reference)
-    loaded = ckpt.load_exported_model(folder)
+    loaded = export.load_exported_model(folder)
     assert all(torch.equal(v, reference[n]) for n, v in loaded.state_dict().items())
     other = build_model(CONFIG, seed=9)
-    ckpt.load_export_into(other, folder, CONFIG, ONE_PROCESS)
+    export.load_export_into(other, folder, CONFIG, ONE_PROCESS)
     assert all(torch.equal(v, reference[n]) for n, v in other.state_dict().items())
 
 
 def test_load_export_into_reads_the_per_unit_layout(model, tmp_path):
-    out = ckpt.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export")
+    out = export.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export")
     other = build_model(CONFIG, seed=9)
     assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
-    ckpt.load_export_into(other, out, CONFIG, ONE_PROCESS)
+    export.load_export_into(other, out, CONFIG, ONE_PROCESS)
     assert all(torch.equal(v, model.state_dict()[n]) for n, v in other.state_dict().items())
 
 
 def test_index_naming_a_missing_shard_is_one_clear_error(model, tmp_path):
-    out = ckpt.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export")
+    out = export.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export")
     (out / f"model-00002-of-{LAYERS + 2:05d}.safetensors").unlink()
     with pytest.raises(ckpt.CheckpointError, match=r"lists model-00002-of-00005\.safetensors, which is not in"):
-        ckpt.read_export(out)
-    (out / ckpt.EXPORT_INDEX).write_text('{"weight_map": {"x": "../elsewhere.safetensors"}}')
+        export.read_export(out)
+    (out / export.EXPORT_INDEX).write_text('{"weight_map": {"x": "../elsewhere.safetensors"}}')
     with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors\.index\.json is not a safetensors shard index"):
-        ckpt.read_export(out)
+        export.read_export(out)
 
 
-def alive_at_each_write(monkeypatch, export):
-    """Run `export` with the memory of every tensor full_named_parameters yields tracked; return, for each
+def alive_at_each_write(monkeypatch, export_call):
+    """Run `export_call` with the memory of every tensor full_named_parameters yields tracked; return, for each
     safetensors write, (names written, names whose memory is still alive, last name yielded).
 
     Each yielded tensor is a view of a numpy array, which its storage keeps alive: a weak reference to the
     array dies exactly when the memory is freed, whatever views or detached aliases were made of it."""
     yielded: dict[str, weakref.ref] = {}
     order: list[str] = []
-    real_gather, real_save = ckpt.full_named_parameters, safetensors.torch.save_file
+    real_gather, real_save = export.full_named_parameters, safetensors.torch.save_file
 
     def tracked(*args, **kwargs):
         for name, value in real_gather(*args, **kwargs):
@@ -166,16 +167,16 @@ def alive_at_each_write(monkeypatch, export):
         writes.append((set(tensors), alive, order[-1]))
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "full_named_parameters", tracked)
+    monkeypatch.setattr(export, "full_named_parameters", tracked)
     monkeypatch.setattr(safetensors.torch, "save_file", recording_save)
-    export()
+    export_call()
     still_alive = {name for name, ref in yielded.items() if ref() is not None}
     return writes, still_alive
 
 
 def test_writer_holds_one_unit_at_a_time(model, tmp_path, monkeypatch):
     writes, still_alive = alive_at_each_write(
-        monkeypatch, lambda: ckpt.export_from_module(model, CONFIG, ONE_PROCESS, tmp_path / "export"))
+        monkeypatch, lambda: export.export_from_module(model, CONFIG, ONE_PROCESS, tmp_path / "export"))
     units = {}
     for name, _ in model.named_parameters():
         units.setdefault(unit_of(name), set()).add(name)
@@ -188,7 +189,7 @@ def test_writer_holds_one_unit_at_a_time(model, tmp_path, monkeypatch):
 
     # The probe can fail: the former export (the whole stage in one dict) shows every tensor alive.
     def whole_stage():
-        tensors = dict(ckpt.full_named_parameters(model, CONFIG, ONE_PROCESS))
+        tensors = dict(export.full_named_parameters(model, CONFIG, ONE_PROCESS))
         safetensors.torch.save_file(tensors, str(tmp_path / "whole.safetensors"))
 
     monkeypatch.undo()
@@ -223,12 +224,12 @@ def _export_worker(rank, world, store_path, overrides, out):
     config = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides])
     layout = build_layout(config)
     module = build_training_model(config, layout)
-    ckpt.export_from_module(module, config.model, layout, Path(out) / "export")
+    export.export_from_module(module, config.model, layout, Path(out) / "export")
     # Load it back into a differently initialised model of the same layout, and export that again.
     other = build_training_model(load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides, "train.seed=99"]),
                                  layout)
-    ckpt.load_export_into(other, Path(out) / "export", config.model, layout)
-    ckpt.export_from_module(other, config.model, layout, Path(out) / "reloaded")
+    export.load_export_into(other, Path(out) / "export", config.model, layout)
+    export.export_from_module(other, config.model, layout, Path(out) / "reloaded")
     dist.destroy_process_group()
 
 
@@ -249,11 +250,11 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["pp2", "tp2", "dp2 zero-3"])
 def test_two_process_export_equals_the_single_process_one(one_process, tmp_path, layout):
     out = run_export(tmp_path, layout)
-    _, reference = ckpt.read_export(one_process / "export")
+    _, reference = export.read_export(one_process / "export")
     assert len(reference) == 4 * 9 + 3
     for folder in ("export", "reloaded"):
         assert shard_contents(out / folder) == shard_contents(one_process / "export")  # same files, same names
-        _, tensors = ckpt.read_export(out / folder)
+        _, tensors = export.read_export(out / folder)
         assert tensors.keys() == reference.keys()
         for name, value in reference.items():
             assert torch.equal(tensors[name], value), (folder, name)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model, norm_placement
 from megatron_mixln.model.stages import pipeline_layer_specs, post_ln_layers_of_stage, stage_boundaries
-from megatron_mixln.train.checkpoint import read_export
+from megatron_mixln.train.export import read_export
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent

@@ -1,6 +1,5 @@
 """Stop signals (SIGTERM, SIGUSR1, SIGINT): every rank stops at the same step boundary, saves a checkpoint, writes
 metrics up to that step and exits with EXIT_RESUMABLE; the resumed run gives the losses of an uninterrupted one."""
-import json
 import os
 import signal
 import subprocess

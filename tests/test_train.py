@@ -7,6 +7,7 @@ import torch
 
 from megatron_mixln.config import load_config
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import export
 from megatron_mixln.train import loop
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
@@ -65,7 +66,7 @@ def test_training_writes_metrics_eval_curve_and_export(tmp_path, data_cache):
     assert result.eval_loss == pytest.approx(evals[-1]["eval_loss"])
     assert (out / "loss_curve.png").stat().st_size > 1000
     # The export holds the trained weights under the consolidated names (docs/method.md#parameter-names).
-    model = ckpt.load_exported_model(result.export_dir)
+    model = export.load_exported_model(result.export_dir)
     exported = json.loads((result.export_dir / "config.json").read_text())
     assert exported["layer_placements"] == ["post", "post", "pre", "pre"]
     assert "model.layers.0.post_feedforward_layernorm.weight" in model.state_dict()
@@ -103,8 +104,8 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, data_cache)
     whole = train(tiny_config(tmp_path / "b", data_cache, "train.steps=3", "train.micro_batch_size=4"))
     for step in (1, 2, 3):
         assert accumulated.losses[step] == pytest.approx(whole.losses[step], rel=1e-5)
-    a = ckpt.load_exported_model(accumulated.export_dir).state_dict()
-    b = ckpt.load_exported_model(whole.export_dir).state_dict()
+    a = export.load_exported_model(accumulated.export_dir).state_dict()
+    b = export.load_exported_model(whole.export_dir).state_dict()
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
@@ -194,7 +195,7 @@ def test_bf16_training_keeps_fp32_master_weights_and_accumulates_in_fp32(tmp_pat
         assert torch.equal(master.to(torch.bfloat16), param.detach())  # the model is the master rounded
         refined += int((master != master.to(torch.bfloat16).float()).sum())
     assert refined > 0  # the master carries precision bf16 cannot: updates below bf16's resolution are kept
-    _, tensors = ckpt.read_export(result.export_dir)
+    _, tensors = export.read_export(result.export_dir)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
 
 

@@ -140,7 +140,7 @@ def run_processes(world: int, overrides: list[str], tmp_path: Path, env: dict | 
 
 
 def exported_weights(out: str | Path) -> dict[str, torch.Tensor]:
-    from megatron_mixln.train.checkpoint import read_export
+    from megatron_mixln.train.export import read_export
 
     return read_export(Path(out) / "export")[1]
 

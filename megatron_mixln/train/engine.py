@@ -110,7 +110,7 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     from megatron_mixln.model.llama import MixLNForCausalLM, initialize_weights
     from megatron_mixln.model.stages import build_pipeline
     from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
-    from megatron_mixln.train.checkpoint import gathered
+    from megatron_mixln.train.export import gathered
 
     ops.check_backend(config.model.kernels)
     seed = config.train.seed

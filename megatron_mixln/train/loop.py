@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_mixln.config import Config, ConfigError
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import export
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
 from megatron_mixln.train.metrics import MetricsWriter, discard_metrics_after, plot_loss_curve
@@ -57,11 +58,11 @@ def _resume_source(config: Config) -> tuple[str, Path | None]:
     folder = Path(resume)
     if (folder / ckpt.STATE_FILE).is_file():
         return "checkpoint", folder
-    if (folder / ckpt.EXPORT_CONFIG).is_file():
+    if (folder / export.EXPORT_CONFIG).is_file():
         return "export", folder
     raise ConfigError(f"train.resume={resume!r} is invalid: expected auto, none, a checkpoint folder holding "
                       f"{ckpt.STATE_FILE} (e.g. {out / ckpt.CHECKPOINTS / ckpt.tag_for_step(100)}), or an export "
-                      f"folder holding {ckpt.EXPORT_CONFIG} (to continue in another parallel layout).")
+                      f"folder holding {export.EXPORT_CONFIG} (to continue in another parallel layout).")
 
 
 def _layout_summary(config: Config, layout) -> str:
@@ -165,8 +166,8 @@ def train(config: Config) -> TrainResult:
         state = ckpt.load_checkpoint(engine, resume_from)
         start_step = int(state["step"])
     elif resume_kind == "export":
-        ckpt.load_export_into(engine.module, resume_from, config.model, layout)
-        start_step = int(json.loads((resume_from / ckpt.EXPORT_CONFIG).read_text()).get("step", 0))
+        export.load_export_into(engine.module, resume_from, config.model, layout)
+        start_step = int(json.loads((resume_from / export.EXPORT_CONFIG).read_text()).get("step", 0))
         _set_schedule_step(scheduler, start_step)
     if resume_kind != "none" and is_main:
         dropped = discard_metrics_after(out, start_step)
@@ -264,7 +265,7 @@ def train(config: Config) -> TrainResult:
             # The consolidated export also at train.stop_after_step: it is how a run moves to another layout.
             # Not after a stop signal: the time left before the job is killed belongs to the checkpoint.
             if result.stop_signal is None:
-                result.export_dir = ckpt.export_from_module(
+                result.export_dir = export.export_from_module(
                     engine.module, config.model, layout, out / "export",
                     extra={"step": step, "data": meta, "run_config": config.to_dict()})
             if not result.stopped_early and is_main:
