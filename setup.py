@@ -23,6 +23,8 @@ setup(
         "tqdm",
         "matplotlib",
         "PyYAML>=6",
+        "tensorboard",  # run metrics through DeepSpeed's monitor, on by default (train.tensorboard)
+        "psutil",  # host memory per logged step (also a DeepSpeed dependency)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "mpi4py>=4", "mpich"],
@@ -30,7 +32,7 @@ setup(
         # cluster with its own MPI, install mpi4py alone so it binds to that MPI.
         "mpi": ["mpi4py>=4", "mpich"],
         "hf": ["transformers>=4.45"],
-        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],  # train.wandb=true
     },
     entry_points={
         "console_scripts": [

@@ -61,21 +61,27 @@ def _train(argv) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if result.eval_loss is not None and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
-        print(f"done: step {result.last_step}, eval loss {result.eval_loss:.4f}, "
-              f"eval perplexity {math.exp(min(result.eval_loss, 700)):.2f}; "
-              f"metrics in {result.out_dir / 'metrics.jsonl'}, curve in {result.out_dir / 'loss_curve.png'}, "
-              f"weights in {result.export_dir}")
-    elif result.stop_signal is not None:
+    rank0 = not os.environ.get("RANK") or os.environ.get("RANK") == "0"
+    if result.stop_signal is not None:
         from megatron_mixln.train.signals import EXIT_RESUMABLE
 
-        if not os.environ.get("RANK") or os.environ.get("RANK") == "0":
+        if rank0:
             print(f"stopped by {result.stop_signal} after step {result.last_step} with a checkpoint in "
                   f"{result.out_dir / 'checkpoints'}; run the same command again to resume (train.resume=auto); "
                   f"exit code {EXIT_RESUMABLE}")
         return EXIT_RESUMABLE
-    elif result.stopped_early and (not os.environ.get("RANK") or os.environ.get("RANK") == "0"):
+    if not rank0 or result.already_finished:
+        return 0
+    if result.stopped_early:
         print(f"stopped after step {result.last_step} (train.stop_after_step); resume with train.resume=auto")
+    elif result.eval_loss is None:
+        print(f"done: step {result.last_step} (no held-out data, no evaluation); metrics in "
+              f"{result.out_dir / 'metrics.jsonl'}, weights in {result.export_dir}")
+    else:
+        print(f"done: step {result.last_step}, eval loss {result.eval_loss:.4f}, "
+              f"eval perplexity {math.exp(min(result.eval_loss, 700)):.2f}; "
+              f"metrics in {result.out_dir / 'metrics.jsonl'}, curve in {result.out_dir / 'loss_curve.png'}, "
+              f"weights in {result.export_dir}")
     return 0
 
 

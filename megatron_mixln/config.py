@@ -129,6 +129,9 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint folder
+    # On resume, a changed schedule or optimiser field (lr, betas, steps, ...) stops the run unless "allow", which
+    # carries the new values on (printed; the LR schedule then follows them). Model and data changes always stop.
+    resume_changes: str = "refuse"  # refuse | allow
     stop_after_step: int = 0  # stop (after saving) once this step is done; 0 = never
     # A step whose loss or gradient is not finite never updates the weights: "stop" then ends the run, "skip"
     # goes on with the next step (the LR schedule advances with applied updates only).
@@ -137,8 +140,10 @@ class TrainConfig:
     # "tokens": every target token of the global batch weighs the same (the gradient does not depend on
     # micro_batch_size); "micro_batch_mean": the official code's mean of per-micro-batch mean losses.
     loss_reduction: str = "tokens"
-    tensorboard: bool = True  # used when the tensorboard package is installed
-    progress_bar: bool = True
+    tensorboard: bool = True  # <out_dir>/tensorboard, through DeepSpeed's monitor
+    wandb: bool = False  # Weights & Biases through DeepSpeed's monitor (pip install 'megatron_mixln[wandb]')
+    wandb_project: str = "megatron_mixln"
+    progress_bar: bool = True  # a bar on a terminal; one plain line per train.log_every steps otherwise
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
@@ -162,6 +167,8 @@ class TrainConfig:
                  "a positive integer")
         _require(self.loss_reduction in LOSS_REDUCTIONS, f"{prefix}.loss_reduction", self.loss_reduction,
                  "one of " + ", ".join(LOSS_REDUCTIONS))
+        _require(self.resume_changes in ("refuse", "allow"), f"{prefix}.resume_changes", self.resume_changes,
+                 "one of refuse, allow")
         _require(bool(self.out_dir), f"{prefix}.out_dir", self.out_dir, "a folder path")
 
 

@@ -3,6 +3,8 @@ under any launcher)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -82,6 +84,9 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         "bf16": {"enabled": bf16},
         **precision,
         "steps_per_print": 2**31 - 1,  # we log ourselves
+        # DeepSpeed's monitor writes our metrics records (train/metrics.py) to TensorBoard and W&B, on rank 0.
+        "tensorboard": {"enabled": train.tensorboard, "output_path": train.out_dir, "job_name": "tensorboard"},
+        "wandb": {"enabled": train.wandb, "project": train.wandb_project, "group": Path(train.out_dir).name},
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         # We hand DeepSpeed torch's Adam (no JIT-compiled op); offload then runs torch's Adam on the CPU.
@@ -135,6 +140,9 @@ def build_engine(model: torch.nn.Module, config: Config, layout):
     import deepspeed
 
     train = config.train
+    if train.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.wandb=true is invalid here: the wandb package is not installed; "
+                          "pip install 'megatron_mixln[wandb]' (and log in, or set WANDB_MODE=offline).")
     optimizer = build_optimizer(model.parameters(), train.optimizer, train.lr, train.betas, train.adam_eps,
                                 train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
-from megatron_mixln.train.metrics import MetricsWriter, discard_metrics_after, plot_loss_curve
+from megatron_mixln.train.metrics import (METRICS_FILE, MetricsWriter, console_line, discard_metrics_after,
+                                          plot_loss_curve, read_metrics)
 from megatron_mixln.train.signals import StopRequests
 from megatron_mixln.train.step import EvalResult, StepEngine, StepResult, make_step_engine
 
@@ -39,6 +41,7 @@ class TrainResult:
     export_dir: Path | None = None
     stopped_early: bool = False  # train.stop_after_step, or a stop signal
     stop_signal: str | None = None  # the signal that stopped the run (SIGTERM, SIGUSR1, SIGINT), if one did
+    already_finished: bool = False  # the out_dir held a finished run: nothing was trained
     skipped_steps: list[int] = field(default_factory=list)
 
 
@@ -83,13 +86,16 @@ def _layout_summary(config: Config, layout) -> str:
     return line
 
 
-def _peak_memory_mb() -> float:
-    """This rank's peak memory: CUDA allocations on a GPU, the process's maximum resident set on a CPU."""
+def _memory_mb() -> tuple[float, float]:
+    """This rank's (current, peak) memory in MiB: CUDA allocations on a GPU, the resident set on a CPU."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    import psutil
+
+    current = psutil.Process().memory_info().rss / 2**20
+    return current, max(current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 def _set_schedule_step(scheduler, step: int) -> None:
@@ -100,11 +106,53 @@ def _set_schedule_step(scheduler, step: int) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
+def _apply_schedule(optimizer, scheduler, tcfg) -> None:
+    """After a checkpoint is loaded: this config's optimiser hyper-parameters and LR schedule at the loaded
+    step. The checkpoint restores the saved ones, which are the same unless train.resume_changes=allow
+    carries a change; then the run really follows the new values."""
+    values = {"betas": tuple(tcfg.betas), "eps": tcfg.adam_eps, "weight_decay": tcfg.weight_decay}
+    for group in optimizer.param_groups:
+        group.update({key: value for key, value in values.items() if key in group})
+    scheduler.base_lrs = [tcfg.lr for _ in optimizer.param_groups]
+    _set_schedule_step(scheduler, scheduler.last_epoch)
+
+
+def _saved_run(kind: str, folder: Path) -> dict:
+    """The resumed run's saved state: {"config", "data", "layout", "step", ...} (from a checkpoint or an export)."""
+    path = folder / (ckpt.STATE_FILE if kind == "checkpoint" else export.EXPORT_CONFIG)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ckpt.CheckpointError(f"{path} cannot be read ({err}); the {kind} in {folder} is damaged.") from None
+    return saved if kind == "checkpoint" else {**saved, "config": saved.get("run_config")}
+
+
+def _check_resume(config: Config, layout, kind: str, folder: Path, meta: dict) -> list[str]:
+    """Refuse a resume whose config or layout changed what its checkpoint cannot follow; notes of the rest."""
+    from megatron_mixln.train.resume import check_resume
+
+    saved = _saved_run(kind, folder)
+    if not saved.get("config"):
+        return []
+    saved_folder = (saved.get("data") or {}).get("folder")
+    notes = check_resume(saved["config"], config, str(folder),
+                         data_changed=saved_folder is not None and Path(saved_folder).name != Path(meta["folder"]).name,
+                         layout_can_change=kind == "export")
+    dp = (saved.get("layout") or {}).get("dp", layout.dp)
+    if kind == "checkpoint" and dp != layout.dp and config.parallel.zero_stage >= 1:
+        raise ConfigError(f"cannot resume {folder}: its ZeRO-{config.parallel.zero_stage} state is partitioned over "
+                          f"{dp} data-parallel ranks and this run has {layout.dp}; launch {dp * layout.tp * layout.pp} "
+                          "processes, or move through the export (train.resume=<out_dir>/export).")
+    return notes
+
+
 def _step_record(step: int, lr: float, outcome: StepResult, seconds: float, positions: int) -> dict:
-    """The metrics.jsonl record of one step; tokens are target tokens (padding excluded)."""
+    """The metrics.jsonl record of one step; tokens are target tokens (padding excluded), memory this rank's."""
+    memory, peak = _memory_mb()
     record = {"step": step, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
               "tokens_per_second": outcome.target_tokens / seconds, "target_tokens": outcome.target_tokens,
-              "padding_fraction": 1.0 - outcome.target_tokens / positions, "step_seconds": seconds}
+              "padding_fraction": 1.0 - outcome.target_tokens / positions, "step_seconds": seconds,
+              "memory_mb": memory, "peak_memory_mb": peak}
     if not outcome.applied:
         record["skipped"] = True
     if outcome.layer_grad_norms:
@@ -154,17 +202,20 @@ def train(config: Config) -> TrainResult:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     resume_kind, resume_from = _resume_source(config)
+    # Before anything is built or loaded: a changed model, data or layout stops here in one line.
+    changes = _check_resume(config, layout, resume_kind, resume_from, meta) if resume_kind != "none" else []
 
     model = build_training_model(config, layout)
     if is_main:
         print(_layout_summary(config, layout))
-    engine, _, scheduler = build_engine(model, config, layout)
+    engine, optimizer, scheduler = build_engine(model, config, layout)
     steps: StepEngine = make_step_engine(engine, config, layout)
 
     start_step, state = 0, {}
     if resume_kind == "checkpoint":
         state = ckpt.load_checkpoint(engine, resume_from)
         start_step = int(state["step"])
+        _apply_schedule(optimizer, scheduler, tcfg)
     elif resume_kind == "export":
         export.load_export_into(engine.module, resume_from, config.model, layout)
         start_step = int(json.loads((resume_from / export.EXPORT_CONFIG).read_text()).get("step", 0))
@@ -173,12 +224,24 @@ def train(config: Config) -> TrainResult:
         dropped = discard_metrics_after(out, start_step)
         print(f"resumed from {resume_from} at step {start_step}"
               + (" (weights only: optimiser moments start fresh)" if resume_kind == "export" else "")
+              + (f"; changed: {'; '.join(changes)}" if changes else "")
               + (f"; {dropped} metric records of lost steps moved to metrics.discarded.jsonl" if dropped else ""))
     if is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
-    writer = MetricsWriter(out, enabled=is_main, tensorboard=tcfg.tensorboard)
+    writer = MetricsWriter(out, enabled=is_main, monitor=engine.monitor)
     result = TrainResult(out_dir=out, last_step=start_step)
+    if start_step >= tcfg.steps:  # a finished run started again: nothing to add (and no second final record)
+        if is_main:
+            print(f"train.out_dir={str(out)!r} holds a finished run (step {start_step} of {tcfg.steps}): nothing to do; "
+                  "raise train.steps (with train.resume_changes=allow) to train on, or choose another train.out_dir.")
+        result.eval_loss = next((r["eval_loss"] for r in reversed(read_metrics(out / METRICS_FILE))
+                                 if isinstance(r.get("eval_loss"), float)), None)
+        result.already_finished = True
+        return result
+    if is_main and tcfg.eval_sequences and len(eval_data) == 0:
+        print(f"no held-out data: data.source={config.data.source!r} with data.eval_fraction="
+              f"{config.data.eval_fraction} leaves no eval sequences, so there is no evaluation in this run.")
     sampler = GlobalBatchSampler(len(train_data), tcfg.global_batch_size, tcfg.seed)
     positions = tcfg.global_batch_size * config.data.seq_len
     last_saved = start_step if resume_kind == "checkpoint" else None
@@ -193,7 +256,8 @@ def train(config: Config) -> TrainResult:
             raise NonFiniteError(f"step {step}: the weights are not finite, so nothing was saved (last good "
                                  f"checkpoint: {last_good()}); lower train.lr or set train.grad_clip.")
         ckpt.save_checkpoint(engine, out, step, {"step": step, "seed": tcfg.seed, "config": config.to_dict(),
-                                                 "data": meta, "skipped_in_a_row": skipped_in_a_row},
+                                                 "data": meta, "skipped_in_a_row": skipped_in_a_row,
+                                                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}},
                              keep=tcfg.keep_checkpoints)
         last_saved = step
 
@@ -203,11 +267,14 @@ def train(config: Config) -> TrainResult:
             writer.write(_eval_record(step, evaluation))
         return evaluation
 
+    # A bar on a terminal; under SLURM (stdout a file) one plain line per logged step instead.
     progress = None
-    if is_main and tcfg.progress_bar:
+    if is_main and tcfg.progress_bar and sys.stdout.isatty():
         from tqdm import tqdm
 
         progress = tqdm(total=tcfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    lines = is_main and progress is None
+    loop_started = time.perf_counter()
     step = start_step
     with StopRequests(launch.rank) as stop:  # from here a stop signal ends the run at a step boundary
         try:
@@ -232,7 +299,11 @@ def train(config: Config) -> TrainResult:
                     skipped_in_a_row += 1
                     result.skipped_steps.append(step)
                 if is_main and (step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied):
-                    writer.write(_step_record(step, lr, outcome, elapsed, positions))
+                    record = _step_record(step, lr, outcome, elapsed, positions)
+                    writer.write(record)
+                    if lines:
+                        seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
+                        print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)), flush=True)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
@@ -255,7 +326,7 @@ def train(config: Config) -> TrainResult:
                     break
             result.last_step = step
             peaks: list = [None] * dist.get_world_size()
-            dist.all_gather_object(peaks, _peak_memory_mb())
+            dist.all_gather_object(peaks, _memory_mb()[1])
             writer.write({"step": step, "peak_memory_mb_per_rank": peaks,
                           "memory": "cuda max allocated" if torch.cuda.is_available() else "process max RSS"})
             if not result.stopped_early:

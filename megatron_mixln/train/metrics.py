@@ -1,4 +1,5 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per line), optional TensorBoard, and the loss-curve PNG."""
+"""Run metrics: `metrics.jsonl` (one JSON object per line), mirrored to DeepSpeed's monitor (TensorBoard,
+Weights & Biases), the console line a log file gets, and the loss-curve PNG."""
 from __future__ import annotations
 
 import json
@@ -18,40 +19,62 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class MetricsWriter:
-    """Appends metric records to `<out_dir>/metrics.jsonl` (rank 0 only) and mirrors scalars to TensorBoard."""
+def monitor_events(record: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """DeepSpeed monitor events (name, value, step) of a record: its numbers, dict entries as `name/key`."""
+    step = record.get("step", 0)
+    events = []
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            events.append((key, float(value), step))
+        elif isinstance(value, dict):
+            events += [(f"{key}/{sub}", float(v), step) for sub, v in value.items() if isinstance(v, (int, float))]
+    return events
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+
+class MetricsWriter:
+    """Appends metric records to `<out_dir>/metrics.jsonl` (rank 0 only) and hands their scalars to DeepSpeed's
+    monitor (`engine.monitor`: TensorBoard and W&B as the DeepSpeed config enables them; it writes on rank 0)."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, monitor=None):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
-        self._tb = None
+        self.monitor = monitor if monitor is not None and monitor.enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:  # tensorboard is optional
-                    SummaryWriter = None
-                if SummaryWriter is not None:
-                    self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(_jsonable(record)) + "\n")
-        if self._tb is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
-                elif isinstance(value, dict):
-                    for sub, sub_value in value.items():
-                        self._tb.add_scalar(f"{key}/{sub}", sub_value, step)
+        if self.monitor is not None:
+            self.monitor.write_events(monitor_events(record))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        pass
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def console_line(record: dict[str, Any], total_steps: int, eta_seconds: float | None) -> str:
+    """The plain line a log file gets per train.log_every steps, e.g.
+    `step 120/20000 | loss 3.4521 | lr 9.50e-04 | grad 0.812 | 52,310 tok/s | mem 1.21 GB (peak 1.53 GB) | eta 3h12m`."""
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad {record['grad_norm']:.3g}")
+    parts.append(f"{record['tokens_per_second']:,.0f} tok/s")
+    if "memory_mb" in record:
+        parts.append(f"mem {record['memory_mb'] / 1024:.2f} GB (peak {record['peak_memory_mb'] / 1024:.2f} GB)")
+    if record.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    if eta_seconds is not None:
+        parts.append(f"eta {_duration(eta_seconds)}")
+    return " | ".join(parts)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

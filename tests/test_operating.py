@@ -1,0 +1,130 @@
+"""Operating a run: log lines for a log file, TensorBoard and W&B through DeepSpeed's monitor, memory per logged
+step, no-eval runs, a finished run started again, and resume refusing what a checkpoint cannot follow."""
+import importlib.machinery
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from megatron_mixln.config import ConfigError, load_config
+from megatron_mixln.train.loop import train
+from megatron_mixln.train.metrics import read_metrics
+from megatron_mixln.train.schedule import lr_multiplier
+from training_runs import tiny
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def steps_of(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_log_file_gets_one_plain_line_per_logged_step_with_memory_and_eta(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(load_config(None, tiny(cache, out, "train.log_every=2", "train.progress_bar=true")))  # stdout: no tty
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert all("tok/s" in line and "mem " in line and " | eta " in line for line in lines)
+    assert "\r" not in "".join(lines)  # no progress-bar redraws in a log file
+    for record in steps_of(out):
+        assert 0 < record["memory_mb"] <= record["peak_memory_mb"]
+
+
+def test_tensorboard_gets_the_metrics_through_deepspeeds_monitor(cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(load_config(None, tiny(cache, out, "train.tensorboard=true")))  # the default; `tiny` turns it off
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    losses = {event.step: event.value for event in events.Scalars("loss")}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in steps_of(out)}, rel=1e-6)
+    assert "eval_loss" in events.Tags()["scalars"] and "layer_grad_norms/layer_000" in events.Tags()["scalars"]
+
+
+def test_wandb_is_a_switch_through_deepspeeds_monitor(cache, tmp_path, monkeypatch):
+    calls = {"init": [], "log": []}
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: calls["init"].append(kwargs)
+    fake.log = lambda data, step=None, commit=None: calls["log"].append((data, step))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    train(load_config(None, tiny(cache, out, "train.wandb=true", "train.wandb_project=mixln-test")))
+    assert calls["init"] == [{"project": "mixln-test", "group": "run", "entity": None}]
+    logged = {step: data["loss"] for data, step in calls["log"] if "loss" in data}
+    assert logged == {r["step"]: r["loss"] for r in steps_of(out)}
+
+
+def test_wandb_without_the_package_is_one_sentence(cache, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, as when it is not installed
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else
+                        importlib.machinery.PathFinder.find_spec(name))
+    with pytest.raises(ConfigError, match=r"train.wandb=true is invalid here: the wandb package is not installed"):
+        train(load_config(None, tiny(cache, tmp_path / "run", "train.wandb=true")))
+
+
+def test_no_eval_data_is_said_once_and_never_logged_as_nan(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = train(load_config(None, tiny(cache, out, "data.eval_fraction=0", "train.eval_every=2")))
+    assert result.eval_loss is None
+    printed = capsys.readouterr().out
+    assert printed.count("no held-out data") == 1
+    text = (out / "metrics.jsonl").read_text()
+    assert "eval_loss" not in text and "nan" not in text.lower()
+
+
+def test_a_finished_run_started_again_adds_nothing(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train(load_config(None, tiny(cache, out)))
+    before = (out / "metrics.jsonl").read_text()
+    again = train(load_config(None, tiny(cache, out)))
+    assert again.already_finished and again.eval_loss == first.eval_loss
+    assert (out / "metrics.jsonl").read_text() == before
+    assert "holds a finished run (step 6 of 6): nothing to do" in capsys.readouterr().out
+
+
+@pytest.fixture
+def stopped_run(cache, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, tiny(cache, out, "train.stop_after_step=3")))
+    return out
+
+
+@pytest.mark.parametrize("override,fields", [
+    ("model.mix_alpha=0.25", "model.mix_alpha 0.5 -> 0.25"),
+    ("model.hidden_size=64", "model.hidden_size 32 -> 64"),
+    ("train.seed=8", "train.seed 7 -> 8"),
+    ("data.mode=document", "data.mode 'packed' -> 'document'"),
+])
+def test_resume_refuses_a_changed_model_or_data_order_in_one_sentence(override, fields, cache, stopped_run):
+    with pytest.raises(ConfigError, match=f"cannot resume .*step_00000003: {fields} changed, and a checkpoint "
+                                          "continues one model on one data order"):
+        train(load_config(None, tiny(cache, stopped_run, override)))
+
+
+def test_resume_refuses_a_changed_schedule_unless_allowed_and_then_follows_it(cache, stopped_run, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.lr 0.003 -> 0.001 changed; set train.resume_changes=allow"):
+        train(load_config(None, tiny(cache, stopped_run, "train.lr=1e-3")))
+    resumed = train(load_config(None, tiny(cache, stopped_run, "train.lr=1e-3", "train.betas=[0.8,0.99]",
+                                           "train.resume_changes=allow")))
+    assert sorted(resumed.losses) == [4, 5, 6]
+    lrs = {r["step"]: r["lr"] for r in steps_of(stopped_run)}
+    for step in (4, 5, 6):  # the schedule's factor at that step, times the new peak LR (warmup 0 in `tiny`)
+        assert lrs[step] == pytest.approx(1e-3 * lr_multiplier(step - 1, 6, 0.0, 0.1), rel=1e-12)
+    # and the run changed: the same resume with the old values gives other losses
+    other = tmp_path / "other"
+    train(load_config(None, tiny(cache, other, "train.stop_after_step=3")))
+    unchanged = train(load_config(None, tiny(cache, other)))
+    assert all(not math.isclose(unchanged.losses[s], resumed.losses[s], rel_tol=1e-9) for s in (5, 6))
+
+
+def test_resume_lists_the_harmless_changes_it_carries(cache, stopped_run, capsys):
+    train(load_config(None, tiny(cache, stopped_run, "train.eval_every=2", "train.log_every=2")))
+    printed = capsys.readouterr().out
+    assert "changed: train.eval_every 0 -> 2; train.log_every 1 -> 2" in printed
+    assert json.loads((stopped_run / "config.json").read_text())["train"]["eval_every"] == 2
