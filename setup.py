@@ -41,6 +41,7 @@ setup(
             "mixln-export=megatron_mixln.cli:export_main",
             "mixln-eval=megatron_mixln.cli:eval_main",
             "mixln-bench=megatron_mixln.cli:bench_main",
+            "mixln-compare=megatron_mixln.summary:main",
         ]
     },
 )

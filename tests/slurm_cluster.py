@@ -22,22 +22,31 @@ from pathlib import Path
 import pytest
 
 PARTITION = "debug"
-NODE = "mixln-node"
 PACKAGES = ("slurm-wlm",)
+
+
+# What launchers set for their processes (torchrun, the deepspeed launcher, megatron_mixln's apply_launch_env).
+LAUNCH_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE"}
 
 
 @dataclass
 class Cluster:
     folder: Path
     conf: Path
+    node: str
     cpus: int
     daemons: dict[str, subprocess.Popen]
     install_seconds: float | None = None  # how long apt-get took, when this session installed slurm-wlm
 
     @property
     def env(self) -> dict[str, str]:
-        """os.environ for SLURM's client commands: this cluster's config, no SLURM_* of an enclosing job."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        """os.environ for SLURM's client commands: this cluster's config, no SLURM_* of an enclosing job and no
+        rank variables (an in-process train() earlier in the test session exports RANK=0, WORLD_SIZE=1, ...,
+        which a job would inherit through sbatch's --export=ALL and take as its own launch)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_", "MIXLN_TEST_"))
+               and k not in LAUNCH_VARIABLES}
         env["SLURM_CONF"] = str(self.conf)
         return env
 
@@ -86,7 +95,17 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def write_config(folder: Path, cpus: int) -> Path:
+def node_name() -> str:
+    """The node is named as the host: the templates take MASTER_ADDR from the node list, so it must resolve."""
+    host = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        return "localhost"
+
+
+def write_config(folder: Path, cpus: int, node: str) -> Path:
     host = socket.gethostname().split(".")[0]  # slurmctld refuses to start on a host SlurmctldHost does not name
     ctld_port, slurmd_port = _free_ports(2)
     for sub in ("state", "spool"):
@@ -100,6 +119,8 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo=cred_expire=5
 CredType=cred/none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -111,6 +132,8 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Test pending jobs every second (defaults: 60 and 30 s), so that a requeued job starts once cred_expire is over.
+SchedulerParameters=sched_interval=1,bf_interval=1
 StateSaveLocation={folder / "state"}
 SlurmdSpoolDir={folder / "spool"}
 SlurmctldPidFile={folder / "slurmctld.pid"}
@@ -127,8 +150,8 @@ MinJobAge=86400
 KillWait=60
 InactiveLimit=0
 PropagateResourceLimits=NONE
-NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """)
     return conf
 
@@ -146,13 +169,14 @@ def start(folder: Path, cpus: int | None = None) -> Cluster:
     """Start slurmctld and slurmd (foreground daemons, children of this process) and wait for the node to idle."""
     cpus = cpus or os.cpu_count() or 1
     folder.mkdir(parents=True, exist_ok=True)
-    conf = write_config(folder, cpus)
-    cluster = Cluster(folder, conf, cpus, {})
+    node = node_name()
+    conf = write_config(folder, cpus, node)
+    cluster = Cluster(folder, conf, node, cpus, {})
     env = cluster.env
     # -D: stay in the foreground, so the PID is the daemon's own and stopping it needs no pid-file reading.
     # -i: ignore state left by an earlier cluster in this folder.
     commands = {"slurmctld": ["slurmctld", "-D", "-i", "-f", str(conf)],
-                "slurmd": ["slurmd", "-D", "-f", str(conf), "-N", NODE]}
+                "slurmd": ["slurmd", "-D", "-f", str(conf), "-N", node]}
     try:
         for name, command in commands.items():
             log = open(folder / f"{name}.stdout", "w")
@@ -166,9 +190,9 @@ def start(folder: Path, cpus: int | None = None) -> Cluster:
             for name, daemon in cluster.daemons.items():
                 if daemon.poll() is not None:
                     raise RuntimeError(f"{name} exited with {daemon.returncode}\n{cluster.logs()}")
-            return "State=IDLE" in cluster.scontrol("show", "node", NODE, check=False)
+            return "State=IDLE" in cluster.scontrol("show", "node", node, check=False)
 
-        _wait_until(node_idle, 60, f"node {NODE} did not become idle", cluster)
+        _wait_until(node_idle, 60, f"node {node} did not become idle", cluster)
     except BaseException:
         stop(cluster)
         raise
@@ -176,7 +200,17 @@ def start(folder: Path, cpus: int | None = None) -> Cluster:
 
 
 def stop(cluster: Cluster) -> None:
-    """Stop the daemons by PID (SIGTERM, then SIGKILL after 20 s), slurmd first, and any job step they left."""
+    """Kill whatever jobs are left (a failed test's), then stop the daemons by PID: SIGTERM, SIGKILL after 20 s."""
+    if cluster.daemons.get("slurmctld") is not None and cluster.daemons["slurmctld"].poll() is None:
+        # Every process of every job, batch shells included, so that no training outlives the cluster.
+        subprocess.run(["scancel", f"--partition={PARTITION}", "--signal=KILL", "--full"], env=cluster.env,
+                       capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and subprocess.run(
+                ["squeue", "--noheader", "--states=RUNNING,COMPLETING"], env=cluster.env, capture_output=True,
+                text=True, timeout=60).stdout.strip():
+            time.sleep(0.5)
+        subprocess.run(["scancel", f"--partition={PARTITION}"], env=cluster.env, capture_output=True, timeout=60)
     for name in ("slurmd", "slurmctld"):
         daemon = cluster.daemons.get(name)
         if daemon is None or daemon.poll() is not None:
@@ -195,6 +229,8 @@ def slurm_cluster(tmp_path_factory):
     reason, seconds = install_reason()
     if reason:
         pytest.skip(reason)
+    if seconds is not None:
+        print(f"installed slurm-wlm with apt-get in {seconds:.0f} s", file=sys.stderr)
     cluster = start(tmp_path_factory.mktemp("slurm"))
     cluster.install_seconds = seconds
     try:
