@@ -56,8 +56,8 @@ def _resume_source(config: Config) -> tuple[str, Path | None]:
         return "none", None
     if resume == "auto":
         ckpt.remove_partial_saves(out)
-        latest = ckpt.latest_checkpoint(out)
-        return ("checkpoint", latest) if latest is not None else ("none", None)
+        candidates = ckpt.checkpoint_candidates(out)  # the one `latest` names first; older ones if it is damaged
+        return ("checkpoint", candidates[0]) if candidates else ("none", None)
     folder = Path(resume)
     if (folder / ckpt.STATE_FILE).is_file():
         return "checkpoint", folder
@@ -99,7 +99,7 @@ def _memory_mb() -> tuple[float, float]:
 
 
 def _set_schedule_step(scheduler, step: int) -> None:
-    """Put the LR schedule at optimiser step `step` (when weights come from an export, without its state)."""
+    """Put the LR schedule at optimiser step `step` (after loading an export, which records it, not its state)."""
     scheduler.last_epoch = step
     for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(step)
@@ -118,12 +118,15 @@ def _apply_schedule(optimizer, scheduler, tcfg) -> None:
 
 
 def _saved_run(kind: str, folder: Path) -> dict:
-    """The resumed run's saved state: {"config", "data", "layout", "step", ...} (from a checkpoint or an export)."""
+    """The resumed run's saved state: {"config", "data", "layout", "step", ...} (from a checkpoint or an export);
+    {} when a checkpoint's own state file is unreadable (the load then finds it damaged and falls back)."""
     path = folder / (ckpt.STATE_FILE if kind == "checkpoint" else export.EXPORT_CONFIG)
     try:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ckpt.CheckpointError(f"{path} cannot be read ({err}); the {kind} in {folder} is damaged.") from None
+        if kind == "checkpoint":
+            return {}
+        raise ckpt.CheckpointError(f"{path} cannot be read ({err}); the export in {folder} is damaged.") from None
     return saved if kind == "checkpoint" else {**saved, "config": saved.get("run_config")}
 
 
@@ -179,12 +182,16 @@ def _eval_record(step: int, result: EvalResult) -> dict:
 
 
 def train(config: Config) -> TrainResult:
-    """Run (or resume) one training run as described by `config`; returns what happened."""
-    from megatron_mixln.data import GlobalBatchSampler, collate, is_preparer, open_datasets
+    """Run (or resume) one training run as described by `config`; returns what happened.
+
+    Here: the data (before any collective), the process group and the out_dir lock; `_run` is the run itself.
+    """
+    from megatron_mixln.data import is_preparer, open_datasets
     from megatron_mixln.parallel.launch import discover_launch_env
+    from megatron_mixln.train.run_lock import RunLock, check_out_dir
 
     tcfg = config.train
-    out = Path(tcfg.out_dir)
+    out = check_out_dir(tcfg.out_dir)
 
     # Data first, before any collective exists: the preparing rank tokenises (bounded by what the run reads,
     # in parallel); the others wait on the file system, so no collective timeout can hit them.
@@ -199,8 +206,39 @@ def train(config: Config) -> TrainResult:
     init_distributed(launch)
     layout = build_layout(config)
     accumulation = gradient_accumulation_steps(config, layout.dp)
+    lock = RunLock()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(config, launch, layout, accumulation, meta, train_data, eval_data, lock)
+    finally:
+        lock.release()
+
+
+def _take_run_lock(lock, out: Path, is_main: bool) -> None:
+    """Rank 0 takes the out_dir lock; every rank raises the same sentence when another trainer holds it."""
+    refusal = None
+    if is_main:
+        try:
+            lock.acquire(out)
+        except ConfigError as err:
+            refusal = str(err)
+    shared = [refusal]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise ConfigError(shared[0])
+
+
+def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_data, eval_data, lock) -> TrainResult:
+    """The recipe, once the data is open and the process group is up: lock, resume, model, engine, steps,
+    evaluation, checkpoints, export."""
+    from megatron_mixln.data import GlobalBatchSampler, collate
+
+    tcfg = config.train
+    out = Path(tcfg.out_dir)
+    is_main = launch.rank == 0
+    _take_run_lock(lock, out, is_main)
     resume_kind, resume_from = _resume_source(config)
     # Before anything is built or loaded: a changed model, data or layout stops here in one line.
     changes = _check_resume(config, layout, resume_kind, resume_from, meta) if resume_kind != "none" else []
@@ -213,17 +251,21 @@ def train(config: Config) -> TrainResult:
 
     start_step, state = 0, {}
     if resume_kind == "checkpoint":
-        state = ckpt.load_checkpoint(engine, resume_from)
+        if tcfg.resume == "auto":  # the newest intact checkpoint: a damaged `latest` falls back, saying so
+            resume_from, state = ckpt.load_latest_intact(engine, out)
+        else:
+            state = ckpt.load_checkpoint(engine, resume_from)
         start_step = int(state["step"])
         _apply_schedule(optimizer, scheduler, tcfg)
     elif resume_kind == "export":
-        export.load_export_into(engine.module, resume_from, config.model, layout)
-        start_step = int(json.loads((resume_from / export.EXPORT_CONFIG).read_text()).get("step", 0))
-        _set_schedule_step(scheduler, start_step)
+        # The weights, and the optimiser's state (moments, step count) where the export carries it.
+        loaded = export.load_export_into(engine.module, resume_from, config.model, layout, optimizer=engine.optimizer)
+        start_step = loaded.step
+        _set_schedule_step(scheduler, loaded.schedule_step)
     if resume_kind != "none" and is_main:
         dropped = discard_metrics_after(out, start_step)
         print(f"resumed from {resume_from} at step {start_step}"
-              + (" (weights only: optimiser moments start fresh)" if resume_kind == "export" else "")
+              + (f" ({loaded.note})" if resume_kind == "export" else "")
               + (f"; changed: {'; '.join(changes)}" if changes else "")
               + (f"; {dropped} metric records of lost steps moved to metrics.discarded.jsonl" if dropped else ""))
     if is_main:
@@ -338,7 +380,8 @@ def train(config: Config) -> TrainResult:
             if result.stop_signal is None:
                 result.export_dir = export.export_from_module(
                     engine.module, config.model, layout, out / "export",
-                    extra={"step": step, "data": meta, "run_config": config.to_dict()})
+                    extra={"step": step, "data": meta, "run_config": config.to_dict()},
+                    optimizer=engine.optimizer, scheduler=scheduler)
             if not result.stopped_early and is_main:
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                                 title=f"{config.model.norm_placement} placement, {config.model.num_layers} layers")

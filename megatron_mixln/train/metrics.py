@@ -77,26 +77,71 @@ def console_line(record: dict[str, Any], total_steps: int, eta_seconds: float | 
     return " | ".join(parts)
 
 
+def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(records, torn last line or None). A crash or a full disk can stop an append mid-line, and only the last
+    line can be cut that way: it is set aside, never fatal. A bad line before it is real damage (the file was
+    edited, or two writers interleaved): one CheckpointError sentence naming the line."""
+    from megatron_mixln.train.checkpoint import CheckpointError
+
+    # surrogateescape: a line cut inside a multi-byte character (or a tail of NUL bytes a crash can leave on
+    # some file systems) must not make the whole file unreadable.
+    lines = [(number, line) for number, line in enumerate(
+        path.read_text(encoding="utf-8", errors="surrogateescape").split("\n"), start=1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            if index == len(lines) - 1:
+                return records, line
+            raise CheckpointError(f"{path} line {number} is not a metrics record ({getattr(err, 'msg', err)}), "
+                                  "and only a torn last line (left by a crash or a full disk) is set aside, so the "
+                                  "file is damaged: restore it or move it aside (the checkpoints do not depend "
+                                  "on it).") from err
+        records.append(record)
+    return records, None
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, without a torn last line; CheckpointError for a bad line before it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_metrics(path)[0]
 
 
 def discard_metrics_after(out_dir: str | Path, step: int) -> int:
-    """On resume, move records of steps after `step` (work lost with the process) to metrics.discarded.jsonl."""
+    """On resume, move records of steps after `step` (work lost with the process) and a torn last line (as
+    {"torn_line": text}) to metrics.discarded.jsonl; returns how many lines moved. A last record without its
+    newline is completed, since the next append would otherwise be glued to it."""
+    from megatron_mixln.train.checkpoint import CheckpointError
+
     path = Path(out_dir) / METRICS_FILE
-    records = read_metrics(path)
+    if not path.is_file():
+        return 0
+    records, torn = _parse_metrics(path)
     kept = [r for r in records if r.get("step", 0) <= step]
     dropped = [r for r in records if r.get("step", 0) > step]
-    if dropped:
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        unterminated = handle.tell() > 0 and (handle.seek(-1, 2), handle.read(1))[1] != b"\n"
+    if not (dropped or torn is not None or unterminated):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    try:
         with open(Path(out_dir) / DISCARDED_FILE, "a") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in dropped)
-        tmp = path.with_name(path.name + ".tmp")
+            if torn is not None:
+                handle.write(json.dumps({"torn_line": torn}) + "\n")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
-    return len(dropped)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not set aside the metric records of lost steps in {path} ({err.strerror}); "
+                              f"free space in {out_dir} and resume again.") from err
+    return len(dropped) + (torn is not None)
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
