@@ -1,35 +1,67 @@
-"""Console entry points: mixln-train, mixln-prepare, mixln-eval, mixln-export, mixln-bench."""
+"""Console entry points: mixln-train, mixln-prepare, mixln-eval, mixln-export, mixln-bench.
+
+Every command parses its arguments before importing torch, DeepSpeed, transformers or datasets (seconds each on a
+cold cluster file system), so `--help` and usage errors answer at once.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+# mixln-bench NAME: (module whose main(argv) runs it, what it measures). Each module parses its own options
+# before importing torch, so `mixln-bench NAME --help` is instant too.
+BENCHMARKS = {
+    "hf": ("megatron_mixln.benchmarks.model_vs_hf", "our model vs transformers' LLaMA"),
+    "kernels": ("megatron_mixln.kernels.bench", "Triton kernels vs PyTorch, torch.compile, Liger, apex"),
+    "parallel": ("megatron_mixln.benchmarks.parallel", "DP / TP / PP / TP x PP on this machine"),
+    "export-memory": ("megatron_mixln.benchmarks.export_memory", "host memory per rank of the consolidated export"),
+    "tokenize": ("megatron_mixln.benchmarks.tokenize", "data preparation throughput per process count"),
+}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: printed as one line, no stack trace."""
     from megatron_mixln.config import ConfigError
-    from megatron_mixln.data import DataError
+    from megatron_mixln.data.errors import DataError
     from megatron_mixln.parallel.launch import LaunchError
-    from megatron_mixln.train.checkpoint import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError, LaunchError)
+    # CheckpointError's module imports torch: look it up only if something imported it (else none was raised).
+    checkpoint = sys.modules.get("megatron_mixln.train.checkpoint")
+    return (ConfigError, DataError, LaunchError) + ((checkpoint.CheckpointError,) if checkpoint else ())
 
 
 def _run(main, argv) -> int:
-    import torch
-
+    """Run a command; user errors become one `error:` line and exit status 2. Each command parses its arguments
+    before it imports torch, so --help answers at once."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        # Say "CPU" up front, so DeepSpeed does not warn on every start that it found no GPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return main(argv) or 0
-    except _user_errors() as err:
+    except Exception as err:  # not `except _user_errors()`: that would import them on argparse's SystemExit too
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _asks_for_help(argv) -> bool:
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "-h" in options or "--help" in options
+
+
+def _select_accelerator() -> None:
+    """On a machine without a GPU, say "CPU" to DeepSpeed up front, so it does not warn on every start that it found
+    none. Imports torch, so commands call it after parsing their arguments."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -39,24 +71,34 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _train(argv) -> int:
-    from megatron_mixln.config import load_config
-    from megatron_mixln.train.loop import NonFiniteError, train
-
+def _train_parser() -> argparse.ArgumentParser:
     parser = _config_parser("mixln-train", "Pre-train a LLaMA model with the configured normalisation placement.")
     parser.add_argument("--dry-run", action="store_true",
-                        help="build the model on the meta device, print parameter counts and per-rank memory, exit")
+                        help="build the model on the meta device, print parameter counts and per-rank memory "
+                             "(model states and activations), exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="processes to plan for with --dry-run (default: one node, --gpus-per-node)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node for --dry-run (default 8)")
-    args = parser.parse_intermixed_args(argv)
-    config = load_config(args.config, args.overrides)
-    try:
-        if args.dry_run:
-            from megatron_mixln.train.memory import dry_run_report
+    return parser
 
-            print(dry_run_report(config, args.world_size or args.gpus_per_node, args.gpus_per_node))
-            return 0
+
+def _train(argv) -> int:
+    args = _train_parser().parse_intermixed_args(argv)
+    from megatron_mixln.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    _select_accelerator()
+    if args.dry_run:
+        from megatron_mixln.train.memory import dry_run_report
+
+        print(dry_run_report(config, args.world_size or args.gpus_per_node, args.gpus_per_node))
+        return 0
+    from megatron_mixln.model.ops import check_backend
+    from megatron_mixln.train.loop import NonFiniteError, train
+
+    # Here, before the data is prepared (hours for C4), not only at model build after it.
+    check_backend(config.model.kernels)
+    try:
         result = train(config)
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -85,13 +127,16 @@ def _train(argv) -> int:
     return 0
 
 
+def _prepare_parser() -> argparse.ArgumentParser:
+    return _config_parser("mixln-prepare", "Tokenise what a config's run reads once into memory-mapped token "
+                                           "files, in the folder mixln-train with the same config then finds.")
+
+
 def _prepare(argv) -> int:
+    args = _prepare_parser().parse_args(argv)
     from megatron_mixln.config import load_config
     from megatron_mixln.data import prepare_dataset, train_limits
 
-    parser = _config_parser("mixln-prepare", "Tokenise what a config's run reads once into memory-mapped token "
-                                             "files, in the folder mixln-train with the same config then finds.")
-    args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     folder = prepare_dataset(config.data, limits=train_limits(config), num_proc=config.data.num_proc or None)
     meta = json.loads((Path(folder) / "meta.json").read_text())
@@ -99,19 +144,25 @@ def _prepare(argv) -> int:
     return 0
 
 
-def _export(argv) -> int:
-    from megatron_mixln.config import config_from_dict
-    from megatron_mixln.train import checkpoint as ckpt
-    from megatron_mixln.train import export
-
+def _export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixln-export", description=(
         "Write a consolidated export (safetensors shards under HF LLaMA names, see docs/method.md#parameter-names, "
-        "+ config.json) from a checkpoint."))
+        "+ config.json) from a checkpoint of any layout (tp x pp x dp) and ZeRO stage. Weights only: the export "
+        "a run writes itself (train.stop_after_step) also carries the optimiser state."))
     parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--hf", action="store_true",
                         help="write a Hugging Face LlamaForCausalLM folder instead (Pre-LN models only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _export(argv) -> int:
+    args = _export_parser().parse_args(argv)  # before the imports: --help needs no torch
+    _select_accelerator()
+    from megatron_mixln.config import config_from_dict
+    from megatron_mixln.train import checkpoint as ckpt
+    from megatron_mixln.train import export
+
     folder = Path(args.checkpoint)
     if (folder / ckpt.CHECKPOINTS).is_dir():
         folder = ckpt.latest_checkpoint(folder) or folder
@@ -121,19 +172,29 @@ def _export(argv) -> int:
                                    f"(no {ckpt.STATE_FILE}).")
     state = json.loads(state_path.read_text())
     run_config = config_from_dict(state["config"])
+    weights = export.checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
     if args.hf:
         from megatron_mixln.model.hf import save_hf_pretrained
 
-        save_hf_pretrained(run_config.model, ckpt.module_state_from_checkpoint(folder), args.out)
+        save_hf_pretrained(run_config.model, weights, args.out)
         print(f"exported step {state['step']} to {args.out} (Hugging Face LlamaForCausalLM format)")
         return 0
-    out = export.export_consolidated(ckpt.module_state_from_checkpoint(folder), run_config.model, args.out,
-                                   extra={"step": state["step"], "run_config": state["config"]})
+    extra = {"step": state["step"], "data": state.get("data"), "run_config": state["config"]}  # as a run's export
+    out = export.export_consolidated(weights, run_config.model, args.out, extra=extra)
     print(f"exported step {state['step']} to {out}")
     return 0
 
 
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
+    parser.add_argument("export", help="an export folder (safetensors shards + index + config.json)")
+    parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
+    return parser
+
+
 def _eval(argv) -> int:
+    args = _eval_parser().parse_args(argv)
+    _select_accelerator()
     import torch
 
     from megatron_mixln.config import config_from_dict, parse_overrides
@@ -143,10 +204,6 @@ def _eval(argv) -> int:
     from megatron_mixln.train import export
     from megatron_mixln.train.step import loss_sum
 
-    parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
-    parser.add_argument("export", help="an export folder (safetensors shards + index + config.json)")
-    parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
-    args = parser.parse_args(argv)
     config_path = Path(args.export) / export.EXPORT_CONFIG
     run_config = json.loads(config_path.read_text()).get("run_config") if config_path.is_file() else None
     if run_config is None:
@@ -169,25 +226,36 @@ def _eval(argv) -> int:
     return 0
 
 
+def _bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixln-bench", description="Benchmarks (scripts that print a table); "
+                                     "`mixln-bench NAME --help` lists a benchmark's own options.")
+    parser.add_argument("what", choices=list(BENCHMARKS), metavar="NAME",
+                        help="; ".join(f"{name}: {about}" for name, (_, about) in BENCHMARKS.items()))
+    options = parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    options.required = False  # else a bare `mixln-bench` says "required: NAME, options", but options may be empty
+    return parser
+
+
 def _bench(argv) -> int:
-    parser = argparse.ArgumentParser(prog="mixln-bench", description="Benchmarks (scripts that print a table).")
-    parser.add_argument("what", choices=["hf", "kernels", "parallel", "export-memory", "tokenize"],
-                        help="hf: our model vs transformers' LLaMA; kernels: Triton kernels; "
-                             "parallel: DP / TP / PP / TP x PP on this machine; "
-                             "export-memory: host memory per rank of the consolidated export; "
-                             "tokenize: data preparation throughput per process count")
-    args, rest = parser.parse_known_args(argv)
-    if args.what == "hf":
-        from megatron_mixln.benchmarks.model_vs_hf import main
-    elif args.what == "export-memory":
-        from megatron_mixln.benchmarks.export_memory import main
-    elif args.what == "parallel":
-        from megatron_mixln.benchmarks.parallel import main
-    elif args.what == "tokenize":
-        from megatron_mixln.benchmarks.tokenize import main
-    else:
-        from megatron_mixln.kernels.bench import main
-    return main(rest)
+    args = _bench_parser().parse_args(argv)
+    module_name = BENCHMARKS[args.what][0]
+    if args.what == "kernels":
+        # Importing megatron_mixln.kernels defines every Triton kernel (torch and triton, seconds): parse with
+        # bench.py's own parser, loaded from its file alone, first, so --help and usage errors skip that.
+        _standalone_module(module_name).parse_args(args.options)
+    if not _asks_for_help(args.options):
+        _select_accelerator()
+    return importlib.import_module(module_name).main(args.options)
+
+
+def _standalone_module(name: str):
+    """Module `name` executed from its file without importing its package (its own imports must be light)."""
+    package, _, leaf = name.rpartition(".")
+    folder = importlib.util.find_spec(package).submodule_search_locations[0]  # imports the package's parent only
+    spec = importlib.util.spec_from_file_location(f"_mixln_standalone_{leaf}", Path(folder) / f"{leaf}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_main() -> None:

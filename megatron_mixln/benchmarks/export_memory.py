@@ -151,8 +151,9 @@ def _machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mixln-bench export-memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/llama_1b.yaml")
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--config", default="configs/llama_1b.yaml", help="model to export (default "
+                                                                          "configs/llama_1b.yaml)")
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     parser.add_argument("--only", choices=MODES, default=None, help="run one mode (default: both, side by side)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)

@@ -1,16 +1,13 @@
 """Benchmark: our Pre-LN model vs transformers.LlamaForCausalLM, same config, batch and optimiser, one process.
 
 The two models train alternately (one step each, repeated), so machine noise hits both alike; the table
-reports median tokens per second and their ratio. Run: `mixln-bench hf [--hidden 512 --layers 8 ...]`.
+reports median tokens per second and their ratio. Run: `mixln-bench hf [--presets tiny,71m] [--rounds 10]`.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-
-import torch
-
 
 PRESETS = {
     # The demo's model (configs/tiny.yaml) and the paper's 71M model (configs/llama_71m.yaml) at a CPU batch.
@@ -21,6 +18,8 @@ PRESETS = {
 
 def measure(shape: dict, rounds: int, warmup: int) -> dict[str, float]:
     """Median tokens/s of one training step (forward, backward, Adam) of each model, alternating."""
+    import torch
+
     from megatron_mixln import ModelConfig, build_model
     from megatron_mixln.model import causal_lm_loss
     from megatron_mixln.model.hf import to_hf_llama
@@ -57,14 +56,17 @@ def measure(shape: dict, rounds: int, warmup: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mixln-bench hf", description=__doc__)
-    parser.add_argument("--presets", default="tiny,71m", help=f"comma-separated, from {', '.join(PRESETS)}")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--presets", default="tiny,71m", help=f"comma-separated, from {', '.join(PRESETS)} "
+                                                              "(default tiny,71m)")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per model (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     args = parser.parse_args(argv)
     names = [name for name in args.presets.split(",") if name]
     unknown = [name for name in names if name not in PRESETS]
     if unknown:
         parser.error(f"unknown preset {unknown[0]!r}: choose from {', '.join(PRESETS)}")
+    import torch  # after parsing: --help and usage errors need no torch
+
     print(f"CPU eager training step (forward, backward, Adam), fp32, {torch.get_num_threads()} threads, "
           f"{args.rounds} alternating rounds, median")
     print("| preset | hidden x layers, vocab, batch x seq | megatron_mixln tok/s | transformers tok/s | ratio |")

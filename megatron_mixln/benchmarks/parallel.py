@@ -46,16 +46,20 @@ def run_layout(nproc: int, config: str, overrides: list[str], out: Path, warmup:
 
 
 def main(argv=None) -> int:
-    import torch
-
     parser = argparse.ArgumentParser(prog="mixln-bench parallel", description=__doc__)
-    parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes per layout (default: the GPUs on this node, else 2)")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="model and data (default configs/tiny.yaml)")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per layout (default 12)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
     parser.add_argument("overrides", nargs="*", help="extra mixln-train overrides, e.g. model.num_layers=8")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help and usage errors need no torch
+
     from megatron_mixln.config import load_config
+
+    if args.nproc is None:
+        args.nproc = torch.cuda.device_count() or 2
 
     # One micro-batch size for every layout, so each has the same global batch: two micro-batches per rank
     # at full data parallelism (and so enough micro-batches to fill a 2-stage pipeline).

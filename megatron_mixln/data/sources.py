@@ -7,9 +7,12 @@ shard's documents, chosen by a hash of (shard index, index within the shard) tha
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -22,6 +25,9 @@ EMBEDDED_CORPUS = Path(__file__).resolve().parent / "assets" / "enwiki_sample.js
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 SPLITS = ("train", "eval")
+# One HEAD request tells whether the hub answers; a refused connection or unknown host fails at once, this bounds a
+# network that drops packets.
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,6 +90,49 @@ def hub_dataset_name(source: str) -> tuple[str, str | None] | None:
     return None
 
 
+def hub_unreachable(datasets_too: bool = False) -> str | None:
+    """Why the Hugging Face hub cannot be used from this process ("HF_HUB_OFFLINE is set", "... is unreachable:
+    ..."), or None when it answers; `datasets_too` also honours HF_DATASETS_OFFLINE.
+
+    Asked before a hub name is loaded. Out of reach, huggingface_hub would retry each file 5 times over 23 s and log
+    every try; instead the libraries are switched to offline mode here, so a tokenizer in the local cache still
+    loads and anything else fails at once, which the caller turns into one sentence.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if datasets_too and os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_DATASETS_OFFLINE is set"
+    reason = _probe_hub(constants.ENDPOINT)
+    if reason is not None:
+        _go_offline()
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_hub(endpoint: str) -> str | None:
+    from huggingface_hub.utils import get_session
+
+    try:  # the library's own session: its proxies, certificates and HF_ENDPOINT; no retries
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # any answer, even an HTTP error status, means the hub is reachable
+        return f"{endpoint} is unreachable: {first_line(err)}"
+    return None
+
+
+def _go_offline() -> None:
+    """Offline mode for huggingface_hub, transformers (reads huggingface_hub's flag) and datasets in this process,
+    and through the environment for the processes it starts (a prepare's tokenising pool)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:  # read at its import from the environment; set here once it is loaded
+        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
+
+
 def local_source_files(source: str) -> list[Path]:
     """The files a local source (a path, or "embedded") reads, in reading order."""
     path = EMBEDDED_CORPUS if source == "embedded" else Path(source).expanduser()
@@ -123,9 +172,14 @@ def _hub_shards(name: str, config: str | None, data_cfg: DataConfig) -> dict[str
     held-out fraction of train. One shard per data file of the split."""
     import datasets
 
+    offline = None if Path(name).expanduser().exists() else hub_unreachable(datasets_too=True)
     try:
         splits = datasets.load_dataset(name, config, streaming=True)
     except Exception as err:  # offline, unknown name, missing config: all end the same way for the user
+        if offline is not None:
+            raise DataError(f"data.source={data_cfg.source!r} streams {name} from the Hugging Face hub, which is out "
+                            f"of reach ({offline}): point data.source at a local copy (hf:PATH[:CONFIG], e.g. "
+                            f"hf:/data/c4:en, or a .jsonl/.txt file or folder) or use embedded.") from err
         raise DataError(f"data.source={data_cfg.source!r} could not be opened with datasets.load_dataset({name!r}, "
                         f"{config!r}): {first_line(err)}") from err
     if "train" not in splits:

@@ -124,9 +124,17 @@ def _transformers_tokenizer(spec: str) -> Tokenizer:
     """A Hugging Face tokenizer by hub name or local folder; the paper uses "t5-base"."""
     from transformers import AutoTokenizer
 
+    from megatron_mixln.data.sources import hub_unreachable
+
+    offline = None if Path(spec).expanduser().is_dir() else hub_unreachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        # Out of reach, only the local cache is looked at (no retries): a tokenizer downloaded before still loads.
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None)
     except Exception as err:  # offline hub, unknown name, broken folder
+        if offline is not None:
+            raise DataError(f"data.tokenizer={spec!r} could not be loaded: the Hugging Face hub is out of reach "
+                            f"({offline}) and {spec!r} is not in its local cache; pass a local folder, a .model or "
+                            f"tokenizer.json file, or bpe.") from err
         raise DataError(f"data.tokenizer={spec!r} could not be loaded with transformers.AutoTokenizer "
                         f"({first_line(err)}); "
                         f"without the Hugging Face hub pass a local folder, a .model or tokenizer.json file, "

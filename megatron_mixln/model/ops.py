@@ -5,20 +5,36 @@ changes parameters or checkpoints, only how RMSNorm, add + RMSNorm and SwiGLU ar
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from megatron_mixln import kernels
 from megatron_mixln.config import ConfigError
+from megatron_mixln.kernels._common import interpreter_requested, is_interpreted
 
 
 def check_backend(choice: str) -> None:
     """Fail at model build, not mid-step, when a requested backend cannot run here."""
+    if choice == "triton" and not torch.cuda.is_available() and not kernels_interpreted():
+        # Without this, the first forward fails inside the kernel launch with a long traceback. The kernels'
+        # own check (kernels/_common.py, check_device) gives the same advice for a CPU tensor.
+        when = ("was set after megatron_mixln.kernels was imported (set it before the process starts)"
+                if interpreter_requested() else "is not set")
+        raise ConfigError(f"model.kernels='triton' is invalid here: no CUDA device and TRITON_INTERPRET {when}; "
+                          f"use auto or torch on CPU.")
     if choice == "apex":
         try:
             from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # noqa: F401
         except ImportError:
             raise ConfigError("model.kernels='apex' is invalid here: NVIDIA apex (github.com/NVIDIA/apex, built with "
                               "its CUDA extensions) is not installed; use auto, triton or torch.") from None
+
+
+def kernels_interpreted() -> bool:
+    """Whether the Triton kernels were defined under TRITON_INTERPRET=1, so that they run on CPU tensors (the
+    variable is read once, when the kernels are defined, not when they run)."""
+    return is_interpreted(importlib.import_module("megatron_mixln.kernels.rms_norm")._rms_norm_fwd_kernel)
 
 
 def _backend(choice: str, x: torch.Tensor) -> str:

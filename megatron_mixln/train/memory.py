@@ -1,7 +1,11 @@
-"""Dry run: parameter counts and per-rank memory of model states for a layout, from a model built on the meta device.
+"""Dry run: parameter counts and per-rank memory of model states and activations for a layout, from a model built
+on the meta device.
 
 Nothing is allocated, so a 7B config answers in seconds on a laptop. Next to our numbers it prints DeepSpeed's
 own estimate (its ZeRO-2 / ZeRO-3 estimators), so a user sees both before asking a cluster for GPUs.
+
+Activations are counted tensor by tensor: what autograd keeps between a micro-batch's forward and its backward
+(`activation_bytes`), the same quantity tests/test_activation_memory.py measures with saved-tensor hooks.
 """
 from __future__ import annotations
 
@@ -62,8 +66,69 @@ def parameter_counts(model_config: ModelConfig) -> dict:
     }
 
 
+# Block kinds whose output is the pair (residual, pending branch output): two tensors enter the next layer, which
+# is what a checkpointed layer keeps (layers.py, DecoderLayer.forward).
+PAIR_OUTPUT = ("pre", "lns", "sandwich")
+
+
+def activation_bytes(config: Config, tp: int = 1) -> dict:
+    """Bytes autograd keeps between the forward and the backward of one micro-batch on one TP rank, per layer spec
+    [embedding, decoder layer 0..L-1, head and loss] (the units a pipeline stage is cut from).
+
+    Counted tensor by tensor (T = micro_batch_size x seq_len tokens, a = 2 bytes in bf16, 4 in fp32):
+    - a decoder layer: the inputs of q/k/v and of gate/up (T x hidden each, whole on every TP rank); each norm's
+      input and fp32 rstd (the PyTorch reference norm, model.kernels=torch, also keeps an fp32 copy of the input
+      and the normalised value); attention's q, k, v, output and fp32 log-sum-exp, heads split over TP (fused
+      attention: no seq x seq matrix); SwiGLU's gate and up (the PyTorch reference also silu(gate)) and its output
+      as down_proj's input, intermediate size split over TP.
+    - the embedding: the int64 token ids. The head: the final norm, lm_head's input, the labels and the loss's fp32
+      copy of the logits (log-probabilities, T x vocab / TP): for small models the largest single term.
+    "specs" is that per spec; "checkpointed" the same with each decoder layer reduced to its input stream (one or
+    two T x hidden tensors), which is all a checkpointed layer keeps until its recompute.
+    """
+    from megatron_mixln.model.norms import norm_placement
+
+    model, tokens = config.model, config.train.micro_batch_size * config.data.seq_len
+    value = 2 if config.train.precision == "bf16" else 4
+    hidden, ffn, heads = model.hidden_size, model.intermediate_size, model.num_heads
+    # model.kernels=auto is Triton on the GPUs a dry run plans for; apex fuses the norms but not SwiGLU.
+    fused_norms, fused_swiglu = model.kernels in ("auto", "triton", "apex"), model.kernels in ("auto", "triton")
+    width = tokens * hidden * value  # one T x hidden activation
+    norm = width + 4 * tokens if fused_norms else tokens * hidden * (4 + value) + 4 * tokens
+    attention = 4 * tokens * (hidden // tp) * value + 4 * tokens * (heads // tp)
+    swiglu = (3 if fused_swiglu else 4) * tokens * (ffn // tp) * value
+    placements = [norm_placement(i, model.num_layers, model) for i in range(model.num_layers)]
+    layers = [2 * width + (4 if kind == "sandwich" else 2) * norm + attention + swiglu for kind in placements]
+    inputs = [width * (2 if i > 0 and placements[i - 1] in PAIR_OUTPUT else 1) for i in range(model.num_layers)]
+    split_mask = tokens if tp > 1 else 0  # the vocab-parallel embedding and loss keep a bool mask of their ids
+    embedding = 8 * tokens + split_mask
+    logits = 4 * tokens * (model.vocab_size // tp)
+    head = norm + width + logits + 8 * tokens + split_mask
+    return {"tokens": tokens, "value_bytes": value, "fused_kernels": fused_norms and fused_swiglu,
+            "layers": layers, "layer_inputs": inputs, "embedding": embedding, "head": head, "logits": logits,
+            "specs": [embedding, *layers, head], "checkpointed": [embedding, *inputs, head]}
+
+
+def stage_activation_bytes(act: dict, bounds: list[int], stage: int, in_flight: int, checkpointing: bool) -> int:
+    """Activation bytes of pipeline stage `stage` (layer specs bounds[stage]:bounds[stage + 1]) with `in_flight`
+    micro-batches between their forward and backward. With checkpointing, each micro-batch keeps its layers'
+    inputs, and the backward recomputes one layer at a time, holding that layer's activations once more."""
+    specs = range(bounds[stage], bounds[stage + 1])
+    kept = act["checkpointed"] if checkpointing else act["specs"]
+    recompute = max((act["specs"][i] for i in specs if 0 < i < len(act["specs"]) - 1), default=0)
+    return in_flight * sum(kept[i] for i in specs) + (recompute if checkpointing else 0)
+
+
+def _state_bytes(params: float, precision: str, zero: int, dp: int) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) bytes of `params` parameters on one rank under ZeRO-`zero`."""
+    weight_b, grad_b, optim_b = BYTES_PER_PARAM[precision]
+    return (params * weight_b / (dp if zero >= 3 else 1), params * grad_b / (dp if zero >= 2 else 1),
+            params * optim_b / (dp if zero >= 1 else 1))
+
+
 def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> dict:
-    """Parameter counts and per-rank bytes of parameters, gradients and optimizer states; see dry_run_report."""
+    """Parameter counts, per-rank bytes of parameters, gradients and optimizer states, and activations; see
+    dry_run_report."""
     from megatron_mixln.model.stages import stage_boundaries
 
     parallel = config.parallel
@@ -84,11 +149,9 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
     largest_stage = max(range(pp), key=stages.__getitem__)
     params = stages[largest_stage]  # what the busiest rank holds before ZeRO partitions it
 
-    weight_b, grad_b, optim_b = BYTES_PER_PARAM[config.train.precision]
-    weights = params * weight_b / (dp if zero >= 3 else 1)
-    grads = params * grad_b / (dp if zero >= 2 else 1)
-    optim = params * optim_b / (dp if zero >= 1 else 1)
+    weights, grads, optim = _state_bytes(params, config.train.precision, zero, dp)
     optim_gpu, optim_cpu = (0.0, optim) if parallel.offload_optimizer else (optim, 0.0)
+    activations = _activation_summary(config, tp, pp, dp, bounds, stages)
 
     largest_split, largest_replicated = counts["largest_module"]
     largest_layer = max(largest_split // tp, largest_replicated)
@@ -104,9 +167,42 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
         "offload_optimizer": parallel.offload_optimizer, "stage_boundaries": bounds, "stage_params": stages,
         "largest_stage": largest_stage, "rank_params": params, "largest_layer_params": largest_layer,
         "bytes": {"parameters": weights, "gradients": grads, "optimizer_gpu": optim_gpu, "optimizer_cpu": optim_cpu,
-                  "gpu_total": weights + grads + optim_gpu, "cpu_per_node": optim_cpu * per_node},
+                  "gpu_total": weights + grads + optim_gpu, "cpu_per_node": optim_cpu * per_node,
+                  "activations": activations["bytes"], "gpu_total_with_activations": activations["gpu_total"]},
+        "activations": activations,
         "deepspeed": deepspeed_estimate,
     }
+
+
+def _activation_summary(config: Config, tp: int, pp: int, dp: int, bounds: list[int], stage_params: list[int]
+                        ) -> dict:
+    """Activation bytes of the busiest stage with and without checkpointing, and the GPU total of the stage whose
+    model states plus activations are largest (the first stage keeps the most micro-batches, the last the logits)."""
+    parallel = config.parallel
+    act = activation_bytes(config, tp)
+    per_step = config.train.micro_batch_size * dp
+    micro_batches = max(1, config.train.global_batch_size // per_step)
+    # 1F1B (DeepSpeed's TrainSchedule): stage s runs pp - s forwards before its first backward.
+    in_flight = [min(pp - stage, micro_batches) for stage in range(pp)]
+    modes = {}
+    for checkpointing in (False, True):
+        per_stage = [stage_activation_bytes(act, bounds, stage, in_flight[stage], checkpointing)
+                     for stage in range(pp)]
+        busiest = max(range(pp), key=per_stage.__getitem__)
+        modes[checkpointing] = {"bytes": per_stage[busiest], "stage": busiest, "in_flight": in_flight[busiest],
+                                "per_stage": per_stage}
+    chosen = modes[parallel.activation_checkpointing]
+    totals = []  # per stage: model states + activations
+    for stage in range(pp):
+        weights, grads, optim = _state_bytes(stage_params[stage], config.train.precision, parallel.zero_stage, dp)
+        totals.append(weights + grads + (0.0 if parallel.offload_optimizer else optim) + chosen["per_stage"][stage])
+    return {**{key: act[key] for key in ("tokens", "value_bytes", "fused_kernels", "layers", "layer_inputs",
+                                          "embedding", "head", "logits")},
+            "micro_batch_size": config.train.micro_batch_size, "seq_len": config.data.seq_len,
+            "micro_batches": micro_batches, "checkpointing": parallel.activation_checkpointing,
+            "without_checkpointing": modes[False], "with_checkpointing": modes[True],
+            "bytes": chosen["bytes"], "gpu_total": max(totals),
+            "gpu_total_stage": max(range(pp), key=totals.__getitem__)}
 
 
 def _deepspeed_estimates(params: int, largest_layer: int, gpus_per_node: int, nodes: int, offload: bool) -> dict:
@@ -173,6 +269,7 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
     if s["offload_optimizer"]:
         lines.append(f"  CPU (offloaded optimizer states) {_gib(b['optimizer_cpu']).strip()} per rank, "
                      f"{_gib(b['cpu_per_node']).strip()} per node")
+    lines += _activation_lines(s)
     ds = s["deepspeed"]
     current = {1: "zero2", 2: "zero2", 3: "zero3"}.get(zero)
     lines.append(f"DeepSpeed's estimate ({s['rank_params']:,} params over dp {dp}; largest layer "
@@ -184,5 +281,32 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
                      f"per node CPU {_gib(ds[key]['cpu_per_node']).strip()}{mark}")
     if current is None:
         lines.append("  (DeepSpeed has no estimator for ZeRO-0; both rows show what ZeRO would save.)")
-    lines.append("Model states only: activations, communication buffers and fragmentation come on top.")
+    lines.append("Not counted: the loss's transient buffers (its backward briefly holds two more fp32 tokens x vocab "
+                 "tensors), communication and pipeline buffers, the CUDA context and fragmentation.")
     return "\n".join(lines)
+
+
+def _activation_lines(s: dict) -> list[str]:
+    a, tp = s["activations"], s["tp"]
+    kernels = "fused norm and SwiGLU kernels" if a["fused_kernels"] else "PyTorch reference norm and SwiGLU"
+    uniform = len(set(a["layers"])) == 1
+    lines = [
+        f"per-rank activations ({a['micro_batch_size']} x {a['seq_len']} = {a['tokens']:,} tokens per micro-batch, "
+        f"{'bf16' if a['value_bytes'] == 2 else 'fp32'}, {kernels}, fused attention):",
+        f"  {'per decoder layer':<21}{_gib(max(a['layers']))}   {'' if uniform else 'the largest; '}q/k/v, MLP and "
+        f"norm inputs whole; attention and SwiGLU tensors / tp {tp}",
+        f"  {'layer input':<21}{_gib(max(a['layer_inputs']))}   all a checkpointed layer keeps until its recompute",
+        f"  {'embedding + head':<21}{_gib(a['embedding'] + a['head'])}   of which the loss's fp32 log-probabilities "
+        f"(tokens x vocab / tp) {_gib(a['logits']).strip()}",
+    ]
+    for key in ("without_checkpointing", "with_checkpointing"):
+        mode, label = a[key], key.replace("_", " ")
+        where = (f"stage {mode['stage']}: {mode['in_flight']} micro-batch{'es' if mode['in_flight'] > 1 else ''} "
+                 f"in flight (1F1B)" if s["pp"] > 1 else "one micro-batch")
+        extra = ", each layer's input, plus one layer recomputed" if key == "with_checkpointing" else ""
+        mark = "   <- this config" if a["checkpointing"] == (key == "with_checkpointing") else ""
+        lines.append(f"  {label:<21}{_gib(mode['bytes'])}   {where}{extra}{mark}")
+    stage = f", stage {a['gpu_total_stage']}" if s["pp"] > 1 else ""
+    lines.append(f"  {'GPU total':<21}{_gib(s['bytes']['gpu_total_with_activations'])}   model states + activations"
+                 f"{stage}")
+    return lines
