@@ -5,7 +5,6 @@ continues exactly as an undamaged run would."""
 import errno
 import json
 import os
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import DISCARDED_FILE, METRICS_FILE, discard_metrics_after, read_metrics
-from training_runs import run_processes, tiny
+from training_runs import MaliciousPickle, run_processes, tiny, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -158,17 +157,6 @@ def test_a_fresh_run_folder_has_nothing_to_resume(cache, tmp_path):
     assert ckpt.load_latest_intact(build_engine(cache, tmp_path / "x"), tmp_path / "empty") is None
 
 
-class _Payload:
-    ran = False
-
-    def __reduce__(self):
-        return (_Payload._run, ())
-
-    @staticmethod
-    def _run():
-        _Payload.ran = True
-        return _Payload
-
 
 @pytest.mark.parametrize("older_too", [False, True], ids=["latest", "every-folder"])
 def test_a_class_smuggled_into_a_checkpoint_is_refused_and_never_run(cache, tmp_path, older_too):
@@ -177,14 +165,14 @@ def test_a_class_smuggled_into_a_checkpoint_is_refused_and_never_run(cache, tmp_
     for step in (4, 2) if older_too else (4,):
         path = step_folder(out, step) / "mp_rank_00_model_states.pt"
         state = torch.load(path, weights_only=True)
-        state["payload"] = _Payload()
+        state["payload"] = MaliciousPickle()
         torch.save(state, path)
     with pytest.raises(ckpt.CheckpointError) as caught:
         train(load_config(None, tiny(cache, out)))
     message = str(caught.value)
-    assert not _Payload.ran
+    assert not MaliciousPickle.ran
     assert one_sentence(message) and str(step_folder(out, 4)) in message and "mp_rank_00_model_states.pt" in message
-    assert "test_checkpoint_faults._Payload" in message and "allow-list" in message
+    assert "training_runs.MaliciousPickle" in message and "allow-list" in message
     assert "weights_only=False" not in message and "weights_only" not in message
     assert not isinstance(caught.value, ckpt.CheckpointDamaged)  # altered files stop the run: no fallback
     assert step_folder(out, 4).is_dir()
@@ -229,14 +217,8 @@ def test_a_refused_state_dict_reads_as_one_sentence():
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 6 MiB file system (tmpfs) to fill up; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "size=6m") as mount:
+        yield mount
 
 
 def fill(disk: Path, leave: int) -> Path:

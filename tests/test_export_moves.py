@@ -25,7 +25,7 @@ from megatron_mixln.parallel.tensor_parallel import TensorParallel
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.loop import train
-from training_runs import result_summary, run_processes, tiny
+from training_runs import MaliciousPickle, result_summary, run_processes, tiny
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +91,6 @@ def test_mixln_export_of_a_checkpoint_equals_the_runs_own_export(world, override
     assert not (exported / export.EXPORT_OPTIMIZER).exists() and (out / "export" / export.EXPORT_OPTIMIZER).is_file()
 
 
-class _Evil:
-    ran = False
-
-    def __reduce__(self):
-        return (_Evil._run, ())
-
-    @staticmethod
-    def _run():
-        _Evil.ran = True
-        return _Evil
-
 
 def test_mixln_export_refuses_pickles_and_names_a_missing_file(cache, tmp_path, capsys):
     out = tmp_path / "run"
@@ -110,12 +99,12 @@ def test_mixln_export_refuses_pickles_and_names_a_missing_file(cache, tmp_path, 
     optim = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     with torch.serialization.safe_globals(ckpt.deepspeed_checkpoint_globals()):
         state = torch.load(optim, weights_only=True)
-    state["payload"] = _Evil()
+    state["payload"] = MaliciousPickle()
     torch.save(state, optim)
     # zero_to_fp32 asks torch.load for weights_only=False; the export makes it weights_only anyway.
     assert cli._run(cli._export, [str(out), str(tmp_path / "x")]) == 2
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert not _Evil.ran and str(folder) in line and "readable ZeRO-3 checkpoint" in line
+    assert not MaliciousPickle.ran and str(folder) in line and "readable ZeRO-3 checkpoint" in line
 
     out = tmp_path / "zero0"
     run(1, tiny(cache, out, "train.stop_after_step=2"), tmp_path)

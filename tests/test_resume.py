@@ -7,7 +7,7 @@ import torch
 from megatron_mixln.config import load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.loop import train
-from training_runs import result_summary, run_processes, tiny
+from training_runs import MaliciousPickle, result_summary, run_processes, tiny
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +55,6 @@ def test_two_process_resume_is_exact(layout, cache, tmp_path):
     assert_identical_continuation(straight, resumed)
 
 
-class _Evil:
-    ran = False
-
-    def __reduce__(self):
-        return (_Evil._run, ())
-
-    @staticmethod
-    def _run():
-        _Evil.ran = True
-        return _Evil
-
 
 @pytest.mark.parametrize("zero,file", [(0, "mp_rank_00_model_states.pt"),
                                        (1, "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
@@ -75,8 +64,8 @@ def test_checkpoint_loading_refuses_arbitrary_pickles(zero, file, cache, tmp_pat
     path = ckpt.latest_checkpoint(out) / file
     with torch.serialization.safe_globals(ckpt.deepspeed_checkpoint_globals()):
         state = torch.load(path, weights_only=True)  # DeepSpeed's own classes are allowed ...
-    state["payload"] = _Evil()
+    state["payload"] = MaliciousPickle()
     torch.save(state, path)
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         train(load_config(None, tiny(cache, out, "train.steps=2", f"parallel.zero_stage={zero}")))
-    assert not _Evil.ran  # ... and nothing else
+    assert not MaliciousPickle.ran  # ... and nothing else

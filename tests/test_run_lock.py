@@ -14,6 +14,7 @@ import pytest
 from megatron_mixln.config import ConfigError
 from megatron_mixln.train import run_lock
 from megatron_mixln.train.run_lock import LOCK_FILE, RunLock, check_out_dir
+from training_runs import tmpfs
 
 HOLD = ("import sys, time\n"
         "from megatron_mixln.train.run_lock import RunLock\n"
@@ -85,17 +86,8 @@ def test_an_out_dir_that_cannot_be_a_folder_ends_in_one_line(tmp_path):
 
 
 def test_a_read_only_file_system_is_named_in_one_line(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
-    try:
-        with pytest.raises(ConfigError) as caught:
-            RunLock().acquire(mount / "run")
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount, pytest.raises(ConfigError) as caught:
+        RunLock().acquire(mount / "run")
     assert "\n" not in str(caught.value) and "read-only file system" in str(caught.value).lower()
 
 

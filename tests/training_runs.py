@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -149,3 +150,33 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     assert a.keys() == b.keys()
     return max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-30)).item()
                for k in a)
+
+
+class MaliciousPickle:
+    """Runs code when unpickled (records it in `ran`): what a checkpoint must never be allowed to do."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (MaliciousPickle._run, ())
+
+    @staticmethod
+    def _run():
+        MaliciousPickle.ran = True
+        return MaliciousPickle
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A real small file system (e.g. options "size=6m", "ro,size=1m") at `mount`; skips the test where mounting
+    is not allowed (it needs root, as here and in CI)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
