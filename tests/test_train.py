@@ -244,3 +244,27 @@ def test_zero_and_optimizer_offload_in_one_process_match_plain_training(tmp_path
                                   f"parallel.zero_stage={stage}", "parallel.offload_optimizer=true"))
     for step in (1, 2, 3):
         assert offloaded.losses[step] == pytest.approx(plain.losses[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_layer_update_norms_are_how_far_each_layer_moved_between_checkpoints(tmp_path, data_cache, stage):
+    from megatron_mixln.config import config_from_dict
+    from megatron_mixln.train.step import layer_norm_key
+
+    def run_config(out):
+        return config_from_dict(json.loads((out / "config.json").read_text()))
+
+    out = tmp_path / "run"
+    train(tiny_config(out, data_cache, "train.steps=3", "train.save_every=1", "train.keep_checkpoints=3",
+                      "train.layer_grad_norm_every=1", f"parallel.zero_stage={stage}"))
+    records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "layer_update_norms" in r}
+    states = {step: export.checkpoint_weights(out / ckpt.CHECKPOINTS / ckpt.tag_for_step(step), run_config(out))
+              for step in (2, 3)}
+    squares = {}
+    for name, after in states[3].items():
+        key = layer_norm_key(name)
+        squares[key] = squares.get(key, 0.0) + float((after.double() - states[2][name].double()).square().sum())
+    recorded = records[3]["layer_update_norms"]
+    assert recorded.keys() == squares.keys()
+    for key, value in squares.items():
+        assert recorded[key] == pytest.approx(math.sqrt(value), rel=1e-5), key

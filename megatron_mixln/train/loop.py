@@ -160,6 +160,8 @@ def _step_record(step: int, lr: float, outcome: StepResult, seconds: float, posi
         record["skipped"] = True
     if outcome.layer_grad_norms:
         record["layer_grad_norms"] = outcome.layer_grad_norms
+    if outcome.layer_update_norms:
+        record["layer_update_norms"] = outcome.layer_update_norms
     return record
 
 

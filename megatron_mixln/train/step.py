@@ -39,6 +39,7 @@ class StepResult:
     applied: bool  # False: the update was skipped (non-finite loss or gradient); weights and schedule unchanged
     grad_norm: float | None  # global L2 norm of the gradient before clipping
     layer_grad_norms: dict[str, float] = field(default_factory=dict)
+    layer_update_norms: dict[str, float] = field(default_factory=dict)  # ||w_after - w_before|| per layer
 
 
 @dataclass
@@ -116,14 +117,19 @@ class StepEngine:
         self._evaluating = False
         self._want_layer_norms = False
         self._layer_norms: dict[str, float] = {}
+        self._update_norms: dict[str, float] = {}
         # Per-layer norms must read the reduced, unclipped gradients, which exist only between the last backward
         # and the update: both engines pass through _take_model_step there (DeepSpeed 0.19.8).
         take_model_step = engine._take_model_step
 
         def take_model_step_after_reading_gradients(*args, **kwargs):
-            if self._want_layer_norms:
-                self._layer_norms = self._read_layer_norms()
-            return take_model_step(*args, **kwargs)
+            if not self._want_layer_norms:
+                return take_model_step(*args, **kwargs)
+            self._layer_norms = self._read_layer_norms()
+            before = self._local_weights()
+            result = take_model_step(*args, **kwargs)
+            self._update_norms = self._read_update_norms(before)
+            return result
 
         engine._take_model_step = take_model_step_after_reading_gradients
         if engine.optimizer is engine.basic_optimizer:  # fp32 ZeRO-0: DeepSpeed hands our optimiser through bare
@@ -171,7 +177,7 @@ class StepEngine:
             raise ValueError(f"expected {self.micro_batches} micro-batches per step, got {len(micro_batches)}")
         self._step = step
         self._token_scale = self.micro_batches * self.layout.dp / max(global_targets, 1)
-        self._want_layer_norms, self._layer_norms = want_layer_norms, {}
+        self._want_layer_norms, self._layer_norms, self._update_norms = want_layer_norms, {}, {}
         hook = self._inject_gradient_fault() if self.fault is not None and self.fault.step == step else None
         try:
             mean_loss = self._forward_backward_update(micro_batches)
@@ -182,7 +188,8 @@ class StepEngine:
         norm = self.engine.get_global_grad_norm()
         return StepResult(loss=float(mean_loss), target_tokens=int(global_targets), applied=applied,
                           grad_norm=None if norm is None else float(norm),
-                          layer_grad_norms=self._layer_norms if applied else {})
+                          layer_grad_norms=self._layer_norms if applied else {},
+                          layer_update_norms=self._update_norms if applied else {})
 
     def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         """Run the step; return the objective averaged as DeepSpeed averages it (over micro-batches and DP)."""
@@ -215,6 +222,22 @@ class StepEngine:
 
         squares = self._squared_norms(self._counted_gradients(safe_get_full_grad)).double().cpu()
         return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.tolist())}
+
+    def _local_weights(self) -> list[torch.Tensor]:
+        """A copy of this rank's share of every weight: the whole tensor, or its ZeRO-3 partition."""
+        return [getattr(p, "ds_tensor", p).detach().to(self.device, dtype=torch.float32, copy=True)
+                for p in self.module.parameters()]
+
+    def _read_update_norms(self, before: list[torch.Tensor]) -> dict[str, float]:
+        """Per-layer L2 norm of what the update changed (how far each layer moved), counted like the
+        gradient norms; ZeRO-3 partitions are summed over the data-parallel group."""
+        change = {id(p): getattr(p, "ds_tensor", p).detach().float() - old
+                  for p, old in zip(self.module.parameters(), before)}
+        zero3 = any(hasattr(p, "ds_tensor") for p in self.module.parameters())
+        squares = self._squared_norms(self._counted_gradients(lambda p: change[id(p)]))
+        if zero3:  # each DP rank holds a different partition of every parameter
+            self.all_reduce(squares, group=self.layout.dp_group)
+        return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.double().cpu().tolist())}
 
     def _norm_and_clip(self) -> float:
         """GuardedStep's check for the fp32 ZeRO-0 path: the global pre-clip norm of the (DP-averaged)
