@@ -61,7 +61,8 @@ def test_template_is_valid_bash_with_the_requeue_settings(name):
 
 
 def test_templates_and_resumable_sh_are_shellcheck_clean(shellcheck):
-    files = [str(p.relative_to(ROOT)) for p in sorted(SLURM.glob("*.sbatch"))] + ["slurm/resumable.sh"]
+    scripts = sorted(SLURM.glob("*.sbatch")) + sorted((ROOT / "recipes").glob("*.sh"))
+    files = [str(p.relative_to(ROOT)) for p in scripts] + ["slurm/resumable.sh"]
     # -x follows `source slurm/resumable.sh` (its `# shellcheck source=` path is relative to the repository).
     proc = subprocess.run([shellcheck, "-x", *files], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -172,8 +173,20 @@ def test_compare_template_picks_the_placement_of_its_array_task(stub_step, tmp_p
                                                       "train.out_dir=runs/cmp/tiny_mix"]
     assert out.splitlines()[-1] == "mixln-compare runs/cmp/tiny_pre runs/cmp/tiny_mix"
     status, _, out = stub_step("compare", 0, SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_JOB_ID="70", PLACEMENTS="pre mix")
-    assert status == 2 and ("array task 2 has no placement: PLACEMENTS lists 2 (pre mix), so submit with "
-                            "--array=0-1.") in out
+    assert status == 2 and ("array task 2 has no run: the list has 2 (pre:model.norm_placement=pre "
+                            "mix:model.norm_placement=mix), so submit with --array=0-1.") in out
+
+
+def test_compare_template_runs_any_list_of_variants(stub_step, tmp_path):
+    record = tmp_path / "args"
+    _executable(tmp_path / "bin" / "srun", f'printf "%s\\n" "$@" > {record}')
+    status, _, out = stub_step("compare", 0, SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="71", RUNS_DIR="runs/a",
+                               VARIANTS="a0:model.norm_placement=pre a25:model.norm_placement=mix,model.post_layers=6")
+    assert status == 0, out
+    command = record.read_text().splitlines()
+    assert command[command.index("mixln-train"):] == ["mixln-train", "configs/tiny.yaml", "model.norm_placement=mix",
+                                                      "model.post_layers=6", "train.out_dir=runs/a/tiny_a25"]
+    assert out.splitlines()[-1] == "mixln-compare runs/a/tiny_a0 runs/a/tiny_a25"
 
 
 def test_without_slurm_and_without_root_the_cluster_tests_skip_with_the_reason(monkeypatch):
@@ -457,3 +470,28 @@ def test_the_comparison_array_and_its_summary_job(slurm_cluster, cache, tmp_path
     assert done["JobState"] == "COMPLETED" and all(row in log.read_text() for row in rows)
     assert [r["placement"] for r in json.loads((tmp_path / "compare.json").read_text())] == [
         rows[0].split("|")[2].strip(), rows[1].split("|")[2].strip()]
+
+
+@pytest.mark.parametrize("recipe,size,expected", [
+    ("table1.sh", "130m", ["post:model.norm_placement=post", "deepnorm:model.norm_placement=deepnorm",
+                           "pre:model.norm_placement=pre", "mix:model.norm_placement=mix"]),
+    ("alpha_sweep.sh", "1b", [f"post{n}:model.norm_placement=mix,model.post_layers={n}"
+                              for n in (0, 4, 6, 8, 10, 12, 24)]),
+])
+def test_recipes_submit_one_array_of_the_papers_runs(recipe, size, expected, tmp_path):
+    """recipes/*.sh with a stub sbatch: the array size and, through compare.sbatch's own parsing, each task's
+    overrides."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    record = tmp_path / "sbatch.args"
+    _executable(stubs / "sbatch", f'printf "%s\\n" "$@" > {record}; printf "%s\\n" "${{VARIANTS:-}}|'
+                                  f'${{PLACEMENTS:-}}" >> {record}')
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / recipe), size], capture_output=True, text=True,
+                          env={"PATH": f"{stubs}:{os.environ['PATH']}"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = record.read_text().splitlines()
+    assert lines[0] == f"--array=0-{len(expected) - 1}" and lines[2] == f"configs/llama_{size}.yaml"
+    variants, placements = lines[-1].split("|")
+    listed = variants.split() if variants else [f"{p}:model.norm_placement={p}" for p in placements.split()]
+    assert listed == expected
+    assert proc.stdout.strip().endswith(" ".join(f"runs/llama_{size}_{v.split(':')[0]}" for v in expected))
