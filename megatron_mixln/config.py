@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-NORM_PLACEMENTS = ("pre", "post", "mix", "deepnorm", "sandwich", "lns")
+NORM_PLACEMENTS = ("pre", "post", "mix", "deepnorm", "sandwich", "lns", "peri", "hybrid", "hybrid_star")
 KERNEL_CHOICES = ("auto", "triton", "torch", "apex")
 LOSS_REDUCTIONS = ("tokens", "micro_batch_mean")
 
@@ -42,6 +42,9 @@ class ModelConfig:
     scaled_init: bool = False  # std init_std/sqrt(2L) on o_proj and down_proj (paper Table 8)
     scaled_embed_init: bool = False  # embedding std sqrt(2/5) (paper Table 8)
     kernels: str = "auto"  # auto | triton | torch | apex
+    # Start from these weights instead of the seeded initialisation (a fresh run only): a Hugging Face LLaMA
+    # folder, one of our HF exports or a consolidated export of the same model (model/hf.py, load_init_from).
+    init_from: str | None = None
 
     @property
     def head_dim(self) -> int:

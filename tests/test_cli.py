@@ -25,7 +25,8 @@ def test_bad_override_exits_2_with_one_error_line_and_no_traceback():
     proc = run("mixln-train", "configs/tiny.yaml", "model.norm_placement=middle")
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == [
-        "error: model.norm_placement='middle' is invalid: expected one of pre, post, mix, deepnorm, sandwich, lns."]
+        "error: model.norm_placement='middle' is invalid: expected one of pre, post, mix, deepnorm, sandwich, lns, "
+        "peri, hybrid, hybrid_star."]
     assert "Traceback" not in proc.stderr
 
 
@@ -60,9 +61,11 @@ def test_train_export_eval_round_trip(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-5)
 
-    proc = run("mixln-export", out, tmp_path / "hf", "--hf")  # a Mix-LN model has no HF LLaMA equivalent
-    assert proc.returncode == 2
-    assert error_lines(proc.stderr)[0].startswith("error: model.norm_placement='mix' has no transformers LLaMA")
+    proc = run("mixln-export", out, tmp_path / "hf", "--hf")  # Mix-LN: the folder carries its own modeling file
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trust_remote_code=True, with its tokenizer)" in proc.stdout  # tests/test_hf.py loads such folders
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixln_llama"
+    assert (tmp_path / "hf" / "modeling_mixln.py").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
 
     proc = run("mixln-export", tmp_path / "nothing-here", tmp_path / "x")
     assert proc.returncode == 2 and "nothing-here" in error_lines(proc.stderr)[0]

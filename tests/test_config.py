@@ -55,7 +55,9 @@ def test_overrides_take_every_type():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("model.norm_placement=middle", r"model\.norm_placement='middle' is invalid: expected one of pre, post, mix, deepnorm, sandwich, lns\."),
+    ("model.norm_placement=middle",
+     r"model\.norm_placement='middle' is invalid: expected one of pre, post, mix, deepnorm, sandwich, lns, peri, "
+     r"hybrid, hybrid_star\."),
     ("model.mix_alpha=1.5", r"model\.mix_alpha=1\.5 is invalid: expected a number in \[0, 1\]\."),
     ("model.mix_alpha=-0.1", r"model\.mix_alpha=-0\.1 is invalid"),
     ("model.num_heads=7", r"model\.num_heads=7 is invalid: expected a divisor of hidden_size=128\."),
@@ -103,7 +105,7 @@ def test_model_config_is_the_public_dataclass_with_the_paper_defaults():
     names = [f.name for f in dataclasses.fields(ModelConfig)]
     assert names == ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "norm_placement",
                      "mix_alpha", "post_layers", "rms_norm_eps", "rope_theta", "max_seq_len", "init_std",
-                     "scaled_init", "scaled_embed_init", "kernels"]
+                     "scaled_init", "scaled_embed_init", "kernels", "init_from"]
     config = ModelConfig()
     assert (config.vocab_size, config.rms_norm_eps, config.rope_theta, config.max_seq_len) == (32000, 1e-6, 10000.0,
                                                                                              256)

@@ -1,5 +1,5 @@
 """The model against independent references: HF transformers (Pre-LN) and a float64 transcription of
-docs/method.md#exact-definitions."""
+docs/method.md#exact-definitions (every placement, Peri-LN and HybridNorm included)."""
 import math
 
 import pytest
@@ -27,24 +27,30 @@ def ref_rope(x, theta):
     seq, dim = x.shape[-2], x.shape[-1]
     half = dim // 2
     pos = torch.arange(seq, dtype=torch.float64)[:, None]
-    # Frequencies rounded to fp32 as HF defines them; everything after is float64.
-    freq = (theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / dim)).float().double()
+    # Inverse frequencies computed in fp32 as HF defines them (1 / theta^(2j/d), fp32 power); everything after is
+    # float64. Rounding a float64 power instead differs by an ulp, which q/k norms (large scores) make visible.
+    freq = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).double()
     angle = pos * freq[None, :]
     c, s = torch.cos(angle), torch.sin(angle)
     a, b = x[..., :half], x[..., half:]
     return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
 
 
-def ref_attention(x, w, prefix, cfg):
+def ref_attention(x, w, prefix, cfg, qkv_norm=False):
     batch, seq, hidden = x.shape
     heads, dim = cfg.num_heads, hidden // cfg.num_heads
 
     def split(t):
         return t.view(batch, seq, heads, dim).transpose(1, 2)
 
-    q = ref_rope(split(x @ w[prefix + "q_proj.weight"].T), cfg.rope_theta)
-    k = ref_rope(split(x @ w[prefix + "k_proj.weight"].T), cfg.rope_theta)
-    v = split(x @ w[prefix + "v_proj.weight"].T)
+    def project(name):
+        # HybridNorm: each projection normalised over its full width (all heads together), before RoPE.
+        t = x @ w[prefix + f"{name}_proj.weight"].T
+        return ref_rmsnorm(t, w[prefix + f"{name}_norm.weight"], cfg.rms_norm_eps) if qkv_norm else t
+
+    q = ref_rope(split(project("q")), cfg.rope_theta)
+    k = ref_rope(split(project("k")), cfg.rope_theta)
+    v = split(project("v"))
     scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
     future = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
     probs = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1)
@@ -61,6 +67,10 @@ def expected_kind(cfg, i):
     if cfg.norm_placement == "mix":
         post = cfg.post_layers if cfg.post_layers is not None else int(cfg.mix_alpha * cfg.num_layers)
         return "post" if i < post else "pre"
+    if cfg.norm_placement == "peri":
+        return "sandwich"  # Peri-LN's layers are Sandwich blocks; the embedding norm comes on top
+    if cfg.norm_placement == "hybrid_star":
+        return "hybrid_pre" if i == 0 else "hybrid"
     return cfg.norm_placement
 
 
@@ -68,6 +78,8 @@ def ref_forward(w, cfg, ids):
     w = {k: v.double() for k, v in w.items()}
     eps, L = cfg.rms_norm_eps, cfg.num_layers
     x = w["model.embed_tokens.weight"][ids]
+    if cfg.norm_placement == "peri":
+        x = ref_rmsnorm(x, w["model.embed_layernorm.weight"], eps)  # h0 = N_emb(E(tokens))
     for i in range(L):
         p = f"model.layers.{i}."
 
@@ -76,6 +88,9 @@ def ref_forward(w, cfg, ids):
 
         def attn(t):
             return ref_attention(t, w, p + "self_attn.", cfg)
+
+        def attn_qkv(t):
+            return ref_attention(t, w, p + "self_attn.", cfg, qkv_norm=True)
 
         def mlp(t):
             return ref_mlp(t, w, p + "mlp.")
@@ -98,6 +113,13 @@ def ref_forward(w, cfg, ids):
         elif kind == "sandwich":
             h = x + N(attn(N(x, "input_layernorm")), "post_attention_layernorm")
             x = h + N(mlp(N(h, "pre_feedforward_layernorm")), "post_feedforward_layernorm")
+        elif kind == "hybrid":
+            h = x + attn_qkv(x)
+            n = N(h, "post_attention_layernorm")
+            x = n + mlp(n)
+        elif kind == "hybrid_pre":
+            h = x + attn_qkv(N(x, "input_layernorm"))
+            x = h + mlp(N(h, "post_attention_layernorm"))
         else:
             raise AssertionError(kind)
     x = ref_rmsnorm(x, w["model.norm.weight"], eps)
@@ -118,7 +140,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("placement,extra", [
     ("pre", {}), ("post", {}), ("mix", {"mix_alpha": 0.5}), ("mix", {"post_layers": 1}),
-    ("deepnorm", {}), ("sandwich", {}), ("lns", {}),
+    ("deepnorm", {}), ("sandwich", {}), ("lns", {}), ("peri", {}), ("hybrid", {}), ("hybrid_star", {}),
 ])
 def test_layers_equal_float64_reference_of_paper_formulas(placement, extra):
     cfg = tiny(norm_placement=placement, **extra)
@@ -127,7 +149,7 @@ def test_layers_equal_float64_reference_of_paper_formulas(placement, extra):
     ids = torch.randint(0, cfg.vocab_size, (2, 19))
     expected = ref_forward(model.state_dict(), cfg, ids)
     got64 = model.double()(ids)
-    assert rel_err(got64, expected) < 1e-8  # fp64 throughout: only rounding differs
+    assert rel_err(got64, expected) < 1e-12  # fp64 throughout: only rounding differs
     got32 = model.float()(ids).double()
     assert rel_err(got32, expected) < 1e-5
 
@@ -159,7 +181,8 @@ def test_pre_ln_hf_export_loads_with_from_pretrained(tmp_path):
         assert rel_err(model(ids), hf(ids).logits) < 1e-5
 
 
-@pytest.mark.parametrize("placement", ["pre", "post", "mix", "deepnorm", "sandwich", "lns"])
+@pytest.mark.parametrize("placement", ["pre", "post", "mix", "deepnorm", "sandwich", "lns", "peri", "hybrid",
+                                       "hybrid_star"])
 def test_state_dict_uses_paper_parameter_names(placement):
     cfg = tiny(norm_placement=placement, mix_alpha=0.5)
     names = set(build_model(cfg).state_dict())
@@ -170,11 +193,17 @@ def test_state_dict_uses_paper_parameter_names(placement):
                  "post": ["post_attention_layernorm", "post_feedforward_layernorm"],
                  "deepnorm": ["post_attention_layernorm", "post_feedforward_layernorm"],
                  "sandwich": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                              "post_feedforward_layernorm"]}[kind]
+                              "post_feedforward_layernorm"],
+                 "hybrid": ["post_attention_layernorm"] + [f"self_attn.{p}_norm" for p in "qkv"],
+                 "hybrid_pre": ["input_layernorm", "post_attention_layernorm"] + [f"self_attn.{p}_norm" for p in "qkv"],
+                 }[kind]
         layer = {n[len(f"model.layers.{i}."):] for n in names if n.startswith(f"model.layers.{i}.")}
         assert layer == {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {
             f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {f"{n}.weight" for n in norms}
-    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
+    outside = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    if placement == "peri":
+        outside.add("model.embed_layernorm.weight")  # only Peri-LN normalises the embedding output
+    assert {n for n in names if not n.startswith("model.layers.")} == outside
     assert not any("rotary" in n or "bias" in n for n in names)
 
 

@@ -1,4 +1,5 @@
-"""Tensor, pipeline and data parallelism (gloo, CPU) against the single-process run, for pre/post/mix.
+"""Tensor, pipeline and data parallelism (gloo, CPU) against the single-process run, for pre/post/mix (every
+layout) and peri/hybrid_star (the layouts that split what they add: TP2, PP2, TP2 x ZeRO-3).
 
 The layouts run through the real entry point (`torchrun ... mixln-train`), so launch, DeepSpeed engines,
 the pipeline schedule, ZeRO partitioning and the consolidated export are all exercised.
@@ -76,11 +77,15 @@ def cache(tmp_path_factory):
 
 
 RUNS = {"pre": SGD, "post": SGD, "mix": SGD, "mix-adam": ["model.norm_placement=mix"]}  # name -> overrides
+# Peri-LN puts a norm in the embedding stage; HybridNorm* has TP-sharded q/k/v norms and a Pre-LN layer 0. They run
+# in the layouts that split those (and ZeRO-3, which must gather the sharded gains), not in every layout of RUNS.
+PLACEMENT_RUNS = {"peri": SGD, "hybrid_star": SGD}
+PLACEMENT_LAYOUTS = ("tp2", "pp2", "tp2xdp2-zero3")
 
 
 def run_overrides(name: str) -> list[str]:
     placement = name.split("-")[0]
-    return [*MODEL, *RUN, "train.steps=3", f"model.norm_placement={placement}", *RUNS[name]]
+    return [*MODEL, *RUN, "train.steps=3", f"model.norm_placement={placement}", *{**RUNS, **PLACEMENT_RUNS}[name]]
 
 
 @pytest.fixture(scope="module")
@@ -96,32 +101,56 @@ def initial_weights(name: str) -> dict[str, torch.Tensor]:
     return build_model(config.model, seed=config.train.seed).state_dict()
 
 
+def assert_same_run(name: str, run, reference) -> None:
+    """A layout's run of RUNS / PLACEMENT_RUNS entry `name` against the single-process one: losses, gradient norms
+    (global and per layer) and, for SGD, what the three updates changed."""
+    losses, norms, layer_norms, weights = run
+    ref_losses, ref_norms, ref_layer_norms, ref_weights = reference
+    assert sorted(losses) == sorted(layer_norms) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert rel(losses[step], ref_losses[step]) < 1e-5, (name, step)
+        assert rel(norms[step], ref_norms[step]) < 1e-5, (name, step, norms[step], ref_norms[step])
+        assert layer_norms[step].keys() == ref_layer_norms[step].keys()
+        for key, value in ref_layer_norms[step].items():
+            assert rel(layer_norms[step][key], value) < 1e-5, (name, step, key)
+    assert weights.keys() == ref_weights.keys()  # consolidated names do not depend on the layout
+    if "adam" in name:
+        return
+    # What three SGD steps changed, per tensor (L2), relative to the largest change of any tensor: fp32
+    # rounding leaves the same absolute error everywhere, and q/k change ~25x less than the embedding.
+    start = initial_weights(name)
+    updates = {key: (weights[key] - start[key]).double() for key in ref_weights}
+    ref_updates = {key: (value - start[key]).double() for key, value in ref_weights.items()}
+    scale = max(torch.linalg.vector_norm(update) for update in ref_updates.values())
+    for key, ref_update in ref_updates.items():
+        err = (torch.linalg.vector_norm(updates[key] - ref_update) / scale).item()
+        assert err < 1e-5, (name, key, err)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process_losses_gradient_norms_and_updates(layout, single, cache, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     for name in RUNS:
-        losses, norms, layer_norms, weights = run_ok(nproc, tmp_path / name, *run_overrides(name), cache, *overrides)
-        ref_losses, ref_norms, ref_layer_norms, ref_weights = single[name]
-        assert sorted(losses) == sorted(layer_norms) == [1, 2, 3]
-        for step in (1, 2, 3):
-            assert rel(losses[step], ref_losses[step]) < 1e-5, (name, step)
-            assert rel(norms[step], ref_norms[step]) < 1e-5, (name, step, norms[step], ref_norms[step])
-            assert layer_norms[step].keys() == ref_layer_norms[step].keys()
-            for key, value in ref_layer_norms[step].items():
-                assert rel(layer_norms[step][key], value) < 1e-5, (name, step, key)
-        assert weights.keys() == ref_weights.keys()  # consolidated names do not depend on the layout
-        if "adam" in name:
-            continue
-        # What three SGD steps changed, per tensor (L2), relative to the largest change of any tensor: fp32
-        # rounding leaves the same absolute error everywhere, and q/k change ~25x less than the embedding.
-        start = initial_weights(name)
-        updates = {key: (weights[key] - start[key]).double() for key in ref_weights}
-        ref_updates = {key: (value - start[key]).double() for key, value in ref_weights.items()}
-        scale = max(torch.linalg.vector_norm(update) for update in ref_updates.values())
-        for key, ref_update in ref_updates.items():
-            err = (torch.linalg.vector_norm(updates[key] - ref_update) / scale).item()
-            assert err < 1e-5, (name, key, err)
+        run = run_ok(nproc, tmp_path / name, *run_overrides(name), cache, *overrides)
+        assert_same_run(name, run, single[name])
+
+
+@pytest.fixture(scope="module")
+def single_placements(tmp_path_factory, cache):
+    """The single-process reference run of each PLACEMENT_RUNS entry (3 steps)."""
+    return {name: run_ok(1, tmp_path_factory.mktemp(f"single-{name}"), *run_overrides(name), cache)
+            for name in PLACEMENT_RUNS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", PLACEMENT_LAYOUTS)
+@pytest.mark.parametrize("name", list(PLACEMENT_RUNS))
+def test_new_placements_match_single_process_in_the_layouts_that_split_them(name, layout, single_placements, cache,
+                                                                            tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    run = run_ok(nproc, tmp_path / name, *run_overrides(name), cache, *overrides)
+    assert_same_run(name, run, single_placements[name])
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ from torch import nn
 
 from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
-from megatron_mixln.model.norms import (DEEPNORM, LNS, NORM_NAMES, POST, PRE, SANDWICH, RMSNorm,
-                                        deepnorm_residual_scale, norm_placement)
-from megatron_mixln.parallel.mappings import copy_to_tensor_parallel
+from megatron_mixln.model.norms import (DEEPNORM, HYBRID, HYBRID_PRE, LNS, NORM_NAMES, POST, PRE, QKV_NORM_KINDS,
+                                        QKV_NORM_NAMES, SANDWICH, ColumnParallelRMSNorm, RMSNorm,
+                                        deepnorm_residual_scale, local_sum_of_squares, norm_placement)
+from megatron_mixln.parallel.mappings import all_reduce_tensor_parallel, copy_to_tensor_parallel
 from megatron_mixln.parallel.tensor_parallel import NO_TP, ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 
@@ -70,9 +71,13 @@ class Attention(nn.Module):
 
     Under tensor parallelism q/k/v are column-parallel (each rank owns num_heads / tp whole heads) and o_proj
     is row-parallel: one all-reduce forward, one backward (Megatron).
+
+    `qkv_norm` (HybridNorm): q, k and v are each RMS-normalised over the full projection width (not per head)
+    right after their projections, before RoPE: softmax(N_q(W_q x) N_k(W_k x)^T) N_v(W_v x). Under tensor
+    parallelism the three norms share one extra all-reduce each way (ColumnParallelRMSNorm).
     """
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP, qkv_norm: bool = False):
         super().__init__()
         hidden, self.head_dim = config.hidden_size, config.head_dim
         self.tp = tp
@@ -81,19 +86,34 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(hidden, hidden, tp, copy_input=False)
         self.v_proj = ColumnParallelLinear(hidden, hidden, tp, copy_input=False)
         self.o_proj = RowParallelLinear(hidden, hidden, tp)
+        self.qkv_norm = qkv_norm
+        if qkv_norm:
+            for name in QKV_NORM_NAMES:
+                self.add_module(name, ColumnParallelRMSNorm(hidden, config.rms_norm_eps, tp, config.kernels))
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         if self.tp.size > 1:
             x = copy_to_tensor_parallel(x, self.tp.group)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_norm:
+            q, k, v = self._normed_qkv(q, k, v)
         # -1 heads: under tensor parallelism the projections hold only this rank's heads.
-        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         cos, sin = self.rotary(seq, q.dtype, q.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _normed_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.tp.size == 1:
+            return self.q_norm(q), self.k_norm(k), self.v_norm(v)
+        # Each norm needs its full width's sum of squares; the three travel in one all-reduce, not three. The norms
+        # are still called as modules (hooks, and ZeRO-3's fetching of their gains, see them).
+        sums = all_reduce_tensor_parallel(torch.cat([local_sum_of_squares(t) for t in (q, k, v)], dim=-1),
+                                          self.tp.group)
+        return self.q_norm(q, sums[..., 0:1]), self.k_norm(k, sums[..., 1:2]), self.v_norm(v, sums[..., 2:3])
 
 
 class MLP(nn.Module):
@@ -119,14 +139,16 @@ class DecoderLayer(nn.Module):
     Pre-LN / LNS:  h = x + Attn(N1(x));            y = h + MLP(N2(h))       (LNS: N1, N2 scaled by 1/sqrt(i+1))
     Post-LN:       h = N1(x + Attn(x));            y = N2(h + MLP(h))
     DeepNorm:      h = N1(a*x + Attn(x));          y = N2(a*h + MLP(h))     a = (2L)^(1/4)
-    Sandwich:      h = x + N2(Attn(N1(x)));        y = h + N4(MLP(N3(h)))
+    Sandwich:      h = x + N2(Attn(N1(x)));        y = h + N4(MLP(N3(h)))     (also every Peri-LN layer)
+    HybridNorm:    h = x + Attn_qkv(x);            n = N(h); y = n + MLP(n)  (Attn_qkv: q, k, v normalised)
+    HybridNorm* 0: h = x + Attn_qkv(N1(x));        y = h + MLP(N2(h))       (layer 0 of hybrid_star)
     """
 
     def __init__(self, config: ModelConfig, layer_index: int, tp: TensorParallel = NO_TP):
         super().__init__()
         self.layer_index = layer_index  # global: the same under any pipeline split
         self.placement = norm_placement(layer_index, config.num_layers, config)
-        self.self_attn = Attention(config, tp)
+        self.self_attn = Attention(config, tp, qkv_norm=self.placement in QKV_NORM_KINDS)
         self.mlp = MLP(config, tp)
         output_scale = 1.0 / math.sqrt(layer_index + 1) if self.placement == LNS else 1.0
         self.norm_names = NORM_NAMES[self.placement]
@@ -139,7 +161,7 @@ class DecoderLayer(nn.Module):
 
         A residual add that a norm follows is never done alone: the previous layer's last branch output
         (`pending`) is added inside this layer's first norm, and this layer's last branch output is left for
-        the next layer's first norm (or the final norm). Post-LN layers need their input whole.
+        the next layer's first norm (or the final norm). Post-LN and HybridNorm layers need their input whole.
         """
         x, pending = split_stream(stream)
         if self.placement in (PRE, LNS):
@@ -157,6 +179,17 @@ class DecoderLayer(nn.Module):
             attn_out = self.post_attention_layernorm(self.self_attn(normed))
             normed, h = self.pre_feedforward_layernorm.add_and_norm(attn_out, x)
             return h, self.post_feedforward_layernorm(self.mlp(normed))
+        # The HybridNorm kinds hand on one tensor, not a pair: their successor is a HYBRID layer, whose attention
+        # reads its input whole (no norm to fuse the add into), so a pair would only move the add and make a
+        # checkpointed layer keep two tensors; only the final norm after the last layer loses its fused add.
+        if self.placement == HYBRID:
+            x = x if pending is None else x + pending  # the attention reads the un-normalised input, as Post-LN
+            normed, _ = self.post_attention_layernorm.add_and_norm(self.self_attn(x), x)  # n = N(x + Attn(x))
+            return normed + self.mlp(normed)  # the FFN residual is taken after the norm
+        if self.placement == HYBRID_PRE:
+            normed, x = self._first_norm(self.input_layernorm, x, pending)
+            normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(normed), x)
+            return h + self.mlp(normed)
         raise AssertionError(f"unhandled placement {self.placement}")
 
     @staticmethod

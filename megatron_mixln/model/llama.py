@@ -12,11 +12,40 @@ from torch import nn
 from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
 from megatron_mixln.model.layers import DecoderLayer, Stream, split_stream
-from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain
+from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain, has_embedding_norm
 from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
                                                      VocabParallelEmbedding, vocab_parallel_token_losses)
 
 IGNORE_INDEX = -100
+
+
+class Embedding(nn.Module):
+    """The first pipeline stage: the (vocab-parallel) token embedding `embed_tokens` and, for Peri-LN only, the
+    norm of its output `embed_layernorm` (h0 = N_emb(E(tokens))); other placements hold no norm here.
+
+    Its local names are `embed_tokens.weight` (and `embed_layernorm.weight`); the unsplit model registers both
+    submodules under `model.` (MixLNForCausalLM), so their consolidated names are `model.embed_tokens.weight` and
+    `model.embed_layernorm.weight`.
+    """
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.embed_layernorm = (RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
+                                if has_embedding_norm(config) else None)
+        self.register_load_state_dict_pre_hook(_embedding_state_dict_before_the_stage_module)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        return hidden if self.embed_layernorm is None else self.embed_layernorm(hidden)
+
+
+def _embedding_state_dict_before_the_stage_module(module, state_dict, prefix, *args) -> None:
+    # Pipeline checkpoints written while stage 0 was the bare embedding hold its weight as `weight`; DeepSpeed
+    # loads each stage's file strictly, so renaming it keeps those checkpoints resumable.
+    legacy, current = prefix + "weight", prefix + "embed_tokens.weight"
+    if legacy in state_dict and current not in state_dict:
+        state_dict[current] = state_dict.pop(legacy)
 
 
 class LMHead(nn.Module):
@@ -43,7 +72,7 @@ def stage_constructors(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[
     Each module takes the previous one's output (token ids, then the residual stream) and returns its own;
     decoder layers carry their *global* index, so a stage decides Post-LN / Pre-LN as the unsplit model does.
     """
-    return ([(VocabParallelEmbedding, (config.vocab_size, config.hidden_size, tp))]
+    return ([(Embedding, (config, tp))]
             + [(DecoderLayer, (config, index, tp)) for index in range(config.num_layers)]
             + [(LMHead, (config, tp))])
 
@@ -53,11 +82,14 @@ def stage_modules(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[nn.Mo
 
 
 class MixLNModel(nn.Module):
-    """Holds the embedding, the decoder layers and the final norm under HF LlamaModel's names."""
+    """Holds the embedding, the decoder layers and the final norm under HF LlamaModel's names (and Peri-LN's
+    embedding norm as `embed_layernorm`, registered only when there is one, so other state dicts are unchanged)."""
 
-    def __init__(self, embed_tokens: nn.Module, layers: list[nn.Module], norm: nn.Module):
+    def __init__(self, embed_tokens: nn.Module, layers: list[nn.Module], norm: nn.Module,
+                 embed_layernorm: nn.Module | None = None):
         super().__init__()
         self.embed_tokens = embed_tokens
+        self.embed_layernorm = embed_layernorm  # None: a plain attribute, no parameter
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
@@ -69,7 +101,7 @@ class MixLNForCausalLM(nn.Module):
     Built from `stage_modules`, the same modules a pipeline stage holds, and run the way a pipeline stage runs
     them: each through `nn.Module.__call__`, so forward hooks, ZeRO-3's parameter fetching and per-module
     compilation see every layer. Parameters keep HF LLaMA names (model.embed_tokens, model.layers.i, model.norm,
-    lm_head).
+    lm_head; Peri-LN adds model.embed_layernorm).
     """
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
@@ -77,18 +109,19 @@ class MixLNForCausalLM(nn.Module):
         self.config = config
         self.tp = tp
         embedding, *layers, head = stage_modules(config, tp)
-        self.model = MixLNModel(embedding, layers, head.norm)
+        self.model = MixLNModel(embedding.embed_tokens, layers, head.norm, embedding.embed_layernorm)
         self.lm_head = head.lm_head
-        # The head's norm and LM head are registered above under their HF names; the stage module itself stays
-        # outside the module tree, so every parameter has exactly one name.
+        # The first and last stages' parts are registered above under their HF names; the stage modules themselves
+        # stay outside the module tree, so every parameter has exactly one name.
+        self.__dict__["embedding"] = embedding
         self.__dict__["head"] = head
         self.activation_checkpointing = False  # recompute each decoder layer in the backward pass
 
     def stages(self) -> list[nn.Module]:
-        return [self.model.embed_tokens, *self.model.layers, self.head]
+        return [self.embedding, *self.model.layers, self.head]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        stream = self.model.embed_tokens(input_ids)
+        stream = self.embedding(input_ids)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 stream = torch.utils.checkpoint.checkpoint(layer, stream, use_reentrant=False)

@@ -21,12 +21,17 @@ def num_specs(config: ModelConfig) -> int:
     return config.num_layers + 2
 
 
+# Parts of the embedding stage (model/llama.py, Embedding), registered under `model.` in the unsplit model.
+EMBEDDING_PARTS = ("embed_tokens.", "embed_layernorm.")
+
+
 def consolidated_name(spec_name: str, num_layers: int) -> str:
     """`3.self_attn.q_proj.weight` (spec 3 = layer 2) -> `model.layers.2.self_attn.q_proj.weight`, etc."""
     index, rest = spec_name.split(".", 1)
     index = int(index)
     if index == 0:
-        return f"model.embed_tokens.{rest}"
+        # `0.weight`: pipeline checkpoints from when stage 0 was the bare embedding (still exported and resumed).
+        return f"model.{rest}" if rest.startswith(EMBEDDING_PARTS) else f"model.embed_tokens.{rest}"
     if index <= num_layers:
         return f"model.layers.{index - 1}.{rest}"
     return rest if rest.startswith("lm_head") else f"model.{rest}"  # norm / lm_head
@@ -34,8 +39,8 @@ def consolidated_name(spec_name: str, num_layers: int) -> str:
 
 def spec_name(name: str, num_layers: int) -> str:
     """Inverse of consolidated_name."""
-    if name.startswith("model.embed_tokens."):
-        return "0." + name[len("model.embed_tokens."):]
+    if name.startswith(tuple("model." + part for part in EMBEDDING_PARTS)):
+        return "0." + name[len("model."):]
     match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
     if match:
         return f"{int(match.group(1)) + 1}.{match.group(2)}"

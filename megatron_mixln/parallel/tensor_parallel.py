@@ -3,7 +3,8 @@ cross-entropy. With a TP size of 1 they are plain Linear / Embedding / cross-ent
 
 Each sharded parameter records `full_shape` and `partition_dim`, so initialisation can draw the full tensor
 and keep this rank's slice (the same weights at any TP degree), and `tensor_model_parallel = True`, which
-DeepSpeed's gradient-norm code reads to count replicated parameters (the norms) once.
+DeepSpeed's gradient-norm code reads to count replicated parameters (most norms) once. HybridNorm's q/k/v norm
+gains are sharded like the q/k/v columns they scale (`ColumnParallelRMSNorm`, model/norms.py).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class TensorParallel:
 NO_TP = TensorParallel()
 
 
-def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, tp: TensorParallel, what: str) -> nn.Parameter:
+def sharded_parameter(full_shape: tuple[int, ...], partition_dim: int, tp: TensorParallel, what: str) -> nn.Parameter:
+    """An uninitialised parameter holding this rank's slice of `full_shape` along `partition_dim`."""
     shape = list(full_shape)
     shape[partition_dim] = tp.shard(shape[partition_dim], what)
     param = nn.Parameter(torch.empty(shape))
@@ -54,7 +56,7 @@ class _ParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         what = "out_features" if partition_dim == 0 else "in_features"
-        self.weight = _sharded_parameter((out_features, in_features), partition_dim, tp, what)
+        self.weight = sharded_parameter((out_features, in_features), partition_dim, tp, what)
 
     def extra_repr(self) -> str:
         out, inp = self.weight.full_shape
@@ -95,7 +97,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel = NO_TP):
         super().__init__()
         self.tp = tp
-        self.weight = _sharded_parameter((num_embeddings, embedding_dim), 0, tp, "vocab_size")
+        self.weight = sharded_parameter((num_embeddings, embedding_dim), 0, tp, "vocab_size")
         self.vocab_start = tp.rank * self.weight.shape[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

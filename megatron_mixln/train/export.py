@@ -46,13 +46,11 @@ MASTER_WEIGHTS = "fp32"  # the state name of fp32 master weights (as in DeepSpee
 
 def export_unit(name: str, num_layers: int) -> int:
     """The export shard a consolidated parameter lives in: 0 the embedding, i + 1 decoder layer i, and
-    num_layers + 1 the final norm and LM head. A unit never spans two pipeline stages."""
-    from megatron_mixln.model import layer_index_of
+    num_layers + 1 the final norm and LM head: the pipeline layer spec that holds it, so a unit never spans two
+    pipeline stages."""
+    from megatron_mixln.model.stages import spec_name
 
-    if name.startswith("model.embed_tokens."):
-        return 0
-    index = layer_index_of(name)
-    return num_layers + 1 if index is None else index + 1
+    return int(spec_name(name, num_layers).split(".", 1)[0])
 
 
 def export_unit_file(unit: int, num_layers: int, prefix: str = "model") -> str:

@@ -16,8 +16,10 @@ from megatron_mixln.parallel.launch import LaunchError, data_parallel_size
 
 GIB = 2**30
 # Parameters that tensor parallelism splits (Megatron: vocab-parallel embedding and head, column/row-parallel
-# attention and MLP projections). Norm gains are replicated on every TP rank.
-TP_SPLIT = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# attention and MLP projections, and HybridNorm's q/k/v norm gains, sharded like the q/k/v columns they scale:
+# model/norms.py, ColumnParallelRMSNorm). The other norm gains are replicated on every TP rank.
+TP_SPLIT = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+            "q_norm", "k_norm", "v_norm")
 # Bytes per parameter of (weights, gradients, Adam states). bf16: bf16 weights, gradients accumulated and reduced
 # in fp32 (data_types.grad_accum_dtype, train/engine.py), fp32 master weights next to the two moments.
 BYTES_PER_PARAM = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
@@ -44,7 +46,7 @@ def parameter_counts(model_config: ModelConfig) -> dict:
         if "layers" in parts:
             spec = 1 + int(parts[parts.index("layers") + 1])
         else:
-            spec = 0 if "embed_tokens" in parts else num_layers + 1
+            spec = 0 if parts[1].startswith("embed_") else num_layers + 1  # model.embed_tokens, model.embed_layernorm
         specs[spec][0 if _is_split(name) else 1] += param.numel()
     # DeepSpeed's "largest layer": the most parameters held directly by one module (ZeRO-3 gathers one at a time).
     largest = {True: 0, False: 0}

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_mixln.config import Config, ModelConfig
 from megatron_mixln.model import IGNORE_INDEX, layer_index_of, token_losses
+from megatron_mixln.model.norms import has_embedding_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), int64 [micro_batch, seq_len], on the host
 FAULT_VARIABLE = "MIXLN_TEST_FAULT"  # test-only: "loss@STEP" or "grad@STEP" makes that step non-finite
@@ -62,8 +63,10 @@ def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
 
 
 def layer_norm_keys(config: ModelConfig) -> list[str]:
-    """Names of the per-layer gradient norms: embed_tokens, layer_000 ... layer_{L-1}, norm, lm_head."""
-    return ["embed_tokens"] + [f"layer_{i:03d}" for i in range(config.num_layers)] + ["norm", "lm_head"]
+    """Names of the per-layer gradient norms: embed_tokens (and Peri-LN's embed_layernorm), layer_000 ...
+    layer_{L-1}, norm, lm_head."""
+    embedding = ["embed_tokens"] + (["embed_layernorm"] if has_embedding_norm(config) else [])
+    return embedding + [f"layer_{i:03d}" for i in range(config.num_layers)] + ["norm", "lm_head"]
 
 
 def layer_norm_key(name: str) -> str:
