@@ -1,10 +1,55 @@
-"""Interop with Hugging Face transformers: a Pre-LN model *is* an HF LLaMA (same names, same maths)."""
+"""Hugging Face interop, both ways (docs/method.md#hugging-face-interop).
+
+Out (`export_hf`, `mixln-export --hf`): a Pre-LN model *is* a `transformers.LlamaForCausalLM` (same names, same
+maths) and is written as one. Every other placement is written with the modeling files of `hf_modeling/`, which
+the folder carries and names in its config.json `auto_map` (`trust_remote_code=True`); their parameter names are
+ours, so the weights are saved as they are. Either way the folder carries the run's tokenizer.
+
+In (`import_hf`, `mixln-import`; `load_init_from`, `model.init_from`): a transformers LLaMA folder (or one of our
+own HF exports) becomes a consolidated export, or the initial weights of a run in any TP/PP/ZeRO layout, read one
+slice at a time as `train.export.load_export_into` reads an export. The names are the same on both sides, so no
+tensor is renamed; a tied LM head is read from the embedding.
+"""
 from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from megatron_mixln.config import ConfigError, ModelConfig
 
+HF_MODELING = Path(__file__).with_name("hf_modeling")
+MODELING_FILES = ("configuration_mixln.py", "modeling_mixln.py")
+MODEL_TYPE = "mixln_llama"  # config.json model_type of a non-Pre-LN export
+AUTO_MAP = {"AutoConfig": "configuration_mixln.MixLNLlamaConfig",
+            "AutoModelForCausalLM": "modeling_mixln.MixLNLlamaForCausalLM"}
+# What must agree between a run and the weights it starts from. The shape fields make the tensors fit; rope_theta
+# and rms_norm_eps change the function the same tensors compute, so a silent mismatch would start from a
+# different model than the one named.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+FUNCTION_FIELDS = ("norm_placement", "rms_norm_eps", "rope_theta")
+# Text both tokenizers must encode to the same ids before an export carries transformers' one.
+TOKENIZER_PROBE = "Mix-LN puts Post-LN in the first layers, Pre-LN in the rest: 25% of 24 = 6.\n  Ünïcödé, 東京."
+IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # older LLaMA checkpoints save RoPE's buffer; we compute it
 
-def hf_llama_config(config: ModelConfig):
+
+# ------------------------------------------------------------------------------------------------
+# Out: our weights -> a transformers folder
+# ------------------------------------------------------------------------------------------------
+def _token_ids(data_meta: dict | None) -> dict[str, Any]:
+    """Special token ids for the HF config (generation stops at eos): the run's, never LLaMA's defaults 1 and 2."""
+    meta = data_meta or {}
+    return {"bos_token_id": None, "eos_token_id": meta.get("eos_id"), "pad_token_id": meta.get("pad_id")}
+
+
+def hf_llama_config(config: ModelConfig, data_meta: dict | None = None):
     """The `transformers.LlamaConfig` of the same architecture (untied head, no biases, SDPA attention)."""
     import transformers
 
@@ -13,23 +58,506 @@ def hf_llama_config(config: ModelConfig):
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads, rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_seq_len, tie_word_embeddings=False, attention_bias=False,
-        mlp_bias=False, rope_theta=config.rope_theta)
+        mlp_bias=False, rope_theta=config.rope_theta, initializer_range=config.init_std, **_token_ids(data_meta))
     hf_config._attn_implementation = "sdpa"
     return hf_config
 
 
+def mixln_hf_config(config: ModelConfig, data_meta: dict | None = None):
+    """The config of the shipped modeling file (`hf_modeling/configuration_mixln.py`) for any placement."""
+    from megatron_mixln.model.hf_modeling.configuration_mixln import MixLNLlamaConfig
+    from megatron_mixln.model.norms import norm_placement
+
+    placements = [norm_placement(i, config.num_layers, config) for i in range(config.num_layers)]
+    # Every ModelConfig field rides along, so an import gives back the same config (initialisation switches too).
+    ours = {key: value for key, value in vars(config).items() if key not in ("kernels", "init_from")}
+    hf_config = MixLNLlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        norm_placement=config.norm_placement, mix_alpha=config.mix_alpha, post_layers=config.post_layers,
+        layer_placements=placements, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_seq_len, initializer_range=config.init_std, mixln_model=ours,
+        **_token_ids(data_meta))
+    hf_config.auto_map = dict(AUTO_MAP)
+    return hf_config
+
+
 def to_hf_llama(config: ModelConfig, state_dict):
-    """A `transformers.LlamaForCausalLM` holding these weights; only Pre-LN has an HF equivalent."""
+    """A `transformers.LlamaForCausalLM` holding these weights; only Pre-LN has an HF LLaMA equivalent."""
     import transformers
 
     if config.norm_placement != "pre":
         raise ConfigError(f"model.norm_placement={config.norm_placement!r} has no transformers LLaMA equivalent: "
-                          "only pre can be exported in Hugging Face format (use the consolidated export).")
+                          "only pre is a LlamaForCausalLM (to_hf_model gives the shipped modeling file's model).")
     model = transformers.LlamaForCausalLM(hf_llama_config(config))
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
-def save_hf_pretrained(config: ModelConfig, state_dict, out) -> None:
-    """Write a Pre-LN model as a Hugging Face folder that `LlamaForCausalLM.from_pretrained` loads."""
-    to_hf_llama(config, state_dict).save_pretrained(str(out), safe_serialization=True)
+def to_hf_model(config: ModelConfig, state_dict, data_meta: dict | None = None, meta_device: bool = False):
+    """The transformers model of these weights: LlamaForCausalLM for Pre-LN, the shipped modeling file's
+    MixLNLlamaForCausalLM otherwise. `meta_device`: the tensors are taken as they are (no copy, no throw-away
+    initialisation); enough to save it, not to run a LlamaForCausalLM (its RoPE buffer stays unset)."""
+    import torch
+    import transformers
+
+    if config.norm_placement == "pre":
+        cls, hf_config = transformers.LlamaForCausalLM, hf_llama_config(config, data_meta)
+    else:
+        from megatron_mixln.model.hf_modeling.modeling_mixln import MixLNLlamaForCausalLM
+
+        cls, hf_config = MixLNLlamaForCausalLM, mixln_hf_config(config, data_meta)
+    if not meta_device:
+        model = cls(hf_config)
+        model.load_state_dict(state_dict, strict=True)
+        return model
+    with torch.device("meta"):
+        model = cls(hf_config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    dtypes = {tensor.dtype for tensor in state_dict.values()}
+    if len(dtypes) == 1:
+        model.config.dtype = next(iter(dtypes))  # recorded in config.json, as save_pretrained does
+    return model
+
+
+def save_hf_pretrained(config: ModelConfig, state_dict, out, tokenizer=None, data_meta: dict | None = None) -> Path:
+    """Write a transformers folder, atomically: a Pre-LN model as LlamaForCausalLM, any other placement with the
+    shipped modeling files (loaded with trust_remote_code=True); with `tokenizer` (a transformers tokenizer) also
+    its files, so AutoTokenizer.from_pretrained(out) works."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = to_hf_model(config, state_dict, data_meta, meta_device=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if config.norm_placement != "pre":
+        for name in MODELING_FILES:
+            shutil.copyfile(HF_MODELING / name, tmp / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The tokenizer an export carries
+# ------------------------------------------------------------------------------------------------
+def _tokenizer_spec(data_meta: dict | None, spec: str | None) -> str:
+    """The tokenizer to carry: `spec` when given, else the run's (a trained BPE is its prepared folder's
+    tokenizer.json). Raises ValueError with the reason when there is none."""
+    if spec:
+        return spec
+    if not data_meta or not data_meta.get("tokenizer"):
+        raise ValueError("the source records no data metadata with a tokenizer spec")
+    if data_meta["tokenizer"] != "bpe":
+        return data_meta["tokenizer"]
+    path = Path(data_meta.get("folder") or ".") / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"the run's trained BPE {str(path)!r} is gone (its prepared data folder was removed, "
+                         "or the run's paths were relative to another directory)")
+    return str(path)
+
+
+def hf_tokenizer(data_meta: dict | None = None, spec: str | None = None, vocab_size: int | None = None):
+    """transformers' tokenizer for the run's tokenizer (or `spec`): a tokenizer.json (a trained BPE) through
+    PreTrainedTokenizerFast, a SentencePiece .model converted by transformers, an HF name or folder loaded.
+
+    Its eos and pad tokens are set to the run's (our pad falls back to eos); it must encode TOKENIZER_PROBE to our
+    `Tokenizer.encode` ids and fit the model's vocabulary, else it is refused. Returns (tokenizer, None), or
+    (None, the reason as a clause) when none can be built.
+    """
+    from megatron_mixln.data.errors import DataError
+    from megatron_mixln.data.tokenizers import load_tokenizer
+
+    try:
+        spec = _tokenizer_spec(data_meta, spec)
+        ours = load_tokenizer(spec)
+        hf = _build_hf_tokenizer(spec)
+    except (ValueError, DataError, OSError) as err:
+        return None, str(err).rstrip(".")
+    # Ours falls back to eos when there is no pad token; transformers needs it named for padding to work.
+    if hf.eos_token_id != ours.eos_id:
+        hf.eos_token = hf.convert_ids_to_tokens(ours.eos_id)
+    if hf.pad_token_id != ours.pad_id:
+        hf.pad_token = hf.convert_ids_to_tokens(ours.pad_id)
+    # A decoder-only model continues the prompt: batched generation needs the padding on the left.
+    hf.padding_side = "left"
+    got = hf(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if got != ours.encode(TOKENIZER_PROBE):
+        return None, f"transformers' tokenizer built from {spec!r} encodes text differently from the run's"
+    if vocab_size is not None and len(hf) > vocab_size:
+        return None, f"the tokenizer {spec!r} has {len(hf)} tokens, more than the model's vocab_size={vocab_size}"
+    return hf, None
+
+
+def _build_hf_tokenizer(spec: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_file():
+        # A SentencePiece model: transformers converts it (unigram or BPE) when it finds it as tokenizer.model.
+        # LlamaTokenizer would not do: it assumes LLaMA's BPE with byte fallback, and unigram models encode wrong.
+        with tempfile.TemporaryDirectory(prefix="mixln-spm-") as folder:
+            shutil.copyfile(path, Path(folder) / "tokenizer.model")
+            try:
+                return PreTrainedTokenizerFast.from_pretrained(folder)
+            except Exception as err:  # noqa: BLE001 - transformers raises several types for an unconvertible model
+                raise ValueError(f"transformers cannot convert the SentencePiece model {spec!r} ({err})") from None
+    from megatron_mixln.data.sources import hub_unreachable
+
+    offline = None if path.is_dir() else hub_unreachable()
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None)
+    except Exception as err:  # noqa: BLE001 - offline hub, unknown name, broken folder
+        raise ValueError(f"AutoTokenizer cannot load {spec!r}" + (f" ({offline})" if offline else "")) from err
+
+
+# ------------------------------------------------------------------------------------------------
+# export_hf: a run folder, a checkpoint or a consolidated export -> a transformers folder
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Weights:
+    """Full weights under consolidated names, with what is known of the run that made them."""
+
+    model_config: ModelConfig
+    tensors: dict
+    step: int | None
+    data_meta: dict | None
+    source: Path
+
+
+def read_weights(source: str | Path) -> Weights:
+    """The weights of a consolidated export, of a DeepSpeed checkpoint (any layout and ZeRO stage), or of a run
+    folder (its latest checkpoint, else its own export)."""
+    from megatron_mixln.config import config_from_dict
+    from megatron_mixln.train import checkpoint as ckpt
+    from megatron_mixln.train import export
+
+    folder = Path(source)
+    if not folder.exists():
+        raise ckpt.CheckpointError(f"{folder} does not exist: pass a run folder, a checkpoint folder or an export "
+                                   "folder.")
+    if _is_export(folder):
+        model_config, tensors = export.read_export(folder)
+        raw = json.loads((folder / export.EXPORT_CONFIG).read_text())
+        return Weights(model_config, tensors, raw.get("step"), raw.get("data"), folder)
+    if (folder / ckpt.CHECKPOINTS).is_dir():
+        folder = ckpt.latest_checkpoint(folder) or folder
+    if not (folder / ckpt.STATE_FILE).is_file() and _is_export(Path(source) / "export"):
+        return read_weights(Path(source) / "export")  # a run folder whose checkpoints are gone
+    state_path = folder / ckpt.STATE_FILE
+    if not state_path.is_file():
+        raise ckpt.CheckpointError(f"{folder} is neither a run folder with checkpoints, a checkpoint folder (no "
+                                   f"{ckpt.STATE_FILE}) nor an export folder (no {export.EXPORT_CONFIG} with a model).")
+    state = json.loads(state_path.read_text())
+    run_config = config_from_dict(state["config"])
+    tensors = export.checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
+    return Weights(run_config.model, tensors, state.get("step"), state.get("data"), folder)
+
+
+def _is_export(folder: Path) -> bool:
+    """A consolidated export: config.json holding our "model" section (a transformers config.json has none) next
+    to safetensors weights (a run folder's config.json has the section too, but its weights are in checkpoints)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and any(folder.glob("model*.safetensors"))
+
+
+@dataclass
+class HFExport:
+    out: Path
+    step: int | None
+    format: str  # what loads it
+    tokenizer_problem: str | None  # why the folder has no tokenizer; None when it has one
+
+
+def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None) -> HFExport:
+    """Write the model of a run folder, checkpoint or consolidated export as a transformers folder, with its
+    tokenizer (the run's, found through its data metadata, or `tokenizer`: a spec as data.tokenizer takes).
+
+    A tokenizer that cannot be found or built is a warning, not an error: the weights are what a run cost, and
+    the tokenizer can be added later (`tokenizer.save_pretrained(out)`), while a failed export would leave
+    nothing, e.g. once the run's prepared-data cache has been cleaned.
+    """
+    weights = read_weights(source)
+    hf_tok, problem = hf_tokenizer(weights.data_meta, tokenizer, weights.model_config.vocab_size)
+    save_hf_pretrained(weights.model_config, weights.tensors, out, hf_tok, weights.data_meta)
+    if problem is not None:
+        warnings.warn(f"{out} has no tokenizer: {problem}; add one with --tokenizer SPEC (mixln-export) or "
+                      "tokenizer.save_pretrained.", stacklevel=2)
+    pre = weights.model_config.norm_placement == "pre"
+    return HFExport(Path(out), weights.step, "LlamaForCausalLM" if pre else
+                    f"{MODEL_TYPE}, AutoModelForCausalLM with trust_remote_code=True", problem)
+
+
+# ------------------------------------------------------------------------------------------------
+# In: a transformers folder -> our names, shapes and config
+# ------------------------------------------------------------------------------------------------
+def _checkpoint_error(message: str):
+    from megatron_mixln.train.checkpoint import CheckpointError
+
+    return CheckpointError(message)
+
+
+def read_source_config(folder: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, kind) of a folder to start from: kind "llama" (transformers LlamaForCausalLM), MODEL_TYPE
+    (our own HF export) or "export" (our consolidated export). Never runs code from the folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise _checkpoint_error(f"{folder} is not a Hugging Face model folder or an export: it has no config.json.")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise _checkpoint_error(f"{folder / 'config.json'} is not valid JSON ({err}).") from None
+    if _is_export(folder):
+        from megatron_mixln.train.export import export_files
+
+        return export_files(folder)[0], "export"
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type == "llama":
+        return _llama_model_config(folder), "llama"
+    if model_type == MODEL_TYPE:
+        return _mixln_model_config(folder), MODEL_TYPE
+    raise ConfigError(f"{folder} holds a model_type={model_type!r} model, not a LLaMA: only 'llama' "
+                      f"(LlamaForCausalLM) and {MODEL_TYPE!r} (mixln-export --hf) folders can be imported.")
+
+
+def _llama_model_config(folder: Path) -> ModelConfig:
+    import transformers
+
+    hf = transformers.LlamaConfig.from_pretrained(str(folder))
+    heads = hf.num_attention_heads
+    rope = getattr(hf, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not rope and getattr(hf, "rope_scaling", None):  # transformers 4
+        rope_type = hf.rope_scaling.get("rope_type", hf.rope_scaling.get("type"))
+    problems = []
+    if (hf.num_key_value_heads or heads) != heads:
+        problems.append(f"grouped-query attention (num_key_value_heads={hf.num_key_value_heads}, "
+                        f"num_attention_heads={heads})")
+    if getattr(hf, "head_dim", None) not in (None, hf.hidden_size // heads):
+        problems.append(f"head_dim={hf.head_dim} (not hidden_size / num_attention_heads)")
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        problems.append("bias terms (attention_bias / mlp_bias)")
+    if hf.hidden_act != "silu":
+        problems.append(f"hidden_act={hf.hidden_act!r}")
+    if rope_type not in (None, "default"):
+        problems.append(f"RoPE scaling {rope_type!r}")
+    if problems:
+        raise ConfigError(f"{folder} is a LLaMA this stack cannot represent: it uses {', '.join(problems)}, where "
+                          "this model has multi-head attention without biases, SwiGLU and plain RoPE.")
+    config = ModelConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+                         num_layers=hf.num_hidden_layers, num_heads=heads, norm_placement="pre",
+                         rms_norm_eps=hf.rms_norm_eps, rope_theta=float(rope_theta or 10000.0),
+                         max_seq_len=hf.max_position_embeddings, init_std=hf.initializer_range)
+    config.validate(prefix=f"{folder}: model")
+    return config
+
+
+def _mixln_model_config(folder: Path) -> ModelConfig:
+    from megatron_mixln.model.hf_modeling.configuration_mixln import MixLNLlamaConfig
+
+    hf = MixLNLlamaConfig.from_pretrained(str(folder))  # our own class from our package, not the folder's file
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    extra = {key: value for key, value in (getattr(hf, "mixln_model", None) or {}).items() if key in known}
+    config = ModelConfig(**{**extra, "vocab_size": hf.vocab_size, "hidden_size": hf.hidden_size,
+                            "intermediate_size": hf.intermediate_size, "num_layers": hf.num_hidden_layers,
+                            "num_heads": hf.num_attention_heads, "norm_placement": hf.norm_placement,
+                            "mix_alpha": hf.mix_alpha, "post_layers": hf.post_layers, "rms_norm_eps": hf.rms_norm_eps,
+                            "rope_theta": hf.rope_theta, "max_seq_len": hf.max_position_embeddings,
+                            "kernels": "auto", "init_from": None})
+    config.validate(prefix=f"{folder}: model")
+    return config
+
+
+class _TensorPiece:
+    """A loaded tensor behind safetensors' slice interface (get_shape, indexing), for `_tp_slice`."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def get_shape(self):
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index):
+        return self.tensor[index]
+
+
+class HFTensors:
+    """The tensors of a transformers folder by name, read lazily: safetensors (one file or shards with their
+    index) as slices, or pytorch_model.bin memory-mapped with weights_only=True (never unpickling code)."""
+
+    def __init__(self, folder: str | Path):
+        import torch
+        from safetensors import safe_open
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+        self.folder = folder = Path(folder)
+        self.where: dict[str, Any] = {}
+        for index_name, single in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
+            if (folder / index_name).is_file():
+                files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            elif (folder / single).is_file():
+                files = [single]
+            else:
+                continue
+            for file in files:
+                path = folder / file
+                if Path(file).name != file or not path.is_file():
+                    raise _checkpoint_error(f"{folder / index_name} lists {file}, which is not in {folder}: the "
+                                            "folder is incomplete.")
+                if file.endswith(".safetensors"):
+                    handle = safe_open(str(path), framework="pt")
+                    self.where.update({name: (handle, name) for name in handle.keys()})
+                else:
+                    try:
+                        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    except Exception as err:  # noqa: BLE001 - torch raises several types for a foreign file
+                        raise _checkpoint_error(f"{path} cannot be read with weights_only=True ({err}).") from None
+                    self.where.update({name: (None, tensor) for name, tensor in state.items()})
+            return
+        raise _checkpoint_error(f"{folder} holds no weights: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} "
+                                f"with its shards, or {WEIGHTS_NAME}.")
+
+    def piece(self, name: str):
+        handle, key = self.where[name]
+        return handle.get_slice(key) if handle is not None else _TensorPiece(key)
+
+
+def _ties_head(folder: Path, kind: str) -> bool:
+    """Whether the folder's LM head is its embedding (tie_word_embeddings, as transformers resolves the default)."""
+    if kind != "llama":
+        return False  # our exports are untied
+    import transformers
+
+    return bool(transformers.LlamaConfig.from_pretrained(str(folder)).tie_word_embeddings)
+
+
+def _source_names(tensors: HFTensors, model_config: ModelConfig, folder: Path, kind: str) -> dict[str, str]:
+    """Our consolidated name -> the folder's tensor name: the same name, except a tied LM head, which is the
+    embedding. Refuses (one sentence) a folder missing a tensor or holding one this model has no place for."""
+    import torch
+
+    from megatron_mixln.model.llama import MixLNForCausalLM
+
+    with torch.device("meta"):
+        expected = dict(MixLNForCausalLM(dataclasses.replace(model_config, kernels="auto")).named_parameters())
+    names = {name: name for name in expected}
+    if "lm_head.weight" not in tensors.where and _ties_head(folder, kind):
+        names["lm_head.weight"] = "model.embed_tokens.weight"  # save_pretrained keeps one tensor for both
+    missing = sorted(source for source in names.values() if source not in tensors.where)
+    unexpected = sorted(name for name in tensors.where
+                        if name not in expected and not name.endswith(IGNORED_HF_TENSORS))
+    if missing or unexpected:
+        raise _checkpoint_error(f"{folder} does not hold the tensors of its config's model: "
+                                + "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
+                                                              f"unexpected {unexpected[:3]}" if unexpected else "")
+                                            if part) + ".")
+    for name, param in expected.items():
+        shape = tuple(tensors.piece(names[name]).get_shape())
+        if shape != tuple(param.shape):
+            raise _checkpoint_error(f"{folder}: {names[name]} has shape {shape}, but its config.json makes it "
+                                    f"{tuple(param.shape)}.")
+    return names
+
+
+def import_hf(folder: str | Path, out: str | Path) -> tuple[Path, ModelConfig, str]:
+    """Write a transformers LLaMA folder (or one of our HF exports) as a consolidated export: per-unit shards
+    under our names, one unit in memory at a time. Returns (out, its ModelConfig, the source's kind)."""
+    from megatron_mixln.train import export
+
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise _checkpoint_error(f"{folder} does not exist: pass a Hugging Face model folder (config.json + weights).")
+    model_config, kind = read_source_config(folder)
+    if kind == "export":
+        raise _checkpoint_error(f"{folder} is already a consolidated export: use it as it is (model.init_from or "
+                                "train.resume).")
+    tensors = HFTensors(folder)
+    names = _source_names(tensors, model_config, folder, kind)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = export._UnitWriter(tmp, model_config.num_layers)
+    for name in sorted(names, key=lambda name: export.export_unit(name, model_config.num_layers)):
+        writer.add(name, tensors.piece(names[name])[:])  # the writer writes and frees a unit when the next begins
+    writer.close()
+    extra = {"step": 0, "imported_from": {"folder": str(folder.resolve()), "kind": kind}}
+    export._publish_export(tmp, out, model_config, extra, writer.index)
+    return out, model_config, kind
+
+
+# ------------------------------------------------------------------------------------------------
+# model.init_from: start a run from a transformers folder or an export, in any layout
+# ------------------------------------------------------------------------------------------------
+def check_same_model(source: ModelConfig, run: ModelConfig, where: str) -> None:
+    """Refuse, in one sentence naming every differing field, weights of another model than the run's."""
+    from megatron_mixln.model.norms import norm_placement
+
+    differ = [field for field in SHAPE_FIELDS + FUNCTION_FIELDS if getattr(source, field) != getattr(run, field)]
+    if not differ and source.norm_placement == "mix":
+        kinds = [[norm_placement(i, c.num_layers, c) for i in range(c.num_layers)] for c in (source, run)]
+        if kinds[0] != kinds[1]:
+            differ = ["post_layers"] if source.post_layers is not None else ["mix_alpha"]
+    if differ:
+        raise ConfigError(f"{where} holds a model with " + ", ".join(f"{f}={getattr(source, f)!r}" for f in differ)
+                          + ", but this run has " + ", ".join(f"model.{f}={getattr(run, f)!r}" for f in differ)
+                          + "; set these to the source's values (a different vocabulary, norm, RoPE base or "
+                          "placement would start from another model than the one named).")
+
+
+def init_from_applies(config) -> bool:
+    """Whether model.init_from initialises this run: only a fresh start; a resumed run continues its own weights
+    (train.resume=auto finds a checkpoint, or names a checkpoint or export)."""
+    if not config.model.init_from:
+        return False
+    if config.train.resume == "none":
+        return True
+    if config.train.resume == "auto":
+        from megatron_mixln.train.checkpoint import checkpoint_candidates
+
+        return not checkpoint_candidates(Path(config.train.out_dir))
+    return False
+
+
+def load_init_from(module, config, layout) -> None:
+    """Overwrite this rank's part of a freshly built model (any TP/PP layout; ZeRO-3 partitioned parameters are
+    gathered while written) with the weights of `config.model.init_from`: a transformers LLaMA folder, one of our
+    HF exports or a consolidated export. Each rank reads only its slices, one tensor at a time."""
+    import torch
+
+    from megatron_mixln.train import export
+    from megatron_mixln.train.checkpoint import _is_rank0
+
+    source = Path(config.model.init_from)
+    where = f"model.init_from={str(source)!r}"
+    if not source.is_dir():
+        raise ConfigError(f"{where} is invalid: expected a Hugging Face LLaMA folder (config.json + safetensors) or "
+                          "an export folder, and it does not exist.")
+    source_config, kind = read_source_config(source)
+    check_same_model(source_config, config.model, where)
+    if kind == "export":
+        export.load_export_into(module, source, config.model, layout)  # weights only: the optimiser starts fresh
+    else:
+        tensors = HFTensors(source)
+        names = _source_names(tensors, source_config, source, kind)
+        tp = layout.tensor_parallel
+        with torch.no_grad():
+            for name, param in export._names_and_parameters(module, config.model, layout):
+                value = export._tp_slice(tensors.piece(names[name]), param, tp)
+                with export.gathered(param):
+                    param.data.copy_(value)
+                if export._deepspeed_managed(param):  # after the engine: its fp32 master is a copy to set too
+                    from deepspeed.utils import safe_set_full_fp32_param
+
+                    safe_set_full_fp32_param(param, value.float())
+                del value
+    if _is_rank0():
+        print(f"initialised the model from {source} ({kind}: {source_config.num_layers} layers, "
+              f"{source_config.norm_placement})", file=sys.stdout, flush=True)

@@ -13,11 +13,11 @@ from typing import Any
 from megatron_mixln.config import Config, ConfigError
 
 # Fields that may change freely: how the run is observed and saved, not what it computes.
-FREE = {"model.kernels", "data.cache_dir", "data.num_proc", "data.cache_shared", "data.max_eval_documents",
-        "train.out_dir", "train.log_every", "train.layer_grad_norm_every", "train.eval_every", "train.eval_sequences",
-        "train.save_every", "train.keep_checkpoints", "train.resume", "train.resume_changes",
-        "train.stop_after_step", "train.on_nonfinite", "train.max_consecutive_skips", "train.tensorboard",
-        "train.wandb", "train.wandb_project", "train.progress_bar", "train.micro_batch_size",
+FREE = {"model.kernels", "model.init_from", "data.cache_dir", "data.num_proc", "data.cache_shared",
+        "data.max_eval_documents", "train.out_dir", "train.log_every", "train.layer_grad_norm_every",
+        "train.eval_every", "train.eval_sequences", "train.save_every", "train.keep_checkpoints", "train.resume",
+        "train.resume_changes", "train.stop_after_step", "train.on_nonfinite", "train.max_consecutive_skips",
+        "train.tensorboard", "train.wandb", "train.wandb_project", "train.progress_bar", "train.micro_batch_size",
         "parallel.activation_checkpointing", "parallel.pipeline_partition"}
 # The LR schedule and the optimiser's hyper-parameters: carried on with train.resume_changes=allow.
 SCHEDULE = {"train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_fraction", "train.betas",
