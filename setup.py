@@ -39,9 +39,12 @@ setup(
             "mixln-train=megatron_mixln.cli:train_main",
             "mixln-prepare=megatron_mixln.cli:prepare_main",
             "mixln-export=megatron_mixln.cli:export_main",
+            "mixln-import=megatron_mixln.cli:import_main",
             "mixln-eval=megatron_mixln.cli:eval_main",
             "mixln-bench=megatron_mixln.cli:bench_main",
             "mixln-compare=megatron_mixln.summary:main",
+            "mixln-analyze=megatron_mixln.cli:analyze_main",
+            "mixln-study=megatron_mixln.study:console_main",
         ]
     },
 )

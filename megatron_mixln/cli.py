@@ -1,4 +1,5 @@
-"""Console entry points: mixln-train, mixln-prepare, mixln-eval, mixln-export, mixln-bench.
+"""Console entry points: mixln-train, mixln-prepare, mixln-eval, mixln-export, mixln-import, mixln-bench,
+mixln-analyze.
 
 Every command parses its arguments before importing torch, DeepSpeed, transformers or datasets (seconds each on a
 cold cluster file system), so `--help` and usage errors answer at once.
@@ -149,16 +150,34 @@ def _export_parser() -> argparse.ArgumentParser:
         "Write a consolidated export (safetensors shards under HF LLaMA names, see docs/method.md#parameter-names, "
         "+ config.json) from a checkpoint of any layout (tp x pp x dp) and ZeRO stage. Weights only: the export "
         "a run writes itself (train.stop_after_step) also carries the optimiser state."))
-    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder; with --hf "
+                                           "also an export folder")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--hf", action="store_true",
-                        help="write a Hugging Face LlamaForCausalLM folder instead (Pre-LN models only)")
+                        help="write a Hugging Face folder with the run's tokenizer instead: LlamaForCausalLM for "
+                             "Pre-LN, any other placement with its modeling file (trust_remote_code=True)")
+    parser.add_argument("--tokenizer", metavar="SPEC",
+                        help="with --hf: the tokenizer to carry, as data.tokenizer takes it (default: the run's)")
     return parser
 
 
 def _export(argv) -> int:
     args = _export_parser().parse_args(argv)  # before the imports: --help needs no torch
     _select_accelerator()
+    if args.hf:
+        import warnings
+
+        from megatron_mixln.model.hf import export_hf
+
+        with warnings.catch_warnings():  # the missing tokenizer is said below, in one line
+            warnings.simplefilter("ignore")
+            done = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
+        if done.tokenizer_problem is not None:
+            print(f"warning: {args.out} has no tokenizer: {done.tokenizer_problem}; pass --tokenizer SPEC (as "
+                  "data.tokenizer takes it) to add one.", file=sys.stderr)
+        print(f"exported step {done.step} to {args.out} (Hugging Face: {done.format}"
+              + (", with its tokenizer)" if done.tokenizer_problem is None else ")"))
+        return 0
     from megatron_mixln.config import config_from_dict
     from megatron_mixln.train import checkpoint as ckpt
     from megatron_mixln.train import export
@@ -173,15 +192,33 @@ def _export(argv) -> int:
     state = json.loads(state_path.read_text())
     run_config = config_from_dict(state["config"])
     weights = export.checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
-    if args.hf:
-        from megatron_mixln.model.hf import save_hf_pretrained
-
-        save_hf_pretrained(run_config.model, weights, args.out)
-        print(f"exported step {state['step']} to {args.out} (Hugging Face LlamaForCausalLM format)")
-        return 0
     extra = {"step": state["step"], "data": state.get("data"), "run_config": state["config"]}  # as a run's export
     out = export.export_consolidated(weights, run_config.model, args.out, extra=extra)
     print(f"exported step {state['step']} to {out}")
+    return 0
+
+
+def _import_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixln-import", description=(
+        "Turn a Hugging Face LLaMA folder (LlamaForCausalLM, or a mixln-export --hf folder) into a consolidated "
+        "export, to train from with model.init_from=OUT (or train.resume=OUT) in any parallel layout."))
+    parser.add_argument("hf_folder", help="a transformers model folder: config.json and safetensors (or "
+                                          "pytorch_model.bin) weights")
+    parser.add_argument("out", help="export folder to write")
+    return parser
+
+
+def _import(argv) -> int:
+    args = _import_parser().parse_args(argv)  # before the imports: --help needs no torch
+    _select_accelerator()
+    from megatron_mixln.model.hf import import_hf
+
+    out, model_config, kind = import_hf(args.hf_folder, args.out)
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    has_tokenizer = any((Path(args.hf_folder) / name).is_file() for name in tokenizer_files)
+    print(f"imported {args.hf_folder} ({kind}, {model_config.num_layers} layers, norm_placement="
+          f"{model_config.norm_placement}) to {out}; train from it with model.init_from={out}"
+          + (f" and data.tokenizer={args.hf_folder}" if has_tokenizer else ""))
     return 0
 
 
@@ -223,6 +260,58 @@ def _eval(argv) -> int:
     loss = total / count
     print(json.dumps({"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "sequences": len(indices),
                       "tokens": count}))
+    return 0
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        steps = []
+    if not steps or any(step < 0 for step in steps):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of steps, e.g. 100,1000,5000")
+    return steps
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixln-analyze", description=(
+        "The paper's analyses of one or more runs (docs/method.md#analyses): angular distance between layers, "
+        "the held-out loss with each layer removed, gradient norm by depth and the loss curves, as PNG figures, "
+        "analysis.json and report.md; several runs are overlaid in each figure."))
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="a run folder (its export, else its latest checkpoint), an export or a checkpoint folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the figures, analysis.json, report.md")
+    parser.add_argument("--data", metavar="SOURCE",
+                        help="held-out text instead of each run's own eval split: a data.source (a local file or "
+                             "folder is used whole; c4 / hf:NAME give their validation split), encoded with the "
+                             "run's tokenizer")
+    parser.add_argument("--sequences", type=int, metavar="N",
+                        help="held-out sequences to evaluate on (default: the run's train.eval_sequences)")
+    parser.add_argument("--steps", type=_steps_list, metavar="S1,S2,...",
+                        help="steps of the gradient-norm-by-depth profiles (default: a few spread over training)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--batch-size", type=int, metavar="B",
+                        help="sequences per forward pass (default: the run's train.micro_batch_size)")
+    return parser
+
+
+def _analyze(argv) -> int:
+    args = _analyze_parser().parse_args(argv)  # before the imports: --help and usage errors need no torch
+    for name in ("sequences", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            from megatron_mixln.config import ConfigError
+
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: expected a positive "
+                              "integer.")
+    _select_accelerator()
+    from megatron_mixln.analysis import report
+
+    numbers = report(args.runs, args.out, data=args.data, sequences=args.sequences, steps=args.steps,
+                     device=args.device, batch_size=args.batch_size)
+    for note in numbers["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {Path(args.out) / 'report.md'}, {Path(args.out) / 'analysis.json'} and "
+          f"{len(numbers['figures'])} figures")
     return 0
 
 
@@ -270,9 +359,17 @@ def export_main() -> None:
     sys.exit(_run(_export, sys.argv[1:]))
 
 
+def import_main() -> None:
+    sys.exit(_run(_import, sys.argv[1:]))
+
+
 def eval_main() -> None:
     sys.exit(_run(_eval, sys.argv[1:]))
 
 
 def bench_main() -> None:
     sys.exit(_run(_bench, sys.argv[1:]))
+
+
+def analyze_main() -> None:
+    sys.exit(_run(_analyze, sys.argv[1:]))

@@ -1,0 +1,242 @@
+"""The analysis figures as PNGs (matplotlib, Agg): several runs in each, one colour per run throughout.
+
+Each `plot_*` takes the `RunAnalysis` list of `report.analyse`, writes one PNG and returns (path or None when no
+run has the data, notes): a note is one sentence saying how runs of different shapes were combined.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+ANGULAR_PROFILE = "angular_distance_n1.png"
+ANGULAR_MAPS = "angular_distance_maps.png"
+LAYER_REMOVAL = "layer_removal.png"
+GRADIENT_PROFILES = "gradient_norms_by_depth.png"
+GRADIENT_MAPS = "gradient_norms_heatmap.png"
+LOSS_CURVES = "loss_curves.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node; set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_colour(index: int):
+    """The colour of the index-th run, the same in every figure."""
+    return _pyplot().get_cmap("tab10")(index % 10)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def _grid(count: int, width: float = 4.6, height: float = 3.8, columns: int = 3):
+    plt = _pyplot()
+    cols = min(columns, count)
+    rows = math.ceil(count / cols)
+    # Constrained layout: panel labels and a shared colour bar never overlap their neighbours.
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=120, squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _integer_ticks(ax, x: bool = False, y: bool = False) -> None:
+    """Layers, spans and steps are integers: no tick at 0.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    if x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def depth_positions(num_layers: int, relative: bool) -> np.ndarray:
+    """Where layer l sits on a depth axis: l, or (l + 0.5) / L, the middle of its slice of the depth."""
+    layers = np.arange(num_layers)
+    return (layers + 0.5) / num_layers if relative else layers.astype(float)
+
+
+def _depth_axis(counts: list[int], what: str) -> tuple[bool, list[str]]:
+    """Whether depth must be relative (the runs' layer counts differ), and the note saying so."""
+    if len(set(counts)) <= 1:
+        return False, []
+    return True, [f"{what}: the runs have {', '.join(map(str, sorted(set(counts))))} layers, so depth is drawn as "
+                  "relative depth (layer + 0.5) / L."]
+
+
+def _depth_label(relative: bool) -> str:
+    return "relative depth (layer + 0.5) / L" if relative else "layer"
+
+
+def plot_angular_profile(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """d(l, 1) against depth, one line per run."""
+    shown = [a for a in analyses if a.angular is not None]
+    if not shown:
+        return None, []
+    relative, notes = _depth_axis([a.num_layers for a in shown], "angular distance d(l, 1)")
+    fig, ax = _pyplot().subplots(figsize=(7.5, 4.4), dpi=120, layout="constrained")
+    for a in shown:
+        ax.plot(depth_positions(a.num_layers, relative), a.angular[:, 0], "o-", ms=4, color=a.colour, label=a.label)
+    ax.set_xlabel(_depth_label(relative))
+    ax.set_ylabel("angular distance d(l, 1)")
+    ax.set_title("angular distance between each layer's input and output (held-out tokens)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / ANGULAR_PROFILE), notes
+
+
+def plot_angular_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """d(l, n) over start layer l and span n, one panel per run on one colour scale (as the paper's figure)."""
+    plt = _pyplot()
+    shown = [a for a in analyses if a.angular is not None]
+    if not shown:
+        return None, []
+    top = max(float(np.nanmax(a.angular)) for a in shown) or 1.0
+    fig, axes = _grid(len(shown))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")  # l + n > L: no such pair
+    image = None
+    for ax, a in zip(axes, shown):
+        count = a.num_layers
+        # Transposed so that, as in the paper's figure, the start layer runs along x and the span up the y axis.
+        image = ax.imshow(a.angular.T, origin="lower", cmap=cmap, vmin=0.0, vmax=top, aspect="auto",
+                          extent=(-0.5, count - 0.5, 0.5, count + 0.5), interpolation="nearest")
+        ax.set_xlabel("start layer l")
+        ax.set_ylabel("span n (layers)")
+        _integer_ticks(ax, x=True, y=True)
+        ax.set_title(a.label, fontsize=9)
+    fig.colorbar(image, ax=axes, label="angular distance d(l, n)", shrink=0.9)
+    return _save(fig, out_dir / ANGULAR_MAPS), []
+
+
+def plot_layer_removal(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """Held-out loss increase when each layer is replaced by the identity: grouped bars per layer when the runs
+    have the same depth, one panel per run otherwise."""
+    shown = [a for a in analyses if a.removal is not None]
+    if not shown:
+        return None, []
+    counts = {a.num_layers for a in shown}
+    ylabel = "loss increase without the layer (nats)"
+    if len(counts) == 1:
+        plt = _pyplot()
+        count = counts.pop()
+        fig, ax = plt.subplots(figsize=(max(7.5, 0.35 * count * len(shown)), 4.4), dpi=120, layout="constrained")
+        width = 0.8 / len(shown)
+        for i, a in enumerate(shown):
+            x = np.arange(count) - 0.4 + width * (i + 0.5)
+            ax.bar(x, [entry["loss_increase"] for entry in a.removal], width=width, color=a.colour, label=a.label)
+        ax.set_xticks(np.arange(count))
+        ax.set_xlabel("removed layer")
+        axes, notes = [ax], []
+        ax.legend(fontsize=8)
+    else:
+        fig, axes = _grid(len(shown))
+        for ax, a in zip(axes, shown):
+            ax.bar(np.arange(a.num_layers), [entry["loss_increase"] for entry in a.removal], color=a.colour)
+            ax.set_xlabel("removed layer")
+            ax.set_title(a.label, fontsize=9)
+        notes = [f"layer removal: the runs have {', '.join(map(str, sorted(counts)))} layers, so each run's bars "
+                 "are drawn in a panel of its own."]
+    for ax in axes:
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].figure.suptitle("performance drop when one layer is replaced by the identity (held-out loss)")
+    return _save(axes[0].figure, out_dir / LAYER_REMOVAL), notes
+
+
+def plot_gradient_profiles(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """Per-layer gradient norm against depth, one panel per profile step, one line per run."""
+    shown = [a for a in analyses if a.gradients is not None and a.gradients.chosen]
+    notes = [f"gradient norms: {a.label} has no per-layer gradient norms in its metrics.jsonl "
+             "(train.layer_grad_norm_every=0, or no metrics.jsonl found), so it is left out."
+             for a in analyses if a not in shown]
+    if not shown:
+        return None, notes
+    relative, depth_notes = _depth_axis([a.num_layers for a in shown], "gradient norms by depth")
+    slots = max(len(a.gradients.chosen) for a in shown)
+    fig, axes = _grid(slots)
+    for slot, ax in enumerate(axes):
+        steps = {a.gradients.chosen[slot] for a in shown if slot < len(a.gradients.chosen)}
+        shared = len(steps) == 1
+        for a in shown:
+            if slot >= len(a.gradients.chosen):
+                continue
+            step = a.gradients.chosen[slot]
+            norms = a.gradients.at(step)
+            ax.plot(depth_positions(len(norms), relative), norms, "o-", ms=3, color=a.colour,
+                    label=a.label if shared else f"{a.label}, step {step}")
+        ax.set_title(f"step {steps.pop()}" if shared else f"profile {slot + 1} of {slots} (steps differ)", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_xlabel(_depth_label(relative))
+        ax.set_ylabel("gradient L2 norm of the layer")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    return _save(fig, out_dir / GRADIENT_PROFILES), notes + depth_notes
+
+
+def plot_gradient_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """Per-layer gradient norm over layer x step, one panel per run, one logarithmic colour scale."""
+    from matplotlib.colors import LogNorm
+
+    shown = [a for a in analyses if a.gradients is not None and a.gradients.steps and a.gradients.layers]
+    if not shown:
+        return None, []
+    values = np.concatenate([a.gradients.norms[np.isfinite(a.gradients.norms) & (a.gradients.norms > 0)]
+                             for a in shown])
+    norm = LogNorm(vmin=values.min(), vmax=values.max()) if values.size else None
+    fig, axes = _grid(len(shown), width=5.2)
+    mesh = None
+    for ax, a in zip(axes, shown):
+        steps = np.array(a.gradients.steps, dtype=float)
+        # Cell edges half-way between logged steps, so uneven logging is drawn to scale.
+        middle = (steps[1:] + steps[:-1]) / 2
+        first = steps[0] - (middle[0] - steps[0] if len(steps) > 1 else 0.5)
+        last = steps[-1] + (steps[-1] - middle[-1] if len(steps) > 1 else 0.5)
+        edges = np.concatenate([[first], middle, [last]])
+        data = np.ma.masked_invalid(np.where(a.gradients.norms > 0, a.gradients.norms, np.nan))
+        mesh = ax.pcolormesh(edges, np.arange(len(a.gradients.layers) + 1) - 0.5, data, norm=norm, cmap="magma",
+                             shading="flat")
+        ax.set_xlabel("step")
+        ax.set_ylabel("layer")
+        _integer_ticks(ax, x=True, y=True)
+        ax.set_title(a.label, fontsize=9)
+    if mesh is not None and norm is not None:
+        fig.colorbar(mesh, ax=axes, label="gradient L2 norm of the layer", shrink=0.9)
+    return _save(fig, out_dir / GRADIENT_MAPS), []
+
+
+def plot_loss_curves(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+    """Training loss (line) and eval loss (markers) against step, one colour per run."""
+    shown = [a for a in analyses if a.curves is not None and (a.curves["train"] or a.curves["eval"])]
+    notes = [f"loss curves: {a.label} has no metrics.jsonl with losses, so it is left out."
+             for a in analyses if a not in shown]
+    if not shown:
+        return None, notes
+    fig, ax = _pyplot().subplots(figsize=(7.5, 4.4), dpi=120, layout="constrained")
+    for a in shown:
+        if a.curves["train"]:
+            ax.plot(*zip(*a.curves["train"]), lw=1.0, color=a.colour, label=f"{a.label} (train)")
+        if a.curves["eval"]:
+            ax.plot(*zip(*a.curves["eval"]), "o--", ms=5, color=a.colour, label=f"{a.label} (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("training and eval loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / LOSS_CURVES), notes
+
+
+PLOTS = (plot_loss_curves, plot_angular_profile, plot_angular_maps, plot_layer_removal, plot_gradient_profiles,
+         plot_gradient_maps)

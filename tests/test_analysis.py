@@ -1,0 +1,308 @@
+"""mixln-analyze and megatron_mixln.analysis: each measurement against an independent computation on tiny trained
+runs (the model run stage by stage here, cosines in float64 with numpy, layers swapped for identity modules,
+metrics.jsonl parsed line by line), the command end to end, and bad inputs as one `error:` line."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mixln import analysis
+from megatron_mixln.config import load_config
+from megatron_mixln.data.errors import DataError
+from megatron_mixln.data.prepare import prepared_tokenizer
+from megatron_mixln.model import IGNORE_INDEX, hidden_state
+from megatron_mixln.train.checkpoint import CheckpointError
+from megatron_mixln.train.loop import train
+from megatron_mixln.train.metrics import read_metrics
+from megatron_mixln.train.step import loss_sum
+from training_runs import run_processes, tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+# The console script as setup.py declares it, without depending on the venv's entry points being regenerated.
+ANALYZE = [sys.executable, "-c", "import sys; sys.argv[0] = 'mixln-analyze'; "
+                                 "from megatron_mixln.cli import analyze_main; analyze_main()"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Pre-LN and Mix-LN with 4 layers, Post-LN with 6: three tiny 6-step runs on the same held-out text."""
+    cache = tmp_path_factory.mktemp("cache")
+    root = tmp_path_factory.mktemp("runs")
+    shapes = {"pre": ["model.norm_placement=pre"], "mix": [],
+              "post6": ["model.norm_placement=post", "model.num_layers=6"]}
+    for name, extra in shapes.items():
+        train(load_config(None, tiny(cache, root / name, *extra)))
+    return {name: root / name for name in shapes}
+
+
+def analyze(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*ANALYZE, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def padded(batch, keep: int):
+    """The batch as document mode pads it: only the first `keep` positions are text (the last without a target)."""
+    input_ids, labels = (t.clone() for t in batch)
+    input_ids[:, keep:] = 0
+    labels[:, keep - 1:] = IGNORE_INDEX
+    return input_ids, labels
+
+
+def reference_distances(model, batches_and_real_lengths) -> np.ndarray:
+    """d(l, n) by running the stages one after the other here, in float64 numpy, over the first `length`
+    positions of each sequence (its text)."""
+    stages = model.stages()
+    count = len(stages) - 2
+    per_pair = [[[] for _ in range(count + 1)] for _ in range(count + 1)]
+    with torch.no_grad():
+        for (input_ids, _), length in batches_and_real_lengths:
+            stream = stages[0](input_ids)
+            states = [hidden_state(stream)]
+            for layer in stages[1:-1]:
+                stream = layer(stream)
+                states.append(hidden_state(stream))
+            states = [s[:, :length].reshape(-1, s.shape[-1]).double().numpy() for s in states]
+            for i in range(count + 1):
+                for j in range(i + 1, count + 1):
+                    a, b = states[i], states[j]
+                    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+                    per_pair[i][j].append(np.arccos(np.clip(cos, -1, 1)) / np.pi)
+    expected = np.full((count, count), np.nan)
+    for i in range(count):
+        for j in range(i + 1, count + 1):
+            expected[i, j - i - 1] = np.concatenate(per_pair[i][j]).mean()
+    return expected
+
+
+@pytest.mark.parametrize("name", ["mix", "post6"])
+def test_angular_distances_equal_a_layer_by_layer_float64_computation(runs, name):
+    run = analysis.find_run(runs[name])
+    model = run.load_model()
+    batches = analysis.held_out(run).batches
+    seq_len = batches[0][0].shape[1]
+    # Padding must not count: two batches cut to 9 and 20 positions of text.
+    extra = [padded(batches[0], 9), padded(batches[1], 20)]
+    distances = analysis.angular_distances(model, batches + extra)
+    expected = reference_distances(model, [(b, seq_len) for b in batches] + [(extra[0], 9), (extra[1], 20)])
+
+    count = run.config.model.num_layers
+    assert distances.shape == (count, count)
+    assert np.array_equal(np.isnan(distances), np.isnan(expected))  # exactly the pairs with l + n > L are NaN
+    np.testing.assert_allclose(distances[:, 0], expected[:, 0], rtol=0, atol=1e-10)  # the n = 1 profile
+    np.testing.assert_allclose(distances, expected, rtol=0, atol=1e-10)
+    finite = distances[~np.isnan(distances)]
+    assert ((finite > 0) & (finite <= 1)).all()
+    # Angular distance is a metric on the sphere per token, so its token mean obeys the triangle inequality.
+    for i in range(count):
+        for j in range(i + 1, count):
+            for k in range(j + 1, count + 1):
+                assert distances[i, k - i - 1] <= distances[i, j - i - 1] + distances[j, k - j - 1] + 1e-12
+    # Padding changes the answer, so the padded batches really were masked (not a vacuous agreement).
+    unmasked = reference_distances(model, [(b, seq_len) for b in batches + extra])
+    assert np.nanmax(np.abs(unmasked - distances)) > 1e-4
+
+
+def test_removing_a_layer_equals_evaluating_a_model_without_it(runs):
+    class Identity(torch.nn.Module):
+        def forward(self, stream):
+            return stream
+
+    run = analysis.find_run(runs["mix"])
+    model = run.load_model()
+    held = analysis.held_out(run)
+    tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in held.batches)
+    entries = analysis.layer_removal(model, held.batches)
+
+    full = float(loss_sum(model, held.batches, torch.device("cpu"))) / tokens
+    logged = [r["eval_loss"] for r in read_metrics(run.metrics_path) if "eval_loss" in r][-1]
+    assert full == pytest.approx(logged, rel=1e-6)  # the run's own final evaluation of the same sequences
+    assert [e["layer"] for e in entries] == [0, 1, 2, 3]
+    assert [e["placement"] for e in entries] == ["post", "post", "pre", "pre"]
+    for entry in entries:
+        without = copy.deepcopy(model)
+        without.model.layers[entry["layer"]] = Identity()
+        expected = float(loss_sum(without, held.batches, torch.device("cpu"))) / tokens
+        assert entry["loss"] == pytest.approx(expected, rel=1e-6)
+        assert entry["full_loss"] == pytest.approx(full, rel=1e-7)
+        assert entry["loss_increase"] == pytest.approx(expected - full, abs=1e-6)
+        assert entry["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+        assert entry["perplexity_increase"] == pytest.approx(math.exp(expected) - math.exp(full), rel=1e-4)
+        assert abs(entry["loss_increase"]) > 1e-4  # every layer of the trained model does something
+    # The hooks were removed: the model is whole again.
+    assert float(loss_sum(model, held.batches, torch.device("cpu"))) / tokens == pytest.approx(full, rel=1e-7)
+
+
+def test_gradient_norms_by_depth_read_back_what_metrics_jsonl_holds(runs):
+    path = runs["post6"] / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    logged = {r["step"]: r["layer_grad_norms"] for r in records if "layer_grad_norms" in r}
+    norms = analysis.gradient_norms_by_depth(path)
+
+    assert norms.steps == sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert norms.layers == [f"layer_{i:03d}" for i in range(6)]
+    for j, step in enumerate(norms.steps):
+        for i, key in enumerate(norms.layers):
+            assert norms.norms[i, j] == logged[step][key]
+        for key in ("embed_tokens", "norm", "lm_head"):
+            assert norms.other[key][j] == logged[step][key]
+    assert norms.chosen[0] == 1 and norms.chosen[-1] == 6 and len(norms.chosen) <= 5
+    assert list(norms.at(4)) == [logged[4][key] for key in norms.layers]
+    assert analysis.gradient_norms_by_depth(path, [2, 5]).chosen == [2, 5]
+    with pytest.raises(DataError, match="no per-layer gradient norms at step 7"):
+        analysis.gradient_norms_by_depth(path, [2, 7])
+
+
+def test_a_checkpoint_folder_and_a_run_folder_read_the_same_weights(runs):
+    from_run = analysis.find_run(runs["mix"])
+    [step_folder] = (runs["mix"] / "checkpoints").glob("step_*")
+    from_checkpoint = analysis.find_run(step_folder)
+    assert (from_run.kind, from_checkpoint.kind) == ("export", "checkpoint")
+    assert from_checkpoint.run_dir == runs["mix"] and from_checkpoint.step == 6
+    a, b = from_run.load_model().state_dict(), from_checkpoint.load_model().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        analysis.find_run(runs["mix"] / "nope")
+
+
+def test_an_export_older_than_the_latest_checkpoint_is_said_so(runs, tmp_path):
+    import shutil
+
+    copy_ = shutil.copytree(runs["mix"], tmp_path / "resumed")
+    assert analysis.find_run(copy_).notes == []
+    config = json.loads((copy_ / "export" / "config.json").read_text())
+    (copy_ / "export" / "config.json").write_text(json.dumps({**config, "step": 3}))  # as after stop_after_step=3
+    run = analysis.find_run(copy_)
+    assert run.kind == "export" and run.step == 3
+    [note] = run.notes
+    assert "export is from step 3 but its latest checkpoint is from step 6" in note
+    (copy_ / "export" / "config.json").unlink()  # no export at all: the latest checkpoint
+    assert (analysis.find_run(copy_).kind, analysis.find_run(copy_).step) == ("checkpoint", 6)
+
+
+def test_data_source_is_encoded_with_the_runs_own_tokenizer(runs, tmp_path):
+    text = tmp_path / "held_out.jsonl"
+    documents = [f"The river number {i} flows through the old town and into the sea near the harbour."
+                 for i in range(12)]
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    run = analysis.find_run(runs["pre"])
+    held = analysis.held_out(run, data=str(text))
+    tokenizer = prepared_tokenizer(run.data_meta["folder"])  # the BPE the run trained on its own text
+    stream = [token for d in documents for token in tokenizer.encode(d) + [tokenizer.eos_id]]
+    seq_len = run.config.data.seq_len
+    assert held.split == "all" and held.source == str(text)  # every document of the file, none held back
+    assert held.available == (len(stream) - 1) // seq_len  # packed windows of the whole file
+    assert held.sequences == run.config.train.eval_sequences  # the run's own evaluation size by default
+    assert held.batches[0][0][0].tolist() == stream[:seq_len]
+
+
+def test_the_command_writes_figures_numbers_and_report_that_match_the_library(runs, tmp_path):
+    out = tmp_path / "analysis"
+    proc = analyze(runs["pre"], runs["mix"], runs["post6"], "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "without layer 3 (pre)" in proc.stdout and "\r" not in proc.stdout  # plain lines when not a TTY
+    numbers = json.loads((out / "analysis.json").read_text())
+    report = (out / "report.md").read_text()
+
+    import matplotlib.image
+
+    assert len(numbers["figures"]) == 6
+    for file in numbers["figures"].values():
+        assert f"]({file})" in report
+        image = matplotlib.image.imread(out / file)
+        assert image.shape[0] > 300 and image.shape[1] > 500 and image[..., :3].std() > 0.05
+    # post6 has 6 layers and the others 4: depth profiles over relative depth, removal bars in panels, said once each.
+    notes = numbers["notes"]
+    assert sum("relative depth" in note for note in notes) == 2 and sum("panel" in note for note in notes) == 1
+    assert all(f"- {note}" in report for note in notes)
+
+    by_name = {r["name"]: r for r in numbers["runs"]}
+    assert set(by_name) == {"pre", "mix", "post6"}
+    for name, folder in runs.items():
+        saved = by_name[name]
+        run = analysis.find_run(folder)
+        model = run.load_model()
+        batches = analysis.held_out(run).batches
+        distances = analysis.angular_distances(model, batches)
+        count = run.config.model.num_layers
+        assert saved["angular_distance"]["n1"] == pytest.approx(list(distances[:, 0]), abs=1e-12)
+        for layer, row in enumerate(saved["angular_distance"]["by_layer_and_span"]):
+            assert row == pytest.approx(list(distances[layer, :count - layer]), abs=1e-12)
+        removal = analysis.layer_removal(model, batches)
+        assert [e["loss"] for e in saved["layer_removal"]["layers"]] == pytest.approx([e["loss"] for e in removal],
+                                                                                      rel=1e-9)
+        assert saved["layer_removal"]["full"]["loss"] == pytest.approx(removal[0]["full_loss"], rel=1e-9)
+        assert f"| {saved['layer_removal']['full']['loss']:.4f} |" in report
+        grads = analysis.gradient_norms_by_depth(run.metrics_path)
+        assert saved["gradient_norms"]["steps"] == grads.steps
+        assert saved["gradient_norms"]["norms"] == grads.norms.tolist()
+        assert saved["gradient_norms"]["chosen_steps"] == grads.chosen
+        assert saved["placement"] == run.placement and saved["label"] == f"{run.placement}: {name}"
+        eval_losses = [r["eval_loss"] for r in read_metrics(folder / "metrics.jsonl") if "eval_loss" in r]
+        assert [point[1] for point in saved["loss_curves"]["eval"]] == eval_losses
+
+
+@pytest.mark.parametrize("case", ["missing run", "empty data", "unlogged step", "no gpu", "bad steps"])
+def test_bad_inputs_are_one_error_line_and_leave_the_output_alone(runs, tmp_path, case):
+    if case == "no gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = {"missing run": [runs["pre"], tmp_path / "no_such_run"],
+            "empty data": [runs["pre"], "--data", empty],
+            "unlogged step": [runs["pre"], runs["mix"], "--steps", "2,60"],
+            "no gpu": [runs["pre"], "--device", "cuda"],
+            "bad steps": [runs["pre"], "--steps", "two"]}[case]
+    proc = analyze(*args, "--out", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    if case == "bad steps":  # argparse's own usage error
+        assert "is not a comma-separated list of steps" in proc.stderr
+    else:
+        [line] = error_lines(proc.stderr)
+        expected = {"missing run": "no_such_run does not exist", "empty data": "empty.txt' is empty",
+                    "unlogged step": "no per-layer gradient norms at step 60", "no gpu": "no CUDA device"}[case]
+        assert expected in line and line.count(". ") == 0, line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_help_needs_no_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", *ANALYZE[1:], "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: mixln-analyze ")
+    for option in ("RUN", "--out", "--data", "--sequences", "--steps", "--device"):
+        assert option in proc.stdout
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:") and line.count("|") == 2}
+    assert "megatron_mixln" in imported and not imported & {"torch", "deepspeed", "matplotlib", "datasets"}
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_run_reads_the_same_through_its_export_and_its_checkpoint(runs, tmp_path):
+    cache = Path(analysis.find_run(runs["mix"]).config.data.cache_dir)
+    ranks = run_processes(2, tiny(cache, tmp_path / "tp2", "parallel.tp=2"), tmp_path)
+    assert all("error" not in rank for rank in ranks), ranks
+    exported = analysis.find_run(tmp_path / "tp2")
+    [step_folder] = (tmp_path / "tp2" / "checkpoints").glob("step_*")
+    checkpoint = analysis.find_run(step_folder)
+    batches = analysis.held_out(exported).batches
+    a, b = exported.load_model(), checkpoint.load_model()
+    np.testing.assert_array_equal(analysis.angular_distances(a, batches), analysis.angular_distances(b, batches))
+    removal = analysis.layer_removal(b, batches)
+    logged = [r["eval_loss"] for r in read_metrics(tmp_path / "tp2" / "metrics.jsonl") if "eval_loss" in r][-1]
+    assert removal[0]["full_loss"] == pytest.approx(logged, rel=1e-6)
+    # Same seed and data as the single-process Mix-LN run: the layout changes nothing the analysis sees.
+    single = analysis.layer_removal(analysis.find_run(runs["mix"]).load_model(), batches)
+    assert [e["loss"] for e in removal] == pytest.approx([e["loss"] for e in single], rel=1e-4)
