@@ -20,6 +20,7 @@ from pathlib import Path
 BENCHMARKS = {
     "hf": ("megatron_mixln.benchmarks.model_vs_hf", "our model vs transformers' LLaMA"),
     "kernels": ("megatron_mixln.kernels.bench", "Triton kernels vs PyTorch, torch.compile, Liger, apex"),
+    "train": ("megatron_mixln.benchmarks.train_throughput", "training tokens/s, step time, peak memory and MFU"),
     "parallel": ("megatron_mixln.benchmarks.parallel", "DP / TP / PP / TP x PP on this machine"),
     "export-memory": ("megatron_mixln.benchmarks.export_memory", "host memory per rank of the consolidated export"),
     "tokenize": ("megatron_mixln.benchmarks.tokenize", "data preparation throughput per process count"),

@@ -1,0 +1,42 @@
+"""mixln-bench train on CPU: one row per case, and figures that agree with each other and with the FLOPs formula."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mixln.config import load_config
+from megatron_mixln.train.flops import training_flops_per_token
+
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=2",
+         "train.micro_batch_size=2"]
+
+
+def bench(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "megatron_mixln.benchmarks.train_throughput", *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_table_and_json_per_case(tmp_path, request):
+    root = request.config.rootpath
+    out = tmp_path / "bench.json"
+    proc = bench("--steps", "2", "--warmup", "1", "--json", str(out), *SMALL, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "CPU" and saved["datasheet_peak_flops"] is None and saved["measured_peak_flops"] > 0
+    assert [(r["placement"], r["kernels"]) for r in saved["rows"]] == [("pre", "torch"), ("mix", "torch")]
+    model = load_config(root / "configs/tiny.yaml", SMALL).model
+    for row in saved["rows"]:
+        assert row["batch"] == 2 and row["seq_len"] == 128 and row["precision"] == "fp32"
+        assert row["tokens_per_second"] == pytest.approx(2 * 128 / row["step_seconds"])
+        assert row["model_flops_per_token"] == training_flops_per_token(model, 128)
+        assert row["mfu"] == pytest.approx(row["tokens_per_second"] * row["model_flops_per_token"]
+                                           / saved["measured_peak_flops"])
+        assert f"| tiny | {row['placement']} | torch | 2 x 128 |" in proc.stdout
+    assert "not a GPU figure" in proc.stdout
+
+
+def test_unknown_model_is_one_line(request, tmp_path):
+    proc = bench("--models", "3b", cwd=request.config.rootpath)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model '3b' is neither one of tiny, 71m" in proc.stderr
