@@ -5,16 +5,18 @@
 #   3. the 130M Mix-LN config trained for 200 bf16 steps on the embedded text through the real entry point
 #      (megatron_mixln.cli:train_main, i.e. mixln-train), once with model.kernels=triton and once with
 #      model.kernels=torch, same seed; scripts/compare_runs.py checks the losses are finite and the curves match,
-#      and tabulates tokens/s and peak memory.
+#      and tabulates tokens/s and peak memory;
+#   4. mixln-bench train on the 130M and 1B configs (Pre-LN and Mix-LN, torch and triton kernels): tokens/s, step
+#      time, peak memory and MFU against the measured and the datasheet bf16 peak (rows kept as they come).
 # Device command:  bash scripts/gpu_check.sh      with carry: [".whl"]
 # CPU smoke test:  GPU_CHECK_SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh
 #                  (configs/tiny.yaml, a few fp32 steps, triton under TRITON_INTERPRET=1 vs torch; the kernel part
 #                  is skipped without a GPU, the wheel install when deepspeed & co already import).
 # Writes into ${OUT:-gpu_results} (flat, 6 files): summary.md, summary.json, log.txt (everything printed),
-# kernels_tests.log, kernels_bench.json, loss_curves.png. Every part runs even if an earlier one failed; the exit
+# kernels_tests.log, kernels_bench.json, loss_curves.png, and train_bench.json (7 files). Every part runs even if an earlier one failed; the exit
 # status is non-zero if any part failed.
 # Knobs (environment): GPU_CHECK_BUDGET_S (whole script, default 430), GPU_CHECK_KERNEL_S (kernel part, default
-# 150), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger apex": everything
+# 150), GPU_CHECK_BENCH_S (training benchmark, default 110), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger apex": everything
 # but torch.compile, whose per-width compiles would not let the three ops fit the budget; set it empty for the
 # full benchmark), GPU_CHECK_STEPS / GPU_CHECK_GLOBAL_BATCH / GPU_CHECK_MICRO_BATCH (200 / 256 / 64),
 # GPU_CHECK_SMOKE_TRITON (smoke: 1 = triton under the interpreter vs torch, 0 = torch twice), PYTHON (python3).
@@ -35,6 +37,7 @@ TOTAL_S="${GPU_CHECK_BUDGET_S:-430}"   # worst case ~470 s with the kill grace p
 DEADLINE=$((START + TOTAL_S))
 KERNEL_S="${GPU_CHECK_KERNEL_S:-150}"
 RESERVE_S=20                           # kept back at the end for the comparison and the summary
+BENCH_S="${GPU_CHECK_BENCH_S:-110}"    # kept back for part 4, the training benchmark
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing can be fetched there anyway
@@ -180,7 +183,7 @@ for i in "${!RUNS[@]}"; do
     continue
   fi
   remaining=$(( ${#RUNS[@]} - i ))
-  limit=$(( ($(left) - RESERVE_S) / remaining )); [ "$limit" -lt 30 ] && limit=30
+  limit=$(( ($(left) - RESERVE_S - BENCH_S) / remaining )); [ "$limit" -lt 30 ] && limit=30
   RUN_DIR="$WORK/run_$name"
   COMPARE_RUNS+=("$name=$RUN_DIR")
   echo "== train $name: model.kernels=$kernels, limit ${limit} s =="
@@ -208,6 +211,23 @@ else
   record compare FAILED 0 "no two runs to compare"
 fi
 
+# ---- 4. training benchmark: mixln-bench train ------------------------------------------------------------------
+T0=$(now)
+if [ "$SMOKE" = 1 ]; then BENCH_ARGS=(--models tiny --steps 1 --warmup 1)
+else BENCH_ARGS=(--models 130m 1b --steps 5 --warmup 2); fi
+if [ "$HAVE_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then
+  record train_bench FAILED 0 "no CUDA device"
+else
+  blimit=$(( $(left) - RESERVE_S )); [ "$blimit" -gt "$BENCH_S" ] && blimit=$BENCH_S; [ "$blimit" -lt 30 ] && blimit=30
+  echo "== mixln-bench train ${BENCH_ARGS[*]}, limit ${blimit} s =="
+  timeout -k 10 "$blimit" "$PY" -m megatron_mixln.benchmarks.train_throughput "${BENCH_ARGS[@]}" \
+    --json "$OUTDIR/train_bench.json" | tee "$WORK/train_bench.md"
+  RC=${PIPESTATUS[0]}
+  ROWS=$(grep -c '^| [0-9a-z]' "$WORK/train_bench.md" 2>/dev/null); ROWS=$(( ${ROWS:-1} - 1 ))
+  if [ "$RC" -eq 0 ]; then record train_bench ok $(( $(now) - T0 )) "$ROWS cases"
+  else record train_bench FAILED $(( $(now) - T0 )) "exit $RC after $ROWS cases (rows so far in log.txt)"; fi
+fi
+
 # ---- summary -------------------------------------------------------------------------------------------------
 FAILED=0
 for p in "${PARTS[@]}"; do [ "${STATUS[$p]}" = FAILED ] && FAILED=1; done
@@ -233,6 +253,9 @@ md = [f"# gpu_check {'smoke test' if smoke else 'results'}: {'FAILED' if failed 
       f"- total: {seconds} s", "", "| part | status | seconds | detail |", "|---|---|---|---|"]
 md += [f"| {p['part']} | {p['status']} | {p['seconds']} | {p.get('detail', '').replace('|', '/')} |" for p in parts]
 md += ["", "## Training: model.kernels=triton vs torch", "", text("train_compare.md") or "(no comparison)"]
+md += ["", "## Training benchmark (mixln-bench train; JSON in train_bench.json)", "",
+       "\n".join(line for line in text("train_bench.md").splitlines() if line.startswith(("device:", "|")))
+       or "(not run)"]
 bench = text("kernels_bench.md")
 short = list(md)
 if bench:
