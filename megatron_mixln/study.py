@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-lrs", nargs="*", type=float, default=list(SWEEP_LRS),
                         help="learning rates of the stability sweep (none: no sweep)")
     parser.add_argument("--sweep-steps", type=int, default=150)
+    parser.add_argument("--sweep-placements", nargs="+", help="placements the sweep runs (default: --placements)")
     parser.add_argument("--sequences", type=int, default=128, help="held-out sequences for the analyses")
     parser.add_argument("overrides", nargs="*", help="section.field=value for every run, e.g. train.steps=300")
     args = parser.parse_intermixed_args(argv)
@@ -188,8 +189,8 @@ def main(argv=None) -> int:
 
     runs = grid(args.out, args.placements, args.inits, args.seeds)
     statuses = train_grid(runs, args.config, args.overrides, args.jobs)
-    sweep = (run_sweep(args.out, args.config, args.overrides, args.placements, args.sweep_lrs, args.sweep_steps,
-                       args.jobs) if args.sweep_lrs else None)
+    sweep = (run_sweep(args.out, args.config, args.overrides, args.sweep_placements or args.placements,
+                       args.sweep_lrs, args.sweep_steps, args.jobs) if args.sweep_lrs else None)
     analyse_and_report(args.out, runs, sweep, args, statuses)
     return 0
 
