@@ -109,9 +109,9 @@ def run_case(config, steps: int, warmup: int, device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     tokens_per_second = batch * seq / step_time
+    flops_per_token = training_flops_per_token(config.model, seq)
     return {"tokens_per_second": tokens_per_second, "step_seconds": step_time, "peak_memory_gb": peak_gb,
-            "model_flops_per_token": training_flops_per_token(config.model, seq),
-            "achieved_flops": tokens_per_second * training_flops_per_token(config.model, seq),
+            "model_flops_per_token": flops_per_token, "achieved_flops": tokens_per_second * flops_per_token,
             "batch": batch, "seq_len": seq, "precision": config.train.precision}
 
 
