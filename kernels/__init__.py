@@ -5,8 +5,6 @@ Import as `megatron_mixln.kernels` (never as a top-level `kernels`, which is Hug
 CPU the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1 before importing this package.
 """
 from megatron_mixln.kernels.rms_norm import (
-    AddRMSNormFunction,
-    RMSNormFunction,
     add_rms_norm,
     add_rms_norm_reference,
     rms_norm,
@@ -14,11 +12,10 @@ from megatron_mixln.kernels.rms_norm import (
     rms_norm_forward,
     rms_norm_reference,
 )
-from megatron_mixln.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_backward, swiglu_forward, swiglu_reference
+from megatron_mixln.kernels.swiglu import swiglu, swiglu_backward, swiglu_forward, swiglu_reference
 
 __all__ = [
     "rms_norm", "add_rms_norm", "swiglu",
     "rms_norm_reference", "add_rms_norm_reference", "swiglu_reference",
     "rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward",
-    "RMSNormFunction", "AddRMSNormFunction", "SwiGLUFunction",
 ]

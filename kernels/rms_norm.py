@@ -10,7 +10,8 @@ then `weight * normed * scale` is computed in fp32 and rounded once to the outpu
 1/sqrt(layer + 1) into the same pass.
 
 Three layers, as in Liger-Kernel: the Triton kernels; launchers (`rms_norm_forward`, `rms_norm_backward`)
-that take and return tensors; and thin autograd Functions behind `rms_norm` and `add_rms_norm`.
+that take and return tensors; and `torch.library` custom ops (`mixln::rms_norm`, `mixln::add_rms_norm`, with a
+registered backward) behind `rms_norm` and `add_rms_norm`, which torch.compile sees as ops, not graph breaks.
 Backward: dx = rstd * (g - n * mean(g * n)) with g = dy * weight * scale and n = x * rstd, all in fp32; the
 weight gradient sum(dy * n) * scale is reduced in fp32 registers per program and summed once at the end. The
 backward uses the unrounded fp32 `n` (the torch path's autograd uses `n` rounded to x.dtype; the two
@@ -237,66 +238,93 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd Functions and the public API
+# PyTorch custom ops (`torch.library`) and the public API
+#
+# Registered as ops, not autograd.Functions: torch.compile sees each as one opaque node with a fake (meta)
+# implementation and a registered backward, so a compiled layer keeps its fused kernels and has no graph
+# break. Eager calls take the same path. The backward op always computes both dx and dw (a custom op returns
+# tensors, never None); the weight gradient is one small reduction.
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """y = rms_norm(x, weight, eps, scale); saves x (as rows) and the fp32 rstd for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, scale):
-        x_rows = as_rows(x)  # kept for the backward, so a non-contiguous x is copied at most once
-        y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-        _, _, rstd = rms_norm_forward(x_rows, weight, eps, scale, out=y.view(x_rows.shape))
-        ctx.save_for_backward(x_rows, weight, rstd)
-        ctx.scale = scale
-        ctx.x_shape = x.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_rows, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy.reshape(x_rows.shape), x_rows, weight, rstd, ctx.scale,
-                                   compute_dx=ctx.needs_input_grad[0], compute_dw=ctx.needs_input_grad[1])
-        if dx is not None:
-            dx = dx.view(ctx.x_shape)
-        return dx, dw, None, None
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-class AddRMSNormFunction(torch.autograd.Function):
-    """(normed, summed) = add_rms_norm(x, residual, weight, eps, scale); saves summed and the fp32 rstd."""
+@torch.library.custom_op("mixln::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x_rows = as_rows(x)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _, _, rstd = rms_norm_forward(x_rows, weight, eps, scale, out=y.view(x_rows.shape))
+    return y, rstd
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps, scale):
-        y, summed, rstd = rms_norm_forward(x, weight, eps, scale, residual=residual)
-        ctx.save_for_backward(summed, weight, rstd)
-        ctx.scale = scale
-        ctx.input_dtypes = (x.dtype, residual.dtype)
-        ctx.set_materialize_grads(False)  # an unused `summed` sends None, not a tensor of zeros to read
-        return y, summed
 
-    @staticmethod
-    def backward(ctx, dy, d_summed):
-        summed, weight, rstd = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        need_dw = ctx.needs_input_grad[2]
-        if dy is None:  # only `summed` was used downstream
-            dsum = d_summed if need_dx else None
-            dw = torch.zeros_like(weight) if need_dw else None
-        else:
-            dsum, dw = rms_norm_backward(dy, summed, weight, rstd, ctx.scale, d_summed=d_summed,
-                                         compute_dx=need_dx, compute_dw=need_dw)
-        dx = dres = None
-        if dsum is not None:
-            # x and residual receive the same gradient (d summed); autograd copies before accumulating.
-            dx = dsum.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None
-            dres = dsum.to(ctx.input_dtypes[1]) if ctx.needs_input_grad[1] else None
-        return dx, dres, dw, None, None
+@_rms_norm_op.register_fake
+def _(x, weight, eps, scale):
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty((_rows(x),), dtype=torch.float32))
+
+
+@torch.library.custom_op("mixln::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rms_norm_forward(x, weight, eps, scale, residual=residual)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, scale):
+    stream = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(stream, weight.dtype)), x.new_empty(x.shape, dtype=stream),
+            x.new_empty((_rows(x),), dtype=torch.float32))
+
+
+@torch.library.custom_op("mixln::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, scale: float,
+                          d_summed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); `x` is what was normalised, `d_summed` the gradient reaching add_rms_norm's `summed` output."""
+    x_rows = as_rows(x)
+    dx, dw = rms_norm_backward(dy.reshape(x_rows.shape), x_rows, weight, rstd, scale,
+                               d_summed=None if d_summed is None else d_summed.reshape(x_rows.shape))
+    return dx.view(x.shape), dw
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd, scale, d_summed):
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _, scale = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.scale = scale
+
+
+def _rms_norm_grad(ctx, dy, _d_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward_op(dy, x, weight, rstd, ctx.scale, None)
+    return dx, dw, None, None
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, _, scale = inputs
+    ctx.save_for_backward(output[1], weight, output[2])  # summed, weight, rstd
+    ctx.scale = scale
+    ctx.input_dtypes = (x.dtype, residual.dtype)
+
+
+def _add_rms_norm_grad(ctx, dy, d_summed, _d_rstd):
+    summed, weight, rstd = ctx.saved_tensors
+    dsum, dw = _rms_norm_backward_op(dy, summed, weight, rstd, ctx.scale, d_summed)
+    # x and residual receive the same gradient (d summed); autograd copies before accumulating.
+    return dsum.to(ctx.input_dtypes[0]), dsum.to(ctx.input_dtypes[1]), dw, None, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+_add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
     """Fused RMSNorm over the last dimension, HF LLaMA semantics, times `scale`. Differentiable in x and weight."""
-    return RMSNormFunction.apply(x, weight, float(eps), float(scale))
+    return _rms_norm_op(x, weight, float(eps), float(scale))[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -306,4 +334,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     Use `summed` as the next residual (Pre-LN hand-over) or drop it (Post-LN tail); gradients reaching it
     are added to those of the norm inside the backward kernel.
     """
-    return AddRMSNormFunction.apply(x, residual, weight, float(eps), float(scale))
+    if residual.shape != x.shape:  # checked here too: the op's fake implementation would not notice
+        raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+    y, summed, _ = _add_rms_norm_op(x, residual, weight, float(eps), float(scale))
+    return y, summed

@@ -124,21 +124,40 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
     return dg, du
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """y = silu(gate) * up; saves gate and up (not silu(gate)) for the backward."""
+# A torch.library custom op with a registered backward (see rms_norm.py): one opaque node under torch.compile.
+@torch.library.custom_op("mixln::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return swiglu_forward(gate, up)
 
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return swiglu_forward(gate, up)
 
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        dg, du = swiglu_backward(dy, gate, up)
-        return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
+@_swiglu_op.register_fake
+def _(gate, up):
+    _check_pair(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("mixln::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return swiglu_backward(dy, gate, up)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # gate and up, not silu(gate)
+
+
+def _swiglu_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return _swiglu_backward_op(dy, gate, up)
+
+
+_swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with a fused Triton forward and a backward that recomputes SiLU. Same shape and dtype."""
-    return SwiGLUFunction.apply(gate, up)
+    return _swiglu_op(gate, up)

@@ -42,6 +42,9 @@ class ModelConfig:
     scaled_init: bool = False  # std init_std/sqrt(2L) on o_proj and down_proj (paper Table 8)
     scaled_embed_init: bool = False  # embedding std sqrt(2/5) (paper Table 8)
     kernels: str = "auto"  # auto | triton | torch | apex
+    # The LM head's projection and the loss chunked over tokens, never holding the whole [tokens x vocab]
+    # logits (model/linear_cross_entropy.py). Changes memory and speed, not the model.
+    fused_cross_entropy: bool = False
     # Start from these weights instead of the seeded initialisation (a fresh run only): a Hugging Face LLaMA
     # folder, one of our HF exports or a consolidated export of the same model (model/hf.py, load_init_from).
     init_from: str | None = None
@@ -147,6 +150,9 @@ class TrainConfig:
     wandb: bool = False  # Weights & Biases through DeepSpeed's monitor (pip install 'megatron_mixln[wandb]')
     wandb_project: str = "megatron_mixln"
     progress_bar: bool = True  # a bar on a terminal; one plain line per train.log_every steps otherwise
+    # torch.compile (inductor) of each decoder layer's forward; the Triton kernels are custom ops inside it
+    # (docs/performance.md). The first steps pay the compilation.
+    compile: bool = False
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):

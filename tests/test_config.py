@@ -105,7 +105,7 @@ def test_model_config_is_the_public_dataclass_with_the_paper_defaults():
     names = [f.name for f in dataclasses.fields(ModelConfig)]
     assert names == ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "norm_placement",
                      "mix_alpha", "post_layers", "rms_norm_eps", "rope_theta", "max_seq_len", "init_std",
-                     "scaled_init", "scaled_embed_init", "kernels", "init_from"]
+                     "scaled_init", "scaled_embed_init", "kernels", "fused_cross_entropy", "init_from"]
     config = ModelConfig()
     assert (config.vocab_size, config.rms_norm_eps, config.rope_theta, config.max_seq_len) == (32000, 1e-6, 10000.0,
                                                                                              256)

@@ -25,8 +25,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """RoPE in the HF LLaMA convention: fp32 inverse frequencies, rotate_half over two halves.
 
-    Holds no buffer, so casting the model to bf16 cannot round the frequencies; the last (cos, sin) is
-    cached per (length, dtype, device), since every forward of a run asks for the same one.
+    Holds no buffer, so casting the model to bf16 cannot round the frequencies; in eager mode the last (cos, sin)
+    is cached per (length, dtype, device), since every forward of a run asks for the same one.
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -35,16 +35,23 @@ class RotaryEmbedding(nn.Module):
         self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # Inside a compiled layer the table is part of the graph (a few fused element-wise ops): a Python-side
+            # cache would be a mutation of module state, which breaks the graph or guards on it.
+            return self._table(seq_len, dtype, device)
         key = (seq_len, dtype, device)
         if self._cache is None or self._cache[0] != key:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-            inv_freq = 1.0 / (self.theta ** exponents)
-            angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            positions = torch.arange(seq_len, device=device, dtype=angle_dtype)
-            angles = torch.outer(positions, inv_freq.to(angle_dtype))
-            angles = torch.cat((angles, angles), dim=-1)
-            self._cache = (key, angles.cos().to(dtype), angles.sin().to(dtype))
+            self._cache = (key, *self._table(seq_len, dtype, device))
         return self._cache[1], self._cache[2]
+
+    def _table(self, seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        positions = torch.arange(seq_len, device=device, dtype=angle_dtype)
+        angles = torch.outer(positions, inv_freq.to(angle_dtype))
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ from torch import nn
 from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
 from megatron_mixln.model.layers import DecoderLayer, Stream, split_stream
+from megatron_mixln.model.linear_cross_entropy import linear_cross_entropy_sum
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain, has_embedding_norm
+from megatron_mixln.parallel.mappings import copy_to_tensor_parallel
 from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
                                                      VocabParallelEmbedding, vocab_parallel_token_losses)
 
@@ -48,37 +50,78 @@ def _embedding_state_dict_before_the_stage_module(module, state_dict, prefix, *a
         state_dict[current] = state_dict.pop(legacy)
 
 
-class LMHead(nn.Module):
-    """The final RMSNorm (applied for every placement, as the official code does) and the untied LM head.
+class VocabParallelLMHead(ColumnParallelLinear):
+    """The untied LM head `lm_head` (column-parallel over the vocabulary): logits, or given labels the summed
+    cross-entropy, through the chunked fused projection + loss when `model.fused_cross_entropy` is set.
 
-    It takes the residual stream, so the last layer's pending branch output is added inside the final norm.
+    The loss is computed in this module's forward, so ZeRO-3, which gathers a parameter only while its own
+    module runs, gathers the head's weight for it.
     """
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
+        super().__init__(config.hidden_size, config.vocab_size, tp)
+        self.fused = config.fused_cross_entropy
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        if not self.fused:
+            return token_losses(super().forward(x), labels, self.tp).sum()
+        if self.tp.size > 1:
+            x = copy_to_tensor_parallel(x, self.tp.group)
+            return linear_cross_entropy_sum(x, self.weight, labels, self.tp.rank * self.weight.shape[0], self.tp.group)
+        return linear_cross_entropy_sum(x, self.weight, labels)
+
+
+class LMHead(nn.Module):
+    """The final RMSNorm (applied for every placement, as the official code does) and the untied LM head.
+
+    It takes the residual stream, so the last layer's pending branch output is added inside the final norm, and
+    returns logits, or with `labels` the summed loss. As a pipeline's last stage (`project=False`) it returns
+    the normalised hidden states: the labels reach only DeepSpeed's loss function, which applies `lm_head`.
+    """
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP, project: bool = True):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
-        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp)
+        self.lm_head = VocabParallelLMHead(config, tp)
+        self.project = project
 
-    def forward(self, stream: Stream) -> torch.Tensor:
+    def forward(self, stream: Stream, labels: torch.Tensor | None = None) -> torch.Tensor:
         hidden, pending = split_stream(stream)
         normed = self.norm(hidden) if pending is None else self.norm.add_and_norm(pending, hidden)[0]
-        return self.lm_head(normed)
+        return self.lm_head(normed, labels) if self.project else normed
 
 
-def stage_constructors(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[tuple[type, tuple]]:
+def stage_constructors(config: ModelConfig, tp: TensorParallel = NO_TP,
+                       pipeline: bool = False) -> list[tuple[type, tuple]]:
     """The model as the sequence a pipeline cuts into stages, [embedding, decoder layer 0..L-1, LM head], as
     (class, arguments) pairs: built at once by `stage_modules`, or lazily per stage as DeepSpeed layer specs.
 
     Each module takes the previous one's output (token ids, then the residual stream) and returns its own;
     decoder layers carry their *global* index, so a stage decides Post-LN / Pre-LN as the unsplit model does.
+    In a `pipeline` the head leaves the projection to the loss function (LMHead).
     """
     return ([(Embedding, (config, tp))]
             + [(DecoderLayer, (config, index, tp)) for index in range(config.num_layers)]
-            + [(LMHead, (config, tp))])
+            + [(LMHead, (config, tp, not pipeline))])
 
 
 def stage_modules(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[nn.Module]:
     return [cls(*args) for cls, args in stage_constructors(config, tp)]
+
+
+def compile_decoder_layers(module: nn.Module) -> int:
+    """torch.compile each decoder layer's `forward` in place (train.compile); returns how many were compiled.
+
+    The forward, not the module call: hooks (ZeRO-3's parameter fetching, the analyses' hooks) stay outside the
+    graph, and parameter names are unchanged. Layers of one block kind share a compiled graph (dynamo guards on
+    the structure, not on the layer), so a model compiles a handful of graphs, not one per layer.
+    """
+    layers = [m for m in module.modules() if isinstance(m, DecoderLayer)]
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)
 
 
 class MixLNModel(nn.Module):
@@ -120,14 +163,16 @@ class MixLNForCausalLM(nn.Module):
     def stages(self) -> list[nn.Module]:
         return [self.embedding, *self.model.layers, self.head]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; or, given `labels` (shifted, IGNORE_INDEX where there is no target), the sum of the
+        per-token cross-entropy in fp32 (`model.fused_cross_entropy` chunks it without whole logits)."""
         stream = self.embedding(input_ids)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 stream = torch.utils.checkpoint.checkpoint(layer, stream, use_reentrant=False)
             else:
                 stream = layer(stream)
-        return self.head(stream)
+        return self.head(stream, labels)
 
     @property
     def placements(self) -> list[str]:

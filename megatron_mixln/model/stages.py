@@ -51,7 +51,7 @@ def pipeline_layer_specs(config: ModelConfig, tp: TensorParallel = NO_TP) -> lis
     """The unsplit model's stage modules (model/llama.py) as DeepSpeed layer specs: each stage builds its own."""
     from deepspeed.pipe import LayerSpec
 
-    return [LayerSpec(cls, *args) for cls, args in stage_constructors(config, tp)]
+    return [LayerSpec(cls, *args) for cls, args in stage_constructors(config, tp, pipeline=True)]
 
 
 def spec_parameter_counts(config: ModelConfig) -> list[int]:

@@ -110,33 +110,49 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel(out, self.tp.group)
 
 
+def cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group=None):
+    """Per-row cross-entropy of fp32 `logits` [rows, local vocab] and what its gradient needs.
+
+    With a `group`, the logits are this rank's vocabulary slice starting at `vocab_start`, and the statistics
+    take three all-reduces (max, target logit, sum of exp; Megatron's vocab-parallel cross-entropy). Returns
+    (loss [rows], softmax [rows, local vocab], safe local labels, whether this rank holds each label); the
+    gradient of the loss with respect to the logits is softmax - onehot(label) on the rank that holds it.
+    """
+    local_vocab = logits.shape[-1]
+    row_max = logits.max(dim=-1).values
+    if group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - row_max.unsqueeze(-1)
+    local_labels = labels - vocab_start
+    mine = (local_labels >= 0) & (local_labels < local_vocab)
+    safe_labels = local_labels.masked_fill(~mine, 0)
+    target = shifted.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+    exp = shifted.exp()
+    sum_exp = exp.sum(dim=-1)
+    if group is not None:
+        dist.all_reduce(target, group=group)
+        dist.all_reduce(sum_exp, group=group)
+    return sum_exp.log() - target, exp.div_(sum_exp.unsqueeze(-1)), safe_labels, mine
+
+
+def softmax_minus_onehot(softmax: torch.Tensor, safe_labels: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits from `cross_entropy_parts`' outputs, in place on `softmax`."""
+    return softmax.scatter_add_(-1, safe_labels.unsqueeze(-1), -mine.to(softmax.dtype).unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy from vocab-sharded logits with three all-reduces (max, sum of exp, target logit)."""
+    """Per-token cross-entropy from vocab-sharded logits with three all-reduces (max, target logit, sum of exp)."""
 
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, group):
-        logits = logits.float()
-        local_vocab = logits.shape[-1]
-        row_max = logits.max(dim=-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max.unsqueeze(-1)
-        local_labels = labels - vocab_start
-        mine = (local_labels >= 0) & (local_labels < local_vocab)
-        safe_labels = local_labels.masked_fill(~mine, 0)
-        target = shifted.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
-        dist.all_reduce(target, group=group)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        loss = sum_exp.log() - target
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), safe_labels, mine)
+        loss, softmax, safe_labels, mine = cross_entropy_parts(logits.float(), labels, vocab_start, group)
+        ctx.save_for_backward(softmax, safe_labels, mine)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, safe_labels, mine = ctx.saved_tensors
-        grad = softmax.clone()
-        grad.scatter_add_(-1, safe_labels.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
+        grad = softmax_minus_onehot(softmax.clone(), safe_labels, mine)
         return grad * grad_loss.unsqueeze(-1), None, None, None
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.config import Config, ModelConfig
-from megatron_mixln.model import IGNORE_INDEX, layer_index_of, token_losses
+from megatron_mixln.model import IGNORE_INDEX, layer_index_of
 from megatron_mixln.model.norms import has_embedding_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), int64 [micro_batch, seq_len], on the host
@@ -152,15 +152,15 @@ class StepEngine:
         return self.all_reduce(value, op=dist.ReduceOp.MAX).item() > 0
 
     # ------------------------------------------------------------------ loss and token accounting
-    def objective(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of one micro-batch as the engine back-propagates it (also the pipeline's loss_fn).
+    def objective(self, total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch as the engine back-propagates it, from `total`, the sum of its per-token
+        losses (what the model returns given labels).
 
         `tokens` (default): sum of per-token losses x (micro-batches x dp) / targets in the global batch.
         DeepSpeed divides by the micro-batch count and averages over DP ranks, so the update follows the mean
         over every target token of the global batch, whatever the micro-batch size. `micro_batch_mean`: the
         official code's mean within each micro-batch. Evaluation: the plain sum.
         """
-        total = token_losses(logits, labels, self.tp).sum()
         if self._evaluating:
             return total
         if self.config.train.loss_reduction == "tokens":
@@ -300,14 +300,16 @@ class MicroBatchSteps(StepEngine):
     def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for inputs, labels in micro_batches:
-            loss = self.objective(self.engine(inputs.to(self.device)), labels.to(self.device))
+            inputs = inputs.to(self.device, non_blocking=True)  # from pinned memory on a GPU: an async copy
+            labels = labels.to(self.device, non_blocking=True)
+            loss = self.objective(self.engine(inputs, labels), labels)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
         return self.all_reduce(total, group=self.layout.dp_group) / (self.micro_batches * self.layout.dp)
 
     def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
-        total = loss_sum(self.module, batches, self.device, self.tp)
+        total = loss_sum(self.module, batches, self.device)
         return self.all_reduce(total, group=self.layout.dp_group)
 
 
@@ -317,7 +319,17 @@ class PipelineSteps(StepEngine):
 
     def __init__(self, engine, config: Config, layout, name_of: Callable[[str], str] = lambda name: name):
         super().__init__(engine, config, layout, name_of)
-        self.module.loss_fn = self.objective
+        self.module.loss_fn = self._last_stage_loss
+        self._head = None
+
+    def _last_stage_loss(self, normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The pipeline's loss_fn: the last stage hands over the final norm's output (LMHead, project=False),
+        and the head's projection runs here, where the labels are (fused with the loss or not)."""
+        if self._head is None:
+            from megatron_mixln.model.llama import LMHead
+
+            self._head = next(m for m in self.module.modules() if isinstance(m, LMHead))
+        return self.objective(self._head.lm_head(normed, labels), labels)
 
     def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         # DeepSpeed's mean over micro-batches and DP ranks, broadcast from the last stage to every stage.
@@ -339,16 +351,14 @@ def make_step_engine(engine, config: Config, layout) -> StepEngine:
 
 
 @torch.no_grad()
-def loss_sum(module: torch.nn.Module, batches, device: torch.device, tp=None) -> torch.Tensor:
+def loss_sum(module: torch.nn.Module, batches, device: torch.device) -> torch.Tensor:
     """Sum of per-token losses of `module` (in eval mode meanwhile) over `batches`, as a device scalar."""
-    from megatron_mixln.parallel.tensor_parallel import NO_TP
-
     was_training = module.training
     module.eval()
     total = torch.zeros((), dtype=torch.float32, device=device)
     try:
         for inputs, labels in batches:
-            total += token_losses(module(inputs.to(device)), labels.to(device), tp or NO_TP).sum()
+            total += module(inputs.to(device), labels.to(device))
     finally:
         module.train(was_training)
     return total

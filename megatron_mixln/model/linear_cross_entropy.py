@@ -1,0 +1,70 @@
+"""The LM head's projection and the cross-entropy fused and chunked over tokens (`model.fused_cross_entropy`).
+
+The unfused head materialises the logits [tokens x vocab] in the model dtype, their fp32 copy for the loss and
+the fp32 gradient of that copy: at 32000 words and 4096 tokens per micro-batch, about 1.6 GB, the largest
+activation of a small model. Here the tokens go through in chunks; each chunk's logits live only while its
+loss and gradients are computed, so the head's extra memory is one chunk's logits plus the weight gradient.
+
+As in Liger-Kernel's fused linear cross-entropy, the gradients are computed in the forward pass (it returns
+the *sum* of the per-token losses, whose gradient with respect to each loss is 1) and the backward only scales
+them by the incoming gradient: no second projection. Under tensor parallelism the weight is this rank's
+vocabulary slice and each chunk's statistics are vocab-parallel (`cross_entropy_parts`); the hidden states'
+gradient is this rank's partial sum, completed by the all-reduce of the copy into the TP region before it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_mixln.parallel.tensor_parallel import IGNORE_INDEX, cross_entropy_parts, softmax_minus_onehot
+
+
+def chunk_tokens(tokens: int, local_vocab: int, hidden: int) -> int:
+    """Tokens per chunk: about as many logits as the hidden states hold (Liger's rule), a power of two."""
+    chunks = max(1, math.ceil(local_vocab / hidden))
+    return max(1, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / chunks))))))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_start, group, chunk):
+        keep = labels != IGNORE_INDEX
+        labels = labels.masked_fill(~keep, 0)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or float64 for reference tests
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            x = hidden[rows]
+            loss, softmax, safe_labels, mine = cross_entropy_parts((x @ weight.t()).to(accumulate), labels[rows],
+                                                                   vocab_start, group)
+            total += (loss * keep[rows]).sum()
+            if need_grad:
+                grad = softmax_minus_onehot(softmax, safe_labels, mine).mul_(keep[rows].unsqueeze(-1))
+                grad = grad.to(weight.dtype)
+                grad_hidden[rows] = grad @ weight
+                grad_weight += grad.t() @ x
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int = 0,
+                             group=None, chunk: int | None = None) -> torch.Tensor:
+    """Sum over positions with a target of cross-entropy(hidden @ weight^T, label), fp32, without the whole
+    logits tensor. `weight` is [local vocab, hidden] (this rank's slice from `vocab_start` under TP, with its
+    `group`); labels equal to IGNORE_INDEX add nothing. `chunk`: tokens per chunk (default: `chunk_tokens`)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    chunk = chunk or chunk_tokens(flat.shape[0], weight.shape[0], weight.shape[1])
+    return _LinearCrossEntropy.apply(flat, weight, flat_labels, vocab_start, group, chunk)
