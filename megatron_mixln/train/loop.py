@@ -235,7 +235,8 @@ def _take_run_lock(lock, out: Path, is_main: bool) -> None:
 def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_data, eval_data, lock) -> TrainResult:
     """The recipe, once the data is open and the process group is up: lock, resume, model, engine, steps,
     evaluation, checkpoints, export."""
-    from megatron_mixln.data import GlobalBatchSampler, collate
+    from megatron_mixln.data import GlobalBatchSampler
+    from megatron_mixln.data.prefetch import BatchPrefetcher
 
     tcfg = config.train
     out = Path(tcfg.out_dir)
@@ -287,6 +288,9 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         print(f"no held-out data: data.source={config.data.source!r} with data.eval_fraction="
               f"{config.data.eval_fraction} leaves no eval sequences, so there is no evaluation in this run.")
     sampler = GlobalBatchSampler(len(train_data), tcfg.global_batch_size, tcfg.seed)
+    prefetcher = BatchPrefetcher.for_training(train_data, sampler, start_step + 1, tcfg.steps, dp_rank=layout.dp_rank,
+                                              dp=layout.dp, micro_batch_size=tcfg.micro_batch_size,
+                                              accumulation=accumulation)
     positions = tcfg.global_batch_size * config.data.seq_len
     last_saved = start_step if resume_kind == "checkpoint" else None
     skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
@@ -322,52 +326,50 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
     step = start_step
     with StopRequests(launch.rank) as stop:  # from here a stop signal ends the run at a step boundary
         try:
-            for step in range(start_step + 1, tcfg.steps + 1):
-                started = time.perf_counter()
-                lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
-                batch = sampler.global_indices(step - 1)
-                mine = sampler.rank_indices(step - 1, layout.dp_rank, layout.dp)
-                micro = tcfg.micro_batch_size
-                micro_batches = [collate(train_data, mine[i * micro:(i + 1) * micro]) for i in range(accumulation)]
-                want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
-                outcome = steps.train_step(step, micro_batches, int(train_data.target_counts(batch).sum()),
-                                           want_layer_norms)
-                elapsed = time.perf_counter() - started
+            with prefetcher:  # leaving the loop in any way stops and joins its thread
+                batches = iter(prefetcher)
+                for step in range(start_step + 1, tcfg.steps + 1):
+                    started = time.perf_counter()
+                    _, micro_batches, global_targets = next(batches)
+                    lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
+                    want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
+                    outcome = steps.train_step(step, micro_batches, global_targets, want_layer_norms)
+                    elapsed = time.perf_counter() - started
 
-                if outcome.applied:
-                    skipped_in_a_row = 0
-                    result.losses[step] = outcome.loss
-                    if outcome.grad_norm is not None:
-                        result.grad_norms[step] = outcome.grad_norm
-                else:
-                    skipped_in_a_row += 1
-                    result.skipped_steps.append(step)
-                if is_main and (step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied):
-                    record = _step_record(step, lr, outcome, elapsed, positions)
-                    writer.write(record)
-                    if lines:
-                        seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
-                        print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)), flush=True)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
-                if not outcome.applied:
-                    _stop_if_skips_must_stop(tcfg, step, outcome, skipped_in_a_row, last_good())
+                    if outcome.applied:
+                        skipped_in_a_row = 0
+                        result.losses[step] = outcome.loss
+                        if outcome.grad_norm is not None:
+                            result.grad_norms[step] = outcome.grad_norm
+                    else:
+                        skipped_in_a_row += 1
+                        result.skipped_steps.append(step)
+                    if is_main and (step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied):
+                        record = _step_record(step, lr, outcome, elapsed, positions)
+                        writer.write(record)
+                        if lines:
+                            seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
+                            print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)), flush=True)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
+                    if not outcome.applied:
+                        _stop_if_skips_must_stop(tcfg, step, outcome, skipped_in_a_row, last_good())
 
-                if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
-                    evaluate(step)
-                stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
-                if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
-                    save(step)
-                if stop_now:
-                    result.stopped_early = True
-                    break
-                if step != tcfg.steps and steps.any_rank(stop.received is not None):
-                    # Every rank stops here, on whichever rank's signal: save (unless just saved) and leave.
-                    if last_saved != step:
+                    if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
+                        evaluate(step)
+                    stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
+                    if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
                         save(step)
-                    result.stopped_early, result.stop_signal = True, stop.received or "a signal on another rank"
-                    break
+                    if stop_now:
+                        result.stopped_early = True
+                        break
+                    if step != tcfg.steps and steps.any_rank(stop.received is not None):
+                        # Every rank stops here, on whichever rank's signal: save (unless just saved) and leave.
+                        if last_saved != step:
+                            save(step)
+                        result.stopped_early, result.stop_signal = True, stop.received or "a signal on another rank"
+                        break
             result.last_step = step
             peaks: list = [None] * dist.get_world_size()
             dist.all_gather_object(peaks, _memory_mb()[1])

@@ -1,0 +1,139 @@
+"""The training hot path: each step's micro-batches are built ahead on a thread (BatchPrefetcher) exactly as the loop
+built them inline, a thread that re-raises the data's errors at their step and never outlives the loop."""
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from megatron_mixln.config import load_config
+from megatron_mixln.data import DataError, GlobalBatchSampler, SequenceDataset, TokenFile, collate
+from megatron_mixln.data import prefetch
+from megatron_mixln.data.prefetch import BatchPrefetcher, StepBatch
+from megatron_mixln.train import loop
+from megatron_mixln.train import step as step_module
+from test_data import write_token_folder
+from training_runs import tiny
+
+GLOBAL_BATCH, SEED, LAST_STEP = 8, 5, 7
+LAYOUT = {"dp_rank": 1, "dp": 2, "micro_batch_size": 2, "accumulation": 2}  # rank 1 of 2: 2 micro-batches of 2
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "batch-prefetch" and thread.is_alive()]
+
+
+@pytest.fixture
+def dataset(tmp_path) -> SequenceDataset:
+    """23 documents of 2..8 tokens in document mode: target counts differ per sequence, 7 steps span 3 epochs."""
+    documents = [[10 + i] * (2 + i % 7) for i in range(23)]
+    return SequenceDataset(TokenFile(write_token_folder(tmp_path / "p", documents), "train"), 6, "document", 0)
+
+
+def batches_built_inline(dataset: SequenceDataset, step: int):
+    """What the loop built for step `step` before the prefetcher (its code, on a fresh sampler)."""
+    sampler = GlobalBatchSampler(len(dataset), GLOBAL_BATCH, SEED)
+    mine = sampler.rank_indices(step - 1, LAYOUT["dp_rank"], LAYOUT["dp"])
+    micro = LAYOUT["micro_batch_size"]
+    micro_batches = [collate(dataset, mine[i * micro:(i + 1) * micro]) for i in range(LAYOUT["accumulation"])]
+    return micro_batches, int(dataset.target_counts(sampler.global_indices(step - 1)).sum())
+
+
+def training_prefetcher(dataset, start_step: int, **options) -> BatchPrefetcher:
+    sampler = GlobalBatchSampler(len(dataset), GLOBAL_BATCH, SEED)
+    return BatchPrefetcher.for_training(dataset, sampler, start_step + 1, LAST_STEP, **LAYOUT, **options)
+
+
+# ---------------------------------------------------------------- the prefetcher
+
+
+@pytest.mark.parametrize("start_step", [0, 4], ids=["from-scratch", "resumed-at-4"])
+def test_prefetcher_yields_exactly_the_batches_built_inline(dataset, start_step):
+    with training_prefetcher(dataset, start_step, pin=False) as batches:
+        got = list(batches)
+    assert [batch.step for batch in got] == list(range(start_step + 1, LAST_STEP + 1))
+    for batch in got:
+        micro_batches, targets = batches_built_inline(dataset, batch.step)
+        assert batch.global_targets == targets
+        assert len(batch.micro_batches) == len(micro_batches)
+        for (inputs, labels), (want_inputs, want_labels) in zip(batch.micro_batches, micro_batches):
+            assert torch.equal(inputs, want_inputs) and torch.equal(labels, want_labels)
+    assert len({batch.global_targets for batch in got}) > 1  # the target counts really vary per step
+    assert not prefetch_threads()
+
+
+def test_prefetcher_never_builds_past_its_last_step():
+    built = []
+    with BatchPrefetcher(lambda step: built.append(step) or StepBatch(step, [], 0), range(3, 8), pin=False) as batches:
+        assert [batch.step for batch in batches] == [3, 4, 5, 6, 7]
+    assert built == [3, 4, 5, 6, 7]
+
+
+def test_a_build_error_is_raised_at_its_step_with_its_type_and_message():
+    def build(step: int) -> StepBatch:
+        if step == 3:
+            raise DataError("sequence 17 of the train split is damaged")
+        return StepBatch(step, [], 0)
+
+    seen = []
+    with pytest.raises(DataError, match="^sequence 17 of the train split is damaged$"):
+        with BatchPrefetcher(build, range(1, 10), pin=False) as batches:
+            for batch in batches:
+                seen.append(batch.step)
+    assert seen == [1, 2] and not prefetch_threads()
+
+
+@pytest.mark.parametrize("leave_by", ["break", "exception"])
+def test_leaving_early_stops_and_joins_the_thread(leave_by):
+    built = []
+    with pytest.raises(RuntimeError) if leave_by == "exception" else contextlib.nullcontext():
+        with BatchPrefetcher(lambda step: built.append(step) or StepBatch(step, [], 0), range(1, 10**6),
+                             pin=False) as batches:
+            for batch in batches:
+                if leave_by == "exception":
+                    raise RuntimeError("the step failed")
+                break
+    assert not prefetch_threads()
+    assert len(built) <= 1 + 2 + 1  # the step taken, a full queue (depth 2), one put that was under way
+
+
+def test_pinning_applies_the_pin_function_to_every_tensor(dataset):
+    pinned = []
+
+    def fake_pin(tensor: torch.Tensor) -> torch.Tensor:
+        copy = tensor.clone()
+        pinned.append(copy)
+        return copy
+
+    with training_prefetcher(dataset, 0, pin=True, pin_memory=fake_pin) as batches:
+        got = list(batches)
+    tensors = [tensor for batch in got for micro in batch.micro_batches for tensor in micro]
+    assert len(tensors) == LAST_STEP * LAYOUT["accumulation"] * 2 == len(pinned)
+    assert all(any(tensor is copy for copy in pinned) for tensor in tensors)
+    assert BatchPrefetcher(lambda step: StepBatch(step, [], 0), range(1, 2)).pin == torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- in a run
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_a_data_error_in_a_run_is_raised_at_its_step_and_leaves_no_thread(cache, tmp_path, monkeypatch):
+    real_build = prefetch.build_step_batch
+
+    def build(dataset, sampler, step, **options):
+        if step == 3:
+            raise DataError("the train split ends early")
+        return real_build(dataset, sampler, step, **options)
+
+    monkeypatch.setattr(prefetch, "build_step_batch", build)
+    steps_run = []
+    real_train_step = step_module.StepEngine.train_step
+    monkeypatch.setattr(step_module.StepEngine, "train_step",
+                        lambda self, step, *a, **k: steps_run.append(step) or real_train_step(self, step, *a, **k))
+    with pytest.raises(DataError, match="^the train split ends early$"):
+        loop.train(load_config(None, tiny(cache, tmp_path / "run")))
+    assert steps_run == [1, 2] and not prefetch_threads()
