@@ -1,6 +1,8 @@
-"""The training hot path: each step's micro-batches are built ahead on a thread (BatchPrefetcher) exactly as the loop
-built them inline, a thread that re-raises the data's errors at their step and never outlives the loop."""
+"""The training hot path: step values reach the host once per logged step (loop.read_to_host), and each step's
+micro-batches are built ahead on a thread (BatchPrefetcher) exactly as the loop built them inline, a thread that
+re-raises the data's errors at their step and never outlives the loop."""
 import contextlib
+import math
 import threading
 
 import pytest
@@ -12,11 +14,15 @@ from megatron_mixln.data import prefetch
 from megatron_mixln.data.prefetch import BatchPrefetcher, StepBatch
 from megatron_mixln.train import loop
 from megatron_mixln.train import step as step_module
+from megatron_mixln.train.metrics import read_metrics
 from test_data import write_token_folder
 from training_runs import tiny
 
 GLOBAL_BATCH, SEED, LAST_STEP = 8, 5, 7
 LAYOUT = {"dp_rank": 1, "dp": 2, "micro_batch_size": 2, "accumulation": 2}  # rank 1 of 2: 2 micro-batches of 2
+# The fields of a step's metrics.jsonl record before the hot-path change (loop._step_record), layer norms included.
+STEP_RECORD_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "target_tokens", "padding_fraction",
+                    "step_seconds", "memory_mb", "peak_memory_mb", "layer_grad_norms", "layer_update_norms"}
 
 
 def prefetch_threads() -> list[threading.Thread]:
@@ -113,12 +119,64 @@ def test_pinning_applies_the_pin_function_to_every_tensor(dataset):
     assert BatchPrefetcher(lambda step: StepBatch(step, [], 0), range(1, 2)).pin == torch.cuda.is_available()
 
 
-# ---------------------------------------------------------------- in a run
+# ---------------------------------------------------------------- reading step values to the host
+
+
+def test_read_to_host_gives_what_float_gives_for_mixed_dtypes():
+    values = [torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64), torch.tensor([2.5]), torch.tensor(math.nan)]
+    read = loop.read_to_host(values)
+    assert read[:3] == [float(torch.tensor(0.1)), 0.1, 2.5] and math.isnan(read[3])
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[tuple[int, int]]:
+    """(step the loop was at, number of values) per call of loop.read_to_host during a run."""
+    calls, at_step = [], [0]
+    real_read, real_train_step = loop.read_to_host, step_module.StepEngine.train_step
+
+    def train_step(self, step, *args, **kwargs):
+        at_step[0] = step
+        return real_train_step(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(step_module.StepEngine, "train_step", train_step)
+    monkeypatch.setattr(loop, "read_to_host", lambda scalars: calls.append((at_step[0], len(scalars)))
+                        or real_read(scalars))
+    return calls
+
+
+@pytest.mark.parametrize("precision,zero,norms_on_device", [("fp32", 0, False), ("bf16", 1, True)])
+def test_a_run_reads_step_values_once_per_logged_step(precision, zero, norms_on_device, cache, tmp_path, reads):
+    out = tmp_path / "run"
+    result = loop.train(load_config(None, tiny(cache, out, f"train.steps={LAST_STEP}", "train.log_every=3",
+                                               f"train.precision={precision}", f"parallel.zero_stage={zero}")))
+    per_step = 2 if norms_on_device else 1  # the loss, and the gradient norm where DeepSpeed keeps it on the device
+    assert reads == [(3, 3 * per_step), (6, 3 * per_step), (7, 1 * per_step)]
+    assert sorted(result.losses) == sorted(result.grad_norms) == list(range(1, LAST_STEP + 1))
+    values = [*result.losses.values(), *result.grad_norms.values()]
+    assert all(isinstance(value, float) and math.isfinite(value) for value in values)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [3, 6, 7]
+    assert all(set(r) == STEP_RECORD_KEYS for r in records)
+    assert all(r["loss"] == result.losses[r["step"]] and r["grad_norm"] == result.grad_norms[r["step"]]
+               for r in records)
+    assert not prefetch_threads()
+
+
+def test_a_skipped_step_and_an_early_stop_read_at_once(cache, tmp_path, reads, monkeypatch):
+    monkeypatch.setenv("MIXLN_TEST_FAULT", "loss@2")
+    out = tmp_path / "run"
+    result = loop.train(load_config(None, tiny(cache, out, f"train.steps={LAST_STEP}", "train.log_every=3",
+                                               "train.on_nonfinite=skip", "train.stop_after_step=5")))
+    assert reads == [(2, 2), (3, 1), (5, 2)]  # the skip at 2, the logged 3, and 4..5 when leaving at 5
+    assert result.stopped_early and result.skipped_steps == [2] and sorted(result.losses) == [1, 3, 4, 5]
+    skipped = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("step") == 2 and "loss" in r)
+    assert skipped["skipped"] is True and skipped["loss"] == "nan"  # the real value (JSON writes NaN as text)
+    assert not prefetch_threads()
 
 
 def test_a_data_error_in_a_run_is_raised_at_its_step_and_leaves_no_thread(cache, tmp_path, monkeypatch):

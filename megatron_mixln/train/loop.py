@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -163,6 +163,63 @@ def _step_record(step: int, lr: float, outcome: StepResult, seconds: float, posi
     if outcome.layer_update_norms:
         record["layer_update_norms"] = outcome.layer_update_norms
     return record
+
+
+def read_to_host(scalars: list[torch.Tensor]) -> list[float]:
+    """Device scalars as Python floats in one device->host transfer: the loop's one sync for step values,
+    made once per logged step rather than once per step (float32 values come back exactly as float() gives)."""
+    if not scalars:
+        return []
+    device = scalars[0].device
+    return torch.stack([s.detach().reshape(()).to(device, torch.float64) for s in scalars]).tolist()
+
+
+def _read_pending(pending: list[tuple[int, StepResult]], result: TrainResult) -> StepResult:
+    """Read the pending steps' losses and device gradient norms to the host (one transfer) into `result`, as
+    every applied step's; empties `pending` and returns its last step's outcome with host values."""
+    outcomes = [outcome for _, outcome in pending]
+    on_device = [v for o in outcomes for v in (o.loss, o.grad_norm) if isinstance(v, torch.Tensor)]
+    values = iter(read_to_host(on_device))
+
+    def host(value):  # consumes `values` in the order `on_device` was built: loss, then grad_norm, per step
+        return next(values) if isinstance(value, torch.Tensor) else value
+
+    for step, outcome in pending:
+        outcome = replace(outcome, loss=host(outcome.loss), grad_norm=host(outcome.grad_norm))
+        if outcome.applied:
+            result.losses[step] = outcome.loss
+            if outcome.grad_norm is not None:
+                result.grad_norms[step] = outcome.grad_norm
+    pending.clear()
+    return outcome
+
+
+class StepClock:
+    """A step's seconds without a host sync of its own: CUDA events on a GPU, read once the step's values
+    reached the host (which waited for its work); the wall clock on a CPU, where a step is synchronous."""
+
+    def __init__(self):
+        self.on_gpu = torch.cuda.is_available()
+        self._started = self._stopped = None
+
+    def _now(self):
+        if not self.on_gpu:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._started = self._now()
+
+    def stop(self) -> None:
+        self._stopped = self._now()
+
+    def seconds(self) -> float:
+        if not self.on_gpu:
+            return self._stopped - self._started
+        self._stopped.synchronize()  # already done after read_to_host: returns at once
+        return self._started.elapsed_time(self._stopped) / 1000
 
 
 def _stop_if_skips_must_stop(tcfg, step: int, outcome: StepResult, skipped_in_a_row: int, last_good: str) -> None:
@@ -326,33 +383,37 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
     step = start_step
     with StopRequests(launch.rank) as stop:  # from here a stop signal ends the run at a step boundary
         try:
+            clock = StepClock()
+            pending: list[tuple[int, StepResult]] = []  # steps whose loss has not been read to the host yet
             with prefetcher:  # leaving the loop in any way stops and joins its thread
                 batches = iter(prefetcher)
                 for step in range(start_step + 1, tcfg.steps + 1):
-                    started = time.perf_counter()
+                    clock.start()
                     _, micro_batches, global_targets = next(batches)
                     lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
                     want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
                     outcome = steps.train_step(step, micro_batches, global_targets, want_layer_norms)
-                    elapsed = time.perf_counter() - started
+                    clock.stop()
+                    pending.append((step, outcome))
 
                     if outcome.applied:
                         skipped_in_a_row = 0
-                        result.losses[step] = outcome.loss
-                        if outcome.grad_norm is not None:
-                            result.grad_norms[step] = outcome.grad_norm
                     else:
                         skipped_in_a_row += 1
                         result.skipped_steps.append(step)
-                    if is_main and (step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied):
-                        record = _step_record(step, lr, outcome, elapsed, positions)
-                        writer.write(record)
-                        if lines:
-                            seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
-                            print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)), flush=True)
                     if progress is not None:
                         progress.update(1)
-                        progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
+                    if step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied:
+                        outcome = _read_pending(pending, result)
+                        if is_main:
+                            record = _step_record(step, lr, outcome, clock.seconds(), positions)
+                            writer.write(record)
+                            if lines:
+                                seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
+                                print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)),
+                                      flush=True)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
                     if not outcome.applied:
                         _stop_if_skips_must_stop(tcfg, step, outcome, skipped_in_a_row, last_good())
 
@@ -370,6 +431,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                             save(step)
                         result.stopped_early, result.stop_signal = True, stop.received or "a signal on another rank"
                         break
+            if pending:  # left early between logged steps
+                _read_pending(pending, result)
             result.last_step = step
             peaks: list = [None] * dist.get_world_size()
             dist.all_gather_object(peaks, _memory_mb()[1])

@@ -35,10 +35,13 @@ FAULT_VARIABLE = "MIXLN_TEST_FAULT"  # test-only: "loss@STEP" or "grad@STEP" mak
 
 @dataclass
 class StepResult:
-    loss: float  # the objective's value over the whole global batch (NaN when it was not finite)
+    """One step's outcome. `loss` (and `grad_norm` where DeepSpeed keeps it on the device) are device scalars:
+    reading them is a host sync, which the loop makes once per logged step (loop.read_to_host), not per step."""
+
+    loss: torch.Tensor  # the objective's value over the whole global batch (NaN when it was not finite)
     target_tokens: int  # positions with a target in the global batch (padding excluded)
     applied: bool  # False: the update was skipped (non-finite loss or gradient); weights and schedule unchanged
-    grad_norm: float | None  # global L2 norm of the gradient before clipping
+    grad_norm: torch.Tensor | float | None  # global L2 norm of the gradient before clipping
     layer_grad_norms: dict[str, float] = field(default_factory=dict)
     layer_update_norms: dict[str, float] = field(default_factory=dict)  # ||w_after - w_before|| per layer
 
@@ -187,10 +190,11 @@ class StepEngine:
         finally:
             if hook is not None:
                 hook.remove()
-        applied = bool(self.engine.was_step_applied())
-        norm = self.engine.get_global_grad_norm()
-        return StepResult(loss=float(mean_loss), target_tokens=int(global_targets), applied=applied,
-                          grad_norm=None if norm is None else float(norm),
+        applied = bool(self.engine.was_step_applied())  # DeepSpeed decides that on the host
+        norm = self.engine.get_global_grad_norm()  # a device tensor under bf16 and ZeRO-1/2/3, else a float
+        return StepResult(loss=mean_loss.detach(), target_tokens=int(global_targets), applied=applied,
+                          grad_norm=norm.detach() if isinstance(norm, torch.Tensor) else None if norm is None
+                          else float(norm),
                           layer_grad_norms=self._layer_norms if applied else {},
                           layer_update_norms=self._update_norms if applied else {})
 
