@@ -153,6 +153,22 @@ def test_new_placements_match_single_process_in_the_layouts_that_split_them(name
     assert_same_run(name, run, single_placements[name])
 
 
+# The throughput switches change how a step is computed, not what it computes: the chunked, fused LM head + loss
+# (TP: vocab-parallel chunks; PP: applied in DeepSpeed's loss function; ZeRO-3: the head's weight gathered for it)
+# and the per-layer compiled forward (TP's collectives and PP's stage boundaries inside and around the graphs;
+# ZeRO-2's gradient hooks after them).
+THROUGHPUT = ["model.fused_cross_entropy=true", "train.compile=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2-zero2", "dp2-zero3"])
+def test_fused_loss_and_compiled_layers_match_the_plain_single_process_run(layout, single, cache, tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    switches = THROUGHPUT[:1] if "zero3" in layout else THROUGHPUT  # compile is refused with ZeRO-3 (config.py)
+    run = run_ok(nproc, tmp_path / "mix", *run_overrides("mix"), cache, *overrides, *switches)
+    assert_same_run("mix", run, single["mix"])
+
+
 @pytest.mark.slow
 def test_checkpoint_moves_between_layouts_with_the_same_next_loss(single, cache, tmp_path):
     run = [*MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix"]
