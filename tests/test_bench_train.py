@@ -24,7 +24,8 @@ def test_table_and_json_per_case(tmp_path, request):
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads(out.read_text())
     assert saved["device"] == "CPU" and saved["datasheet_peak_flops"] is None and saved["measured_peak_flops"] > 0
-    assert [(r["placement"], r["kernels"]) for r in saved["rows"]] == [("pre", "torch"), ("mix", "torch")]
+    assert [(r["placement"], r["kernels"], r["execution"], r["loss"]) for r in saved["rows"]] == [
+        ("pre", "torch", "eager", "fused"), ("mix", "torch", "eager", "fused")]
     model = load_config(root / "configs/tiny.yaml", SMALL).model
     for row in saved["rows"]:
         assert row["batch"] == 2 and row["seq_len"] == 128 and row["precision"] == "fp32"
@@ -32,7 +33,7 @@ def test_table_and_json_per_case(tmp_path, request):
         assert row["model_flops_per_token"] == training_flops_per_token(model, 128)
         assert row["mfu"] == pytest.approx(row["tokens_per_second"] * row["model_flops_per_token"]
                                            / saved["measured_peak_flops"])
-        assert f"| tiny | {row['placement']} | torch | 2 x 128 |" in proc.stdout
+        assert f"| tiny | {row['placement']} | torch | eager | fused | 2 x 128 |" in proc.stdout
     assert "not a GPU figure" in proc.stdout
 
 
@@ -40,3 +41,18 @@ def test_unknown_model_is_one_line(request, tmp_path):
     proc = bench("--models", "3b", cwd=request.config.rootpath)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model '3b' is neither one of tiny, 71m" in proc.stderr
+
+
+def test_compile_and_loss_axes_one_row_each_and_the_targets_as_ratios(tmp_path, request):
+    out = tmp_path / "bench.json"
+    proc = bench(*SMALL, "--steps", "1", "--warmup", "1", "--json", str(out), "--placements", "mix", "pre",
+                 "--executions", "eager", "compile", "--losses", "unfused", "fused", cwd=request.config.rootpath)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["placement"], r["execution"], r["loss"]) for r in rows] == [
+        (p, e, loss) for p in ("mix", "pre") for e in ("eager", "compile") for loss in ("unfused", "fused")]
+    by_case = {(r["placement"], r["execution"], r["loss"]): r for r in rows}
+    for execution in ("eager", "compile"):
+        for loss in ("unfused", "fused"):
+            ratio = by_case["mix", execution, loss]["step_seconds"] / by_case["pre", execution, loss]["step_seconds"]
+            assert f"- Mix-LN / Pre-LN step time, tiny torch {execution} {loss}: {ratio:.3f}" in proc.stdout

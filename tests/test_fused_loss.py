@@ -74,10 +74,11 @@ def test_without_gradients_nothing_is_kept_for_a_backward():
 
 
 def test_chunk_size_holds_about_as_many_logits_as_hidden_states():
-    # 4096 tokens x 32000 words at hidden 2048: 16 chunks of 256 tokens (Liger's rule), a power of two.
-    assert chunk_tokens(4096, 32000, 2048) == 256
-    assert chunk_tokens(4096, 16000, 2048) == 512  # TP 2: each rank holds half the vocabulary
-    assert chunk_tokens(3, 32000, 2048) == 1 and chunk_tokens(1, 8, 2048) == 1
+    # 16384 tokens x 32000 words at hidden 2048: 16 chunks of 1024 tokens (Liger's rule), a power of two.
+    assert chunk_tokens(16384, 32000, 2048) == 1024
+    assert chunk_tokens(65536, 16000, 2048) == 8192  # TP 2: each rank holds half the vocabulary
+    assert chunk_tokens(4096, 32000, 2048) == 1024  # never below 1024 tokens (MIN_CHUNK_TOKENS) ...
+    assert chunk_tokens(300, 32000, 2048) == 300 and chunk_tokens(1, 8, 2048) == 1  # ... unless there are fewer
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -104,7 +105,7 @@ def test_model_with_fused_head_matches_the_unfused_model(dtype, tolerance):
 
 def test_the_fused_head_never_holds_the_whole_logits():
     """The fused head allocates a chunk's logits and the weight gradient, never [tokens x vocab]."""
-    h, w, labels = _inputs(tokens=512, hidden=64, vocab=2048, dtype=torch.float32)
+    h, w, labels = _inputs(tokens=3000, hidden=16, vocab=512, dtype=torch.float32)
     sizes = []
 
     class Record(torch.utils._python_dispatch.TorchDispatchMode):
@@ -118,14 +119,13 @@ def test_the_fused_head_never_holds_the_whole_logits():
     with Record():
         loss = linear_cross_entropy_sum(h, w, labels)
         loss.backward()
-    chunk = chunk_tokens(512, 2048, 64)
-    assert chunk * 2048 < 512 * 2048
-    assert 512 * 2048 not in sizes
-    assert max(sizes) == max(chunk * 2048, 2048 * 64)  # a chunk's logits (16 tokens x 2048 words), the weight's grad
+    chunk = chunk_tokens(3000, 512, 16)
+    assert chunk == 1024
+    assert max(sizes) == chunk * 512  # a chunk's logits (1024 tokens x 512 words); never 3000 x 512
     sizes.clear()
     with Record():
         F.cross_entropy(h @ w.t(), labels, ignore_index=IGNORE, reduction="sum").backward()
-    assert max(sizes) == 512 * 2048  # the unfused head's whole logits
+    assert max(sizes) == 3000 * 512  # the unfused head's whole logits
 
 
 # ------------------------------------------------------------------------------------------------

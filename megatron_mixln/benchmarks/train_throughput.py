@@ -1,10 +1,14 @@
 """Benchmark: training throughput of the real training step (DeepSpeed engine + step engine, one process).
 
-For each model x placement x kernels backend it trains a few steps on random tokens and prints tokens/s, step
-time, peak memory and MFU: tokens/s x model FLOPs per token (megatron_mixln/train/flops.py, docs/performance.md)
+For each model x placement x kernels backend x execution (eager, or each decoder layer torch.compile'd) x LM head
+(the plain projection + cross-entropy, or the chunked fused one) it trains a few steps on random tokens and
+prints tokens/s, step time, peak memory (device and host) and MFU: tokens/s x model FLOPs per token (megatron_mixln/train/flops.py, docs/performance.md)
 over the device's peak, which is measured here (a large dense matmul in the training precision) and, for known
 GPUs, also taken from the datasheet. All cases run in one process, one after the other, so their ratios compare
-like with like. Run: `mixln-bench train [--models 130m 1b] [--json out.json] [key=value ...]`.
+like with like; the JSON is rewritten after every case, so a run cut short keeps what it measured. After the
+table come the memory the fused cross-entropy saved and the issue's targets as measured ratios (Mix-LN against
+Pre-LN step time, triton against torch, compile + triton against compile alone, MFU).
+Run: `mixln-bench train [--models 130m 1b] [--json out.json] [key=value ...]`.
 
 On a CPU it runs the small demo model in fp32 with the PyTorch kernels by default (the Triton kernels run there
 only under their interpreter, which measures nothing) and says so: a CPU figure is not a GPU figure.
@@ -64,12 +68,15 @@ def config_path(model: str) -> str:
     return path
 
 
-def case_config(model: str, placement: str, kernels: str, overrides: list[str], on_gpu: bool):
+def case_config(model: str, placement: str, kernels: str, overrides: list[str], on_gpu: bool,
+                execution: str = "eager", loss: str = "unfused"):
     from megatron_mixln.config import load_config
 
     path = config_path(model)
     defaults = [] if on_gpu else ["train.precision=fp32", "parallel.zero_stage=0"]
     config = load_config(path, [*defaults, f"model.norm_placement={placement}", f"model.kernels={kernels}",
+                                f"train.compile={execution == 'compile'}",
+                                f"model.fused_cross_entropy={loss == 'fused'}",
                                 "train.eval_sequences=0", "train.tensorboard=false", "train.progress_bar=false",
                                 *overrides])
     # One micro-batch per step: the step time is the time of one forward, backward and update.
@@ -102,8 +109,8 @@ def run_case(config, steps: int, warmup: int, device) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times[warmup:])
-    peak_gb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    host_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB; monotonic
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else host_peak_gb
     del steps_engine, engine, model
     gc.collect()
     if device.type == "cuda":
@@ -111,8 +118,44 @@ def run_case(config, steps: int, warmup: int, device) -> dict:
     tokens_per_second = batch * seq / step_time
     flops_per_token = training_flops_per_token(config.model, seq)
     return {"tokens_per_second": tokens_per_second, "step_seconds": step_time, "peak_memory_gb": peak_gb,
+            "host_peak_memory_gb": host_peak_gb, "first_step_seconds": times[0],
             "model_flops_per_token": flops_per_token, "achieved_flops": tokens_per_second * flops_per_token,
             "batch": batch, "seq_len": seq, "precision": config.train.precision}
+
+
+def memory_saved(rows: list[dict]) -> list[str]:
+    """Lines: device peak memory of the unfused head minus the fused one, per case measured both ways."""
+    key = lambda r: (r["model"], r["placement"], r["kernels"], r["execution"])  # noqa: E731
+    fused = {key(r): r for r in rows if r["loss"] == "fused"}
+    return [f"- {r['model']} {r['placement']} {r['kernels']} {r['execution']}: fused cross-entropy peak "
+            f"{fused[key(r)]['peak_memory_gb']:.2f} GB vs {r['peak_memory_gb']:.2f} GB unfused, "
+            f"{r['peak_memory_gb'] - fused[key(r)]['peak_memory_gb']:.2f} GB saved"
+            for r in rows if r["loss"] == "unfused" and key(r) in fused]
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets as ratios of step times measured in this run (lower step time = faster)."""
+    def find(**match):
+        return next((r for r in rows if all(r[k] == v for k, v in match.items())), None)
+
+    lines = []
+    for r in rows:
+        if r["placement"] == "mix":
+            pre = find(**{**{k: r[k] for k in ("model", "kernels", "execution", "loss")}, "placement": "pre"})
+            if pre:
+                ratio = r["step_seconds"] / pre["step_seconds"]
+                lines.append(f"- Mix-LN / Pre-LN step time, {r['model']} {r['kernels']} {r['execution']} {r['loss']}: "
+                             f"{ratio:.3f} ({'within' if abs(ratio - 1) <= 0.01 else 'NOT within'} 1%)")
+        if r["kernels"] == "triton":
+            torch_row = find(**{**{k: r[k] for k in ("model", "placement", "execution", "loss")}, "kernels": "torch"})
+            if torch_row:
+                speedup = torch_row["step_seconds"] / r["step_seconds"]
+                lines.append(f"- triton vs torch speed-up, {r['model']} {r['placement']} {r['execution']} {r['loss']}: "
+                             f"{speedup:.3f}x ({'faster' if speedup > 1 else 'NOT faster'})")
+        if r["model"] == "1b" and r["placement"] == "mix" and r.get("mfu_datasheet"):
+            lines.append(f"- 1B Mix-LN MFU (datasheet peak), {r['kernels']} {r['execution']} {r['loss']}: "
+                         f"{r['mfu_datasheet']:.1%} ({'meets' if r['mfu_datasheet'] >= 0.5 else 'below'} 50%)")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -122,20 +165,27 @@ def main(argv=None) -> int:
     parser.add_argument("--placements", nargs="+", default=["pre", "mix"])
     parser.add_argument("--kernels", nargs="+",
                         help="kernels backends (default: torch triton on a GPU, torch on a CPU)")
+    parser.add_argument("--executions", nargs="+", choices=["eager", "compile"],
+                        help="eager and/or per-layer torch.compile (default: eager compile on a GPU, eager on a CPU); "
+                             "compile is skipped, with a note, for ZeRO-3 configs")
+    parser.add_argument("--losses", nargs="+", choices=["unfused", "fused"], default=["fused"],
+                        help="LM head + loss: unfused and/or the chunked fused cross-entropy (default: fused)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3; compile happens there)")
+    parser.add_argument("--json", type=Path, help="also write every figure here (rewritten after every case)")
     parser.add_argument("overrides", nargs="*",
                         help="section.field=value for every case, e.g. train.micro_batch_size=8")
     args = parser.parse_intermixed_args(argv)
     import torch  # after parsing: --help and usage errors need no torch
 
+    from megatron_mixln.config import load_config
     from megatron_mixln.train.engine import init_distributed
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     models = args.models or (["71m", "130m", "250m", "1b"] if on_gpu else ["tiny"])
     kernels = args.kernels or (["torch", "triton"] if on_gpu else ["torch"])
+    executions = args.executions or (["eager", "compile"] if on_gpu else ["eager"])
     for model in models:  # every name checked before anything is measured
         config_path(model)
     init_distributed()
@@ -147,26 +197,42 @@ def main(argv=None) -> int:
           + (f" (datasheet {sheet / 1e12:.0f})" if sheet else "")
           + ("" if on_gpu else "; a CPU run of a small configuration, not a GPU figure; peak GB is the process's "
              "RSS high-water mark so far"))
-    rows = []
-    print("| model | placement | kernels | batch x seq | tokens/s | step ms | peak GB | MFU (measured peak) |"
-          + (" MFU (datasheet) |" if sheet else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if sheet else ""))
+    rows, notes = [], []
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": name, "measured_peak_flops": peak, "datasheet_peak_flops": sheet,
+                                             "rows": rows, "notes": notes}, indent=1) + "\n")
+
+    print("| model | placement | kernels | execution | LM head | batch x seq | tokens/s | step ms | peak GB | host GB |"
+          " MFU (measured peak) |" + (" MFU (datasheet) |" if sheet else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else ""))
     for model in models:
+        zero3 = load_config(config_path(model), args.overrides).parallel.zero_stage == 3 and on_gpu
         for placement in args.placements:
             for backend in kernels:
-                config = case_config(model, placement, backend, args.overrides, on_gpu)
-                row = {"model": model, "placement": placement, "kernels": backend, "execution": "eager",
-                       **run_case(config, args.steps, args.warmup, device)}
-                row["mfu"] = row["achieved_flops"] / peak
-                row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
-                rows.append(row)
-                print(f"| {model} | {placement} | {backend} | {row['batch']} x {row['seq_len']} | "
-                      f"{row['tokens_per_second']:,.0f} | {row['step_seconds'] * 1e3:.1f} | "
-                      f"{row['peak_memory_gb']:.2f} | "
-                      f"{row['mfu']:.1%} |" + (f" {row['mfu_datasheet']:.1%} |" if sheet else ""), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "measured_peak_flops": peak, "datasheet_peak_flops": sheet,
-                                         "rows": rows}, indent=1) + "\n")
+                for execution in executions:
+                    if execution == "compile" and zero3:
+                        notes.append(f"{model}: compile skipped (ZeRO-3 gathers parameters inside the layers)")
+                        continue
+                    for loss in args.losses:
+                        config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
+                        row = {"model": model, "placement": placement, "kernels": backend, "execution": execution,
+                               "loss": loss, **run_case(config, args.steps, args.warmup, device)}
+                        row["mfu"] = row["achieved_flops"] / peak
+                        row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
+                        rows.append(row)
+                        save()
+                        print(f"| {model} | {placement} | {backend} | {execution} | {loss} | "
+                              f"{row['batch']} x {row['seq_len']} | {row['tokens_per_second']:,.0f} | "
+                              f"{row['step_seconds'] * 1e3:.1f} | {row['peak_memory_gb']:.2f} | "
+                              f"{row['host_peak_memory_gb']:.1f} | {row['mfu']:.1%} |"
+                              + (f" {row['mfu_datasheet']:.1%} |" if sheet else ""), flush=True)
+    for title, lines in (("memory saved by the fused cross-entropy", memory_saved(rows) if on_gpu else []),
+                         ("targets (ratios measured in this run)", targets(rows)), ("notes", sorted(set(notes)))):
+        if lines:
+            print(f"\n{title}:\n" + "\n".join(lines))
+    save()
     return 0
 
 

@@ -20,10 +20,17 @@ import torch
 from megatron_mixln.parallel.tensor_parallel import IGNORE_INDEX, cross_entropy_parts, softmax_minus_onehot
 
 
+# Fewer tokens per chunk would make each chunk's matmuls too small to run at speed (a 1024 x 32000 fp32 logits
+# chunk is 131 MB).
+MIN_CHUNK_TOKENS = 1024
+
+
 def chunk_tokens(tokens: int, local_vocab: int, hidden: int) -> int:
-    """Tokens per chunk: about as many logits as the hidden states hold (Liger's rule), a power of two."""
+    """Tokens per chunk: about as many logits as the hidden states hold (Liger's rule), a power of two, at least
+    MIN_CHUNK_TOKENS (or all the tokens, when there are fewer)."""
     chunks = max(1, math.ceil(local_vocab / hidden))
-    return max(1, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / chunks))))))
+    liger = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / chunks)))))
+    return max(1, min(tokens, max(liger, MIN_CHUNK_TOKENS)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
