@@ -2,21 +2,26 @@
 # One prepared GPU check, under 8 minutes on one H100/H200 (the device tool's machines, which cannot fetch anything):
 #   1. install the carried wheels (.whl/, made here beforehand by scripts/gpu_wheels.sh) into /tmp/site;
 #   2. kernels/gpu_check.sh: the kernel tests on the GPU against float64, then the kernel benchmark (time-capped);
-#   3. the 130M Mix-LN config trained for 200 bf16 steps on the embedded text through the real entry point
-#      (megatron_mixln.cli:train_main, i.e. mixln-train), once with model.kernels=triton and once with
-#      model.kernels=torch, same seed; scripts/compare_runs.py checks the losses are finite and the curves match,
-#      and tabulates tokens/s and peak memory;
-#   4. mixln-bench train on the 130M and 1B configs (Pre-LN and Mix-LN, torch and triton kernels): tokens/s, step
-#      time, peak memory and MFU against the measured and the datasheet bf16 peak (rows kept as they come).
+#   3. (only with GPU_CHECK_TRAIN_COMPARE=1) the 130M Mix-LN config trained for 200 bf16 steps on the embedded text
+#      through the real entry point (megatron_mixln.cli:train_main, i.e. mixln-train), once with model.kernels=triton
+#      and once with model.kernels=torch, same seed; scripts/compare_runs.py checks the losses are finite and the
+#      curves match, and tabulates tokens/s and peak memory;
+#   4. mixln-bench train: (a) 1B, Pre-LN and Mix-LN x torch and triton kernels x eager and per-layer torch.compile,
+#      fused cross-entropy: tokens/s, step time, peak memory, MFU against the measured and the datasheet bf16 peak,
+#      and the targets as ratios; (b) 130M and 1B Mix-LN, triton, unfused vs fused cross-entropy: the memory saved
+#      (rows kept as they come);
+#   5. one optimiser step of the 7B Mix-LN config on this one GPU: ZeRO-3 with the optimiser (fp32 master weights,
+#      Adam moments and the step) offloaded to the CPU, activation checkpointing, bf16; GPU and host peak memory.
 # Device command:  bash scripts/gpu_check.sh      with carry: [".whl"]
 # CPU smoke test:  GPU_CHECK_SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh
 #                  (configs/tiny.yaml, a few fp32 steps, triton under TRITON_INTERPRET=1 vs torch; the kernel part
 #                  is skipped without a GPU, the wheel install when deepspeed & co already import).
-# Writes into ${OUT:-gpu_results} (flat, 6 files): summary.md, summary.json, log.txt (everything printed),
-# kernels_tests.log, kernels_bench.json, loss_curves.png, and train_bench.json (7 files). Every part runs even if an earlier one failed; the exit
-# status is non-zero if any part failed.
-# Knobs (environment): GPU_CHECK_BUDGET_S (whole script, default 430), GPU_CHECK_KERNEL_S (kernel part, default
-# 150), GPU_CHECK_BENCH_S (training benchmark, default 110), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger apex": everything
+# Writes into ${OUT:-gpu_results} (flat): summary.md, summary.json, log.txt (everything printed), kernels_tests.log,
+# kernels_bench.json, train_bench.json, train_bench_memory.json, seven_b_step.json (and loss_curves.png with part 3).
+# Every part runs even if an earlier one failed; the exit status is non-zero if any part failed.
+# Knobs (environment): GPU_CHECK_BUDGET_S (whole script, default 450), GPU_CHECK_KERNEL_S (kernel part, default
+# 110), GPU_CHECK_BENCH_S (training benchmark, default 170), GPU_CHECK_7B_S (7B step, default 130),
+# GPU_CHECK_TRAIN_COMPARE (1: run part 3 too; budget it with GPU_CHECK_BUDGET_S), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger apex": everything
 # but torch.compile, whose per-width compiles would not let the three ops fit the budget; set it empty for the
 # full benchmark), GPU_CHECK_STEPS / GPU_CHECK_GLOBAL_BATCH / GPU_CHECK_MICRO_BATCH (200 / 256 / 64),
 # GPU_CHECK_SMOKE_TRITON (smoke: 1 = triton under the interpreter vs torch, 0 = torch twice), PYTHON (python3).
@@ -33,11 +38,13 @@ TEE_PID=$!
 
 PY="${PYTHON:-python3}"
 SMOKE="${GPU_CHECK_SMOKE:-0}"
-TOTAL_S="${GPU_CHECK_BUDGET_S:-430}"   # worst case ~470 s with the kill grace periods: under 8 minutes
+TOTAL_S="${GPU_CHECK_BUDGET_S:-450}"   # worst case ~475 s with the kill grace periods: under 8 minutes
 DEADLINE=$((START + TOTAL_S))
-KERNEL_S="${GPU_CHECK_KERNEL_S:-150}"
+KERNEL_S="${GPU_CHECK_KERNEL_S:-110}"
 RESERVE_S=20                           # kept back at the end for the comparison and the summary
-BENCH_S="${GPU_CHECK_BENCH_S:-110}"    # kept back for part 4, the training benchmark
+BENCH_S="${GPU_CHECK_BENCH_S:-170}"    # kept back for part 4, the training benchmark
+SEVEN_B_S="${GPU_CHECK_7B_S:-130}"     # kept back for part 5, the 7B step
+TRAIN_COMPARE="${GPU_CHECK_TRAIN_COMPARE:-$SMOKE}"   # the smoke test runs every part
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing can be fetched there anyway
@@ -129,7 +136,7 @@ if [ "$HAVE_CUDA" != 1 ]; then
   else record kernels FAILED 0 "no CUDA device visible to $PY"; fi
 else
   KLIMIT=$KERNEL_S
-  [ $(( $(left) - 240 )) -lt "$KLIMIT" ] && KLIMIT=$(( $(left) - 240 ))   # keep >= 4 min for the training part
+  [ $(( $(left) - BENCH_S - SEVEN_B_S - RESERVE_S )) -lt "$KLIMIT" ] && KLIMIT=$(( $(left) - BENCH_S - SEVEN_B_S - RESERVE_S ))
   [ "$KLIMIT" -lt 60 ] && KLIMIT=60
   mkdir -p "$WORK/kernels"
   # The tests take ~1 min on an H100; the benchmark gets what is left, ending 30 s before this part's limit.
@@ -172,8 +179,13 @@ fi
 TRAIN_ARGS+=("train.steps=$STEPS" "train.global_batch_size=$GBATCH" "train.micro_batch_size=$MBATCH" train.eval_every=0
              train.save_every=0 train.progress_bar=false train.tensorboard=false train.resume=none
              "data.cache_dir=$WORK/data_cache")
-echo "== training: $CONFIG ${TRAIN_ARGS[*]} =="
 COMPARE_RUNS=()
+if [ "$TRAIN_COMPARE" != 1 ]; then
+  RUNS=()
+  record train_compare skipped 0 "part 3 runs with GPU_CHECK_TRAIN_COMPARE=1"
+else
+  echo "== training: $CONFIG ${TRAIN_ARGS[*]} =="
+fi
 for i in "${!RUNS[@]}"; do
   name="${RUNS[$i]}"
   kernels="${name%_again}"
@@ -183,7 +195,7 @@ for i in "${!RUNS[@]}"; do
     continue
   fi
   remaining=$(( ${#RUNS[@]} - i ))
-  limit=$(( ($(left) - RESERVE_S - BENCH_S) / remaining )); [ "$limit" -lt 30 ] && limit=30
+  limit=$(( ($(left) - RESERVE_S - BENCH_S - SEVEN_B_S) / remaining )); [ "$limit" -lt 30 ] && limit=30
   RUN_DIR="$WORK/run_$name"
   COMPARE_RUNS+=("$name=$RUN_DIR")
   echo "== train $name: model.kernels=$kernels, limit ${limit} s =="
@@ -200,7 +212,9 @@ for i in "${!RUNS[@]}"; do
 done
 
 T0=$(now)
-if [ "${#COMPARE_RUNS[@]}" -eq 2 ]; then
+if [ "$TRAIN_COMPARE" != 1 ]; then
+  :
+elif [ "${#COMPARE_RUNS[@]}" -eq 2 ]; then
   "$PY" scripts/compare_runs.py "${COMPARE_RUNS[@]}" --steps "$STEPS" "${COMPARE_ARGS[@]}" \
     --label "$CONFIG, ${STEPS} steps, global batch $GBATCH, micro-batch $MBATCH, $DEVICE_NAME" \
     --md "$WORK/train_compare.md" --json "$WORK/train_compare.json" --plot "$OUTDIR/loss_curves.png"
@@ -212,20 +226,46 @@ else
 fi
 
 # ---- 4. training benchmark: mixln-bench train ------------------------------------------------------------------
-T0=$(now)
-if [ "$SMOKE" = 1 ]; then BENCH_ARGS=(--models tiny --steps 1 --warmup 1)
-else BENCH_ARGS=(--models 130m 1b --steps 5 --warmup 2); fi
+# bench NAME LIMIT JSON ARGS...: one mixln-bench train run, time-capped, rows into the log as they come.
+bench() {
+  local name="$1" limit="$2" json="$3"; shift 3
+  local T0; T0=$(now)
+  [ "$limit" -lt 30 ] && limit=30
+  echo "== mixln-bench train $*, limit ${limit} s =="
+  timeout -k 10 "$limit" "$PY" -m megatron_mixln.benchmarks.train_throughput "$@" --json "$OUTDIR/$json" \
+    | tee "$WORK/$name.md"
+  local rc=${PIPESTATUS[0]}
+  local rows; rows=$(grep -c '^| [0-9a-z]' "$WORK/$name.md" 2>/dev/null); rows=$(( ${rows:-1} - 1 )); [ "$rows" -lt 0 ] && rows=0
+  if [ "$rc" -eq 0 ]; then record "$name" ok $(( $(now) - T0 )) "$rows cases"
+  else record "$name" FAILED $(( $(now) - T0 )) "exit $rc after $rows cases (rows so far in log.txt and $json)"; fi
+}
+if [ "$SMOKE" = 1 ]; then
+  SPEED_ARGS=(--models tiny --placements pre mix --kernels torch --executions eager compile --losses fused
+              --steps 1 --warmup 1)
+  MEMORY_ARGS=(--models tiny --placements mix --kernels torch --executions eager --losses unfused fused --steps 1
+               --warmup 1)
+  SEVEN_B_ARGS=(parallel.zero_stage=3 --models tiny)   # the same path (ZeRO-3 + CPU offload) on the tiny model
+else
+  SPEED_ARGS=(--models 1b --placements pre mix --kernels torch triton --executions eager compile --losses fused
+              --steps 5 --warmup 2)
+  MEMORY_ARGS=(--models 130m 1b --placements mix --kernels triton --executions eager --losses unfused fused
+               --steps 3 --warmup 1)
+  SEVEN_B_ARGS=(--models 7b --kernels triton)
+fi
 if [ "$HAVE_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then
   record train_bench FAILED 0 "no CUDA device"
+  record train_bench_memory FAILED 0 "no CUDA device"
+  record seven_b_step FAILED 0 "no CUDA device"
 else
-  blimit=$(( $(left) - RESERVE_S )); [ "$blimit" -gt "$BENCH_S" ] && blimit=$BENCH_S; [ "$blimit" -lt 30 ] && blimit=30
-  echo "== mixln-bench train ${BENCH_ARGS[*]}, limit ${blimit} s =="
-  timeout -k 10 "$blimit" "$PY" -m megatron_mixln.benchmarks.train_throughput "${BENCH_ARGS[@]}" \
-    --json "$OUTDIR/train_bench.json" | tee "$WORK/train_bench.md"
-  RC=${PIPESTATUS[0]}
-  ROWS=$(grep -c '^| [0-9a-z]' "$WORK/train_bench.md" 2>/dev/null); ROWS=$(( ${ROWS:-1} - 1 ))
-  if [ "$RC" -eq 0 ]; then record train_bench ok $(( $(now) - T0 )) "$ROWS cases"
-  else record train_bench FAILED $(( $(now) - T0 )) "exit $RC after $ROWS cases (rows so far in log.txt)"; fi
+  budget=$(( $(left) - RESERVE_S - SEVEN_B_S )); [ "$budget" -gt "$BENCH_S" ] && budget=$BENCH_S
+  bench train_bench $(( budget * 3 / 4 )) train_bench.json "${SPEED_ARGS[@]}"
+  budget=$(( $(left) - RESERVE_S - SEVEN_B_S ))
+  bench train_bench_memory "$budget" train_bench_memory.json "${MEMORY_ARGS[@]}"
+  # ---- 5. 7B Mix-LN: one optimiser step on this GPU, ZeRO-3 + the optimiser offloaded to the CPU -------------------
+  # Host memory: fp32 master weights, fp32 gradients and two Adam moments of 6.7B parameters, ~108 GB.
+  budget=$(( $(left) - RESERVE_S )); [ "$budget" -gt "$SEVEN_B_S" ] && budget=$SEVEN_B_S
+  bench seven_b_step "$budget" seven_b_step.json "${SEVEN_B_ARGS[@]}" --placements mix --executions eager \
+    --losses fused --steps 1 --warmup 0 parallel.offload_optimizer=true
 fi
 
 # ---- summary -------------------------------------------------------------------------------------------------
@@ -253,9 +293,13 @@ md = [f"# gpu_check {'smoke test' if smoke else 'results'}: {'FAILED' if failed 
       f"- total: {seconds} s", "", "| part | status | seconds | detail |", "|---|---|---|---|"]
 md += [f"| {p['part']} | {p['status']} | {p['seconds']} | {p.get('detail', '').replace('|', '/')} |" for p in parts]
 md += ["", "## Training: model.kernels=triton vs torch", "", text("train_compare.md") or "(no comparison)"]
-md += ["", "## Training benchmark (mixln-bench train; JSON in train_bench.json)", "",
-       "\n".join(line for line in text("train_bench.md").splitlines() if line.startswith(("device:", "|")))
-       or "(not run)"]
+def bench_table(name):
+    keep = ("device:", "|", "- ", "memory saved", "targets", "notes")
+    return "\n".join(line for line in text(name).splitlines() if line.startswith(keep)) or "(not run)"
+md += ["", "## Training benchmark (mixln-bench train; JSON in train_bench.json)", "", bench_table("train_bench.md")]
+md += ["", "## Fused cross-entropy memory (JSON in train_bench_memory.json)", "", bench_table("train_bench_memory.md")]
+md += ["", "## 7B Mix-LN, one step, ZeRO-3 + CPU optimiser offload (JSON in seven_b_step.json)", "",
+       bench_table("seven_b_step.md")]
 bench = text("kernels_bench.md")
 short = list(md)
 if bench:
