@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from torch.utils._pytree import tree_flatten
 
 from megatron_mixln.config import load_config
-from megatron_mixln.model.llama import build_model, causal_lm_loss
+from megatron_mixln.model.llama import build_model
 from megatron_mixln.train.memory import activation_bytes, dry_run_report, dry_run_summary, stage_activation_bytes
 
 ROOT = Path(__file__).parent.parent
@@ -54,7 +54,7 @@ def saved_bytes(model, input_ids, labels, checkpointing: bool) -> tuple[int, dic
     torch.utils.checkpoint.checkpoint = recording_checkpoint
     try:
         with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
-            loss = causal_lm_loss(model(input_ids), labels)
+            loss = model(input_ids, labels)  # the summed loss, as training computes it
     finally:
         torch.utils.checkpoint.checkpoint = checkpoint
         for hook in hooks:
@@ -89,7 +89,8 @@ def estimated_activations(config) -> dict[bool, int]:
     ["model.norm_placement=mix"],  # Post-LN then Pre-LN: one- and two-tensor layer inputs
     ["model.norm_placement=sandwich"],  # four norms per layer
     ["train.precision=bf16", "parallel.zero_stage=1"],  # bf16 values, fp32 norm copies and loss copy
-], ids=["mix-fp32", "sandwich-fp32", "mix-bf16"])
+    ["model.fused_cross_entropy=true"],  # no logits: the head's input and weight gradients from the forward
+], ids=["mix-fp32", "sandwich-fp32", "mix-bf16", "mix-fused-loss"])
 def test_estimate_matches_what_autograd_keeps_with_and_without_checkpointing(overrides):
     config = load_config(ROOT / "configs/tiny.yaml", ["model.kernels=torch", *overrides])
     measured, estimated = measured_activations(config), estimated_activations(config)
@@ -177,3 +178,19 @@ def test_report_shows_both_modes_marks_the_config_and_adds_activations_to_the_to
     assert s["bytes"]["gpu_total_with_activations"] == pytest.approx(
         s["bytes"]["gpu_total"] + s["activations"]["with_checkpointing"]["bytes"])
     assert "loss's fp32 log-probabilities" in text and "model states + activations" in text
+
+
+def test_the_fused_cross_entropy_keeps_no_logits_and_the_estimate_says_so():
+    # The 71M shape at 4 x 256 tokens: the fused loss keeps hidden- and weight-sized gradients (1024 x 512 and
+    # 32000 x 512) instead of the fp32 logits (1024 x 32000), half of them at this shape.
+    shape = ["model.kernels=torch", "train.precision=fp32", "parallel.zero_stage=0", "train.micro_batch_size=4",
+             "data.seq_len=256", "model.num_layers=2"]
+    plain = load_config(ROOT / "configs/llama_71m.yaml", shape)
+    fused = load_config(ROOT / "configs/llama_71m.yaml", [*shape, "model.fused_cross_entropy=true"])
+    measured, estimated = measured_activations(fused), estimated_activations(fused)
+    for checkpointing in (False, True):
+        assert estimated[checkpointing] == pytest.approx(measured[checkpointing], rel=TOLERANCE)
+    assert activation_bytes(fused)["logits"] == 0
+    saved = measured_activations(plain)[False] - measured[False]
+    assert saved == pytest.approx(4 * 1024 * 32000 - 4 * 32000 * 512, rel=0.02)
+    assert saved == pytest.approx(estimated_activations(plain)[False] - estimated[False], rel=0.02)

@@ -54,15 +54,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(weight.dtype)
                 grad_hidden[rows] = grad @ weight
                 grad_weight += grad.t() @ x
+        if need_grad:  # accumulated in fp32 over the chunks, kept in the weight's dtype (half the bytes in bf16)
+            grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = grad_weight * grad_total.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -84,7 +84,9 @@ def activation_bytes(config: Config, tp: int = 1) -> dict:
       attention: no seq x seq matrix); SwiGLU's gate and up (the PyTorch reference also silu(gate)) and its output
       as down_proj's input, intermediate size split over TP.
     - the embedding: the int64 token ids. The head: the final norm, lm_head's input, the labels and the loss's fp32
-      copy of the logits (log-probabilities, T x vocab / TP): for small models the largest single term.
+      copy of the logits (log-probabilities, T x vocab / TP): for small models the largest single term. With
+      model.fused_cross_entropy no logits are kept: the gradients of lm_head's input (T x hidden) and of its
+      weight (vocab / TP x hidden), computed in the forward, wait for the backward instead.
     "specs" is that per spec; "checkpointed" the same with each decoder layer reduced to its input stream (one or
     two T x hidden tensors), which is all a checkpointed layer keeps until its recompute.
     """
@@ -104,9 +106,14 @@ def activation_bytes(config: Config, tp: int = 1) -> dict:
     inputs = [width * (2 if i > 0 and placements[i - 1] in PAIR_OUTPUT else 1) for i in range(model.num_layers)]
     split_mask = tokens if tp > 1 else 0  # the vocab-parallel embedding and loss keep a bool mask of their ids
     embedding = 8 * tokens + split_mask
-    logits = 4 * tokens * (model.vocab_size // tp)
-    head = norm + width + logits + 8 * tokens + split_mask
+    if model.fused_cross_entropy:  # the fused loss keeps its finished gradients: lm_head's input's and the weight's
+        logits = 0
+        head = norm + width + value * (model.vocab_size // tp) * hidden + 8 * tokens + split_mask
+    else:
+        logits = 4 * tokens * (model.vocab_size // tp)
+        head = norm + width + logits + 8 * tokens + split_mask
     return {"tokens": tokens, "value_bytes": value, "fused_kernels": fused_norms and fused_swiglu,
+            "fused_cross_entropy": model.fused_cross_entropy,
             "layers": layers, "layer_inputs": inputs, "embedding": embedding, "head": head, "logits": logits,
             "specs": [embedding, *layers, head], "checkpointed": [embedding, *inputs, head]}
 
@@ -198,8 +205,8 @@ def _activation_summary(config: Config, tp: int, pp: int, dp: int, bounds: list[
     for stage in range(pp):
         weights, grads, optim = _state_bytes(stage_params[stage], config.train.precision, parallel.zero_stage, dp)
         totals.append(weights + grads + (0.0 if parallel.offload_optimizer else optim) + chosen["per_stage"][stage])
-    return {**{key: act[key] for key in ("tokens", "value_bytes", "fused_kernels", "layers", "layer_inputs",
-                                          "embedding", "head", "logits")},
+    return {**{key: act[key] for key in ("tokens", "value_bytes", "fused_kernels", "fused_cross_entropy", "layers",
+                                          "layer_inputs", "embedding", "head", "logits")},
             "micro_batch_size": config.train.micro_batch_size, "seq_len": config.data.seq_len,
             "micro_batches": micro_batches, "checkpointing": parallel.activation_checkpointing,
             "without_checkpointing": modes[False], "with_checkpointing": modes[True],
@@ -298,8 +305,9 @@ def _activation_lines(s: dict) -> list[str]:
         f"  {'per decoder layer':<21}{_gib(max(a['layers']))}   {'' if uniform else 'the largest; '}q/k/v, MLP and "
         f"norm inputs whole; attention and SwiGLU tensors / tp {tp}",
         f"  {'layer input':<21}{_gib(max(a['layer_inputs']))}   all a checkpointed layer keeps until its recompute",
-        f"  {'embedding + head':<21}{_gib(a['embedding'] + a['head'])}   of which the loss's fp32 log-probabilities "
-        f"(tokens x vocab / tp) {_gib(a['logits']).strip()}",
+        f"  {'embedding + head':<21}{_gib(a['embedding'] + a['head'])}   "
+        + ("fused cross-entropy: no logits kept, its input and weight gradients instead" if a["fused_cross_entropy"]
+           else f"of which the loss's fp32 log-probabilities (tokens x vocab / tp) {_gib(a['logits']).strip()}"),
     ]
     for key in ("without_checkpointing", "with_checkpointing"):
         mode, label = a[key], key.replace("_", " ")
