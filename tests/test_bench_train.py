@@ -56,3 +56,23 @@ def test_compile_and_loss_axes_one_row_each_and_the_targets_as_ratios(tmp_path, 
         for loss in ("unfused", "fused"):
             ratio = by_case["mix", execution, loss]["step_seconds"] / by_case["pre", execution, loss]["step_seconds"]
             assert f"- Mix-LN / Pre-LN step time, tiny torch {execution} {loss}: {ratio:.3f}" in proc.stdout
+
+
+def test_targets_and_memory_lines_compare_the_right_cases():
+    from megatron_mixln.benchmarks.train_throughput import memory_saved, targets
+
+    def row(placement, kernels, execution, loss, seconds, peak=10.0):
+        return dict(model="1b", placement=placement, kernels=kernels, execution=execution, loss=loss,
+                    step_seconds=seconds, peak_memory_gb=peak, mfu_datasheet=0.4 / seconds)
+
+    rows = [row("pre", "torch", "compile", "fused", 1.0), row("mix", "torch", "compile", "fused", 1.02),
+            row("pre", "triton", "compile", "fused", 0.8), row("mix", "triton", "compile", "fused", 0.805),
+            row("mix", "triton", "compile", "unfused", 0.79, peak=12.5)]
+    lines = targets(rows)
+    assert "- Mix-LN / Pre-LN step time, 1b torch compile fused: 1.020 (NOT within 1%)" in lines
+    assert "- Mix-LN / Pre-LN step time, 1b triton compile fused: 1.006 (within 1%)" in lines
+    assert "- triton vs torch speed-up, 1b mix compile fused: 1.267x (faster)" in lines
+    assert "- 1B Mix-LN MFU (datasheet peak), triton compile fused: 49.7% (below 50%)" in lines
+    assert not any("unfused" in line and "Pre-LN" in line for line in lines)  # no Pre-LN unfused case to compare
+    assert memory_saved(rows) == ["- 1b mix triton compile: fused cross-entropy peak 10.00 GB vs 12.50 GB unfused, "
+                                  "2.50 GB saved"]

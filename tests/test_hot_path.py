@@ -195,3 +195,39 @@ def test_a_data_error_in_a_run_is_raised_at_its_step_and_leaves_no_thread(cache,
     with pytest.raises(DataError, match="^the train split ends early$"):
         loop.train(load_config(None, tiny(cache, tmp_path / "run")))
     assert steps_run == [1, 2] and not prefetch_threads()
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device -> host reads of a tensor's value (`.item()`, `float()`, `bool()` all dispatch
+    aten._local_scalar_dense; on a GPU each one waits for the device). `.tolist()` / `.cpu()` are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_host_syncs_per_step_do_not_grow_with_the_micro_batch_count(zero, cache, tmp_path, monkeypatch):
+    """The GPU rule that CPU timing cannot show: a step with 4 micro-batches reads no more values to the host
+    than a step with 1 (the loss of each micro-batch stays on the device)."""
+    syncs: dict[int, list[int]] = {}
+    real_train_step = step_module.StepEngine.train_step
+
+    def counted_train_step(self, step, micro_batches, *args, **kwargs):
+        with HostSyncs() as mode:
+            outcome = real_train_step(self, step, micro_batches, *args, **kwargs)
+        syncs.setdefault(len(micro_batches), []).append(mode.count)
+        return outcome
+
+    monkeypatch.setattr(step_module.StepEngine, "train_step", counted_train_step)
+    for micro in (4, 1):  # global batch 4: 4 micro-batches of 1, or 1 of 4
+        loop.train(load_config(None, tiny(cache, tmp_path / f"micro{micro}", "train.steps=3",
+                                          "train.layer_grad_norm_every=0", f"train.micro_batch_size={micro}",
+                                          f"parallel.zero_stage={zero}")))
+    assert len(syncs[4]) == len(syncs[1]) == 3
+    assert syncs[4] == syncs[1], syncs  # per step: DeepSpeed's own non-finite check, never one per micro-batch
