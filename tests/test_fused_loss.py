@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model
 from megatron_mixln.model.linear_cross_entropy import chunk_tokens, linear_cross_entropy_sum
+from training_runs import counting_all_reduces
 
 IGNORE = -100
 
@@ -138,18 +139,8 @@ def _tp_worker(rank, world, store_path, result_path):
     local_vocab = w.shape[0] // world
     w_local = w.detach()[rank * local_vocab:(rank + 1) * local_vocab].clone().requires_grad_()
     h_local = h.detach().clone().requires_grad_()
-    calls = {"n": 0}
-    real_all_reduce = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real_all_reduce(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counting_all_reduces() as calls:
         fused = linear_cross_entropy_sum(h_local, w_local, labels, rank * local_vocab, dist.group.WORLD, chunk=8)
-    finally:
-        dist.all_reduce = real_all_reduce
     (fused * 0.5).backward()
     # This rank's hidden-state gradient is a partial sum over its words; the TP copy's backward all-reduces it.
     partial = h_local.grad.clone()

@@ -19,6 +19,7 @@ from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model, norm_placement
 from megatron_mixln.model.stages import pipeline_layer_specs, post_ln_layers_of_stage, stage_boundaries
 from megatron_mixln.train.export import read_export
+from training_runs import counting_all_reduces
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -248,23 +249,13 @@ def _tp_worker(rank, world, store_path, result_path):
         full_params = dict(full.named_parameters())
         same_init = all(torch.equal(p, shard_of(full_params[n], p, tp)) for n, p in shard.named_parameters())
 
-        calls = {"n": 0}
-        real_all_reduce = dist.all_reduce
-
-        def counting_all_reduce(*args, **kwargs):
-            calls["n"] += 1
-            return real_all_reduce(*args, **kwargs)
-
         x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
         x_full = x.detach().clone().requires_grad_()
-        dist.all_reduce = counting_all_reduce
-        try:
+        with counting_all_reduces() as calls:
             y = hidden_state(shard(x))  # the residual stream as one tensor
             forward_calls = calls["n"]
             y.pow(2).sum().backward()
             backward_calls = calls["n"] - forward_calls
-        finally:
-            dist.all_reduce = real_all_reduce
         y_full = hidden_state(full(x_full))
         y_full.pow(2).sum().backward()
         grads_match = all(
@@ -277,18 +268,8 @@ def _tp_worker(rank, world, store_path, result_path):
     logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
     labels = torch.tensor([3, 40, -100, 63, 0, 33])
     local = logits.detach()[:, rank * 32:(rank + 1) * 32].clone().requires_grad_()
-    calls = {"n": 0}
-    real_all_reduce = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real_all_reduce(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counting_all_reduces() as calls:
         loss = vocab_parallel_cross_entropy(local, labels, tp)
-    finally:
-        dist.all_reduce = real_all_reduce
     loss.backward()
     reference = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
     reference.backward()

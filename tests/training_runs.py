@@ -32,6 +32,23 @@ def tiny(cache: str | Path, out: str | Path, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def counting_all_reduces():
+    """Counts torch.distributed.all_reduce calls made inside the block: yields {"n": calls so far}."""
+    calls = {"n": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real_all_reduce
+
+
+@contextlib.contextmanager
 def leaving_out(step: int):
     """Runs inside see the batches of every optimiser step except `step`: their step `step` trains on the batch
     of step + 1, and so on (the reference for a run that skipped step `step`)."""
