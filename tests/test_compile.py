@@ -99,3 +99,23 @@ def test_training_with_compiled_layers_gives_the_eager_losses(tmp_path):
         losses[name] = [r["loss"] for r in records if "loss" in r]
     assert len(losses["eager"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_activation_checkpointing_match_eager():
+    """The recompute in the backward runs the compiled forward again (PyTorch's non-reentrant checkpoint)."""
+    config = _config("mix", "torch")
+    eager, compiled = build_model(config, seed=5), build_model(config, seed=5)
+    compile_decoder_layers(compiled)
+    compiled.activation_checkpointing = True
+    dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    ids, labels = (torch.randint(0, 64, (2, 12), generator=generator) for _ in range(2))
+    losses = []
+    for model in (eager, compiled):
+        loss = model(ids, labels)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert (torch.linalg.vector_norm(a.grad - b.grad) / torch.linalg.vector_norm(a.grad)).item() < 1e-5, name
