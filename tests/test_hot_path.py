@@ -231,3 +231,30 @@ def test_host_syncs_per_step_do_not_grow_with_the_micro_batch_count(zero, cache,
                                           f"parallel.zero_stage={zero}")))
     assert len(syncs[4]) == len(syncs[1]) == 3
     assert syncs[4] == syncs[1], syncs  # per step: DeepSpeed's own non-finite check, never one per micro-batch
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_fused_optimizer_makes_the_default_implementations_update(name):
+    """On a GPU build_optimizer asks for PyTorch's fused Adam/AdamW (one kernel per group); here on CPU (where
+    torch has it too) it must update as the default per-tensor implementation does, over changing gradients."""
+    from megatron_mixln.train.optim import build_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in start]
+    plain_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fused = build_optimizer(fused_params, name, 1e-2, (0.9, 0.95), 1e-8, 0.1, fused=True)
+    assert build_optimizer([torch.nn.Parameter(t.clone()) for t in start], name, 1e-2, (0.9, 0.95), 1e-8,
+                           0.1).defaults["fused"] is (True if torch.cuda.is_available() else None)
+    plain_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    plain = plain_class(plain_params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn(shape, generator=generator) for shape in shapes]
+        for params, optimizer in ((fused_params, fused), (plain_params, plain)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(fused_params, plain_params):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -46,8 +46,14 @@ class SGD(GuardedStep, torch.optim.SGD):
     pass
 
 
-def build_optimizer(params, name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+def build_optimizer(params, name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                    fused: bool | None = None):
+    """`fused` (default: on a GPU): PyTorch's fused Adam/AdamW, one kernel for all of a group's tensors where the
+    for-each implementation launches several per tensor; the same update. A CPU keeps the per-tensor
+    implementation, whose arithmetic is bit for bit the same on per-parameter tensors and on ZeRO's flat partitions
+    (the fused CPU kernel's vector tails are not), which exact moves between ZeRO stages rely on."""
     if name == "sgd":
         return SGD(params, lr=lr, weight_decay=weight_decay)
     cls = {"adam": Adam, "adamw": AdamW}[name]
-    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    fused = torch.cuda.is_available() if fused is None else fused
+    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None)
