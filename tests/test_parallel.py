@@ -162,7 +162,7 @@ THROUGHPUT = ["model.fused_cross_entropy=true", "train.compile=true"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2-zero2", "dp2-zero3"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2xpp2", "dp2-zero2", "dp2-zero3"])
 def test_fused_loss_and_compiled_layers_match_the_plain_single_process_run(layout, single, cache, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     switches = THROUGHPUT[:1] if "zero3" in layout else THROUGHPUT  # compile is refused with ZeRO-3 (config.py)
