@@ -237,10 +237,6 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.parallel.validate()
-        # ZeRO-3 gathers each parameter from hooks on the module that owns it, which would run inside a compiled
-        # layer and show dynamo the partitioned (empty) tensors (docs/performance.md#torchcompile).
-        _require(not (self.train.compile and self.parallel.zero_stage == 3), "train.compile", self.train.compile,
-                 "false with parallel.zero_stage=3 (per-layer compile works with ZeRO 0-2, TP and PP)")
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_seq_len={self.model.max_seq_len}")
         tp, m = self.parallel.tp, self.model

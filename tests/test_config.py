@@ -109,11 +109,3 @@ def test_model_config_is_the_public_dataclass_with_the_paper_defaults():
     config = ModelConfig()
     assert (config.vocab_size, config.rms_norm_eps, config.rope_theta, config.max_seq_len) == (32000, 1e-6, 10000.0,
                                                                                              256)
-
-def test_compile_with_zero_3_is_refused_in_one_sentence():
-    with pytest.raises(ConfigError, match=r"train\.compile=True is invalid: expected false with "
-                                          r"parallel\.zero_stage=3 \(per-layer compile works with ZeRO 0-2, TP and PP\)"):
-        load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml",
-                    ["train.compile=true", "parallel.zero_stage=3"])
-    assert load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml",
-                       ["train.compile=true", "parallel.zero_stage=2"]).train.compile is True

@@ -157,16 +157,15 @@ def test_new_placements_match_single_process_in_the_layouts_that_split_them(name
 # The throughput switches change how a step is computed, not what it computes: the chunked, fused LM head + loss
 # (TP: vocab-parallel chunks; PP: applied in DeepSpeed's loss function; ZeRO-3: the head's weight gathered for it)
 # and the per-layer compiled forward (TP's collectives and PP's stage boundaries inside and around the graphs;
-# ZeRO-2's gradient hooks after them).
+# ZeRO-2's gradient hooks after them; ZeRO-3 gathering each layer whole before its graph runs).
 THROUGHPUT = ["model.fused_cross_entropy=true", "train.compile=true"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2xpp2", "dp2-zero2", "dp2-zero3"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2xpp2", "dp2-zero2", "dp2-zero3", "tp2xdp2-zero3"])
 def test_fused_loss_and_compiled_layers_match_the_plain_single_process_run(layout, single, cache, tmp_path):
     nproc, overrides = LAYOUTS[layout]
-    switches = THROUGHPUT[:1] if "zero3" in layout else THROUGHPUT  # compile is refused with ZeRO-3 (config.py)
-    run = run_ok(nproc, tmp_path / "mix", *run_overrides("mix"), cache, *overrides, *switches)
+    run = run_ok(nproc, tmp_path / "mix", *run_overrides("mix"), cache, *overrides, *THROUGHPUT)
     assert_same_run("mix", run, single["mix"])
 
 

@@ -173,8 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+",
                         help="kernels backends (default: torch triton on a GPU, torch on a CPU)")
     parser.add_argument("--executions", nargs="+", choices=["eager", "compile"],
-                        help="eager and/or per-layer torch.compile (default: eager compile on a GPU, eager on a CPU); "
-                             "compile is skipped, with a note, for ZeRO-3 configs")
+                        help="eager and/or per-layer torch.compile (default: eager compile on a GPU, eager on a CPU)")
     parser.add_argument("--losses", nargs="+", choices=["unfused", "fused"], default=["fused"],
                         help="LM head + loss: unfused and/or the chunked fused cross-entropy (default: fused)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
@@ -185,7 +184,6 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     import torch  # after parsing: --help and usage errors need no torch
 
-    from megatron_mixln.config import load_config
     from megatron_mixln.train.engine import init_distributed
 
     on_gpu = torch.cuda.is_available()
@@ -204,24 +202,20 @@ def main(argv=None) -> int:
           + (f" (datasheet {sheet / 1e12:.0f})" if sheet else "")
           + ("" if on_gpu else "; a CPU run of a small configuration, not a GPU figure; peak GB is the process's "
              "RSS high-water mark so far"))
-    rows, notes = [], []
+    rows = []
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps({"device": name, "measured_peak_flops": peak, "datasheet_peak_flops": sheet,
-                                             "rows": rows, "notes": notes}, indent=1) + "\n")
+                                             "rows": rows}, indent=1) + "\n")
 
     print("| model | placement | kernels | execution | LM head | batch x seq | tokens/s | step ms | peak GB | host GB |"
           " MFU (measured peak) |" + (" MFU (datasheet) |" if sheet else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else ""))
     for model in models:
-        zero3 = load_config(config_path(model), args.overrides).parallel.zero_stage == 3 and on_gpu
         for placement in args.placements:
             for backend in kernels:
                 for execution in executions:
-                    if execution == "compile" and zero3:
-                        notes.append(f"{model}: compile skipped (ZeRO-3 gathers parameters inside the layers)")
-                        continue
                     for loss in args.losses:
                         config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
                         row = {"model": model, "placement": placement, "kernels": backend, "execution": execution,
@@ -236,7 +230,7 @@ def main(argv=None) -> int:
                               f"{row['host_peak_memory_gb']:.1f} | {row['mfu']:.1%} |"
                               + (f" {row['mfu_datasheet']:.1%} |" if sheet else ""), flush=True)
     for title, lines in (("memory saved by the fused cross-entropy", memory_saved(rows) if on_gpu else []),
-                         ("targets (ratios measured in this run)", targets(rows)), ("notes", sorted(set(notes)))):
+                         ("targets (ratios measured in this run)", targets(rows))):
         if lines:
             print(f"\n{title}:\n" + "\n".join(lines))
     save()

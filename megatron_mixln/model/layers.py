@@ -67,6 +67,11 @@ def split_stream(stream: Stream) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (stream, None) if isinstance(stream, torch.Tensor) else (stream[0], stream[1])
 
 
+def stream_args(stream: Stream) -> tuple[torch.Tensor, ...]:
+    """A stream as a layer's positional arguments: (tensor,) or (residual, pending)."""
+    return (stream,) if isinstance(stream, torch.Tensor) else tuple(stream)
+
+
 def hidden_state(stream: Stream) -> torch.Tensor:
     """The hidden state a stream stands for, as one tensor (what the next layer sees)."""
     residual, pending = split_stream(stream)
@@ -163,14 +168,16 @@ class DecoderLayer(nn.Module):
             self.add_module(name, RMSNorm(config.hidden_size, config.rms_norm_eps, output_scale, config.kernels))
         self.residual_scale = deepnorm_residual_scale(config.num_layers) if self.placement == DEEPNORM else 1.0
 
-    def forward(self, stream: Stream) -> Stream:
-        """The layer on the residual stream: a tensor, or a (residual, pending) pair meaning residual + pending.
+    def forward(self, stream: Stream, pending: torch.Tensor | None = None) -> Stream:
+        """The layer on the residual stream: a tensor, or a (residual, pending) pair meaning residual + pending,
+        passed as one argument (a pipeline stage) or as two (`layer(*stream)`, what the unsplit model does: module
+        hooks then see both tensors, as ZeRO-3's per-layer gathering needs, see model/llama.py).
 
         A residual add that a norm follows is never done alone: the previous layer's last branch output
         (`pending`) is added inside this layer's first norm, and this layer's last branch output is left for
         the next layer's first norm (or the final norm). Post-LN and HybridNorm layers need their input whole.
         """
-        x, pending = split_stream(stream)
+        x, pending = split_stream(stream) if pending is None else (stream, pending)
         if self.placement in (PRE, LNS):
             normed, x = self._first_norm(self.input_layernorm, x, pending)
             normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(normed), x)

@@ -11,7 +11,7 @@ from torch import nn
 
 from megatron_mixln.config import ModelConfig
 from megatron_mixln.model import ops
-from megatron_mixln.model.layers import DecoderLayer, Stream, split_stream
+from megatron_mixln.model.layers import DecoderLayer, Stream, split_stream, stream_args
 from megatron_mixln.model.linear_cross_entropy import linear_cross_entropy_sum
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain, has_embedding_norm
 from megatron_mixln.parallel.mappings import copy_to_tensor_parallel
@@ -124,6 +124,18 @@ def compile_decoder_layers(module: nn.Module) -> int:
     return len(layers)
 
 
+def gather_whole_layers_under_zero3(module: nn.Module) -> None:
+    """Make each decoder layer one ZeRO-3 unit (DeepSpeed's "leaf module"): the layer's own pre-forward hook, outside
+    its compiled forward, gathers all of the layer's parameters, and its gradients are reduced once the layer's
+    backward is done. Otherwise ZeRO-3 gathers per submodule, from hooks that would run inside the compiled graph,
+    where dynamo would trace the partitioned, empty parameters. The layer's backward hook fires when the
+    gradients of its input tensors are ready, which is why the unsplit model passes a (residual, pending) pair as
+    two arguments. Call before deepspeed.initialize, which installs the hooks."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(module, [DecoderLayer])
+
+
 class MixLNModel(nn.Module):
     """Holds the embedding, the decoder layers and the final norm under HF LlamaModel's names (and Peri-LN's
     embedding norm as `embed_layernorm`, registered only when there is one, so other state dicts are unchanged)."""
@@ -168,11 +180,12 @@ class MixLNForCausalLM(nn.Module):
         per-token cross-entropy in fp32 (`model.fused_cross_entropy` chunks it without whole logits)."""
         stream = self.embedding(input_ids)
         for layer in self.model.layers:
+            # A (residual, pending) pair goes in as two arguments, so module hooks see both tensors.
             if self.activation_checkpointing and self.training:
-                stream = torch.utils.checkpoint.checkpoint(layer, stream, use_reentrant=False)
+                stream = torch.utils.checkpoint.checkpoint(layer, *stream_args(stream), use_reentrant=False)
             else:
-                stream = layer(stream)
-        return self.head(stream, labels)
+                stream = layer(*stream_args(stream))
+        return self.head(stream, labels=labels)  # by keyword: forward pre-hooks see the stream alone
 
     @property
     def placements(self) -> list[str]:

@@ -113,7 +113,8 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     model (under ZeRO-3 built already partitioned), or this rank's pipeline stage."""
     from megatron_mixln.model import ops
     from megatron_mixln.model.hf import init_from_applies, load_init_from
-    from megatron_mixln.model.llama import MixLNForCausalLM, compile_decoder_layers, initialize_weights
+    from megatron_mixln.model.llama import (MixLNForCausalLM, compile_decoder_layers, gather_whole_layers_under_zero3,
+                                            initialize_weights)
     from megatron_mixln.model.stages import build_pipeline
     from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
     from megatron_mixln.train.export import gathered
@@ -133,6 +134,8 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
         load_init_from(model, config, layout)
     if config.train.compile:
         compile_decoder_layers(model)
+        if config.parallel.zero_stage == 3:
+            gather_whole_layers_under_zero3(model)
     mark_norm_owners(model, layout.tensor_parallel)
     return model
 
