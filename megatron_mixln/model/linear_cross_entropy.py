@@ -62,9 +62,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_weight * grad_total.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None
+
+        def scaled(grad: torch.Tensor) -> torch.Tensor:  # in fp32: a bf16 copy of the scale (e.g. 1/tokens) is off by
+            return (grad.to(grad_total.dtype) * grad_total).to(grad.dtype)  # up to 0.4 %, the same way everywhere
+
+        return (scaled(grad_hidden) if ctx.needs_input_grad[0] else None,
+                scaled(grad_weight) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int = 0,
