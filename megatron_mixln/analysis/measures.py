@@ -16,6 +16,7 @@ import torch
 
 from megatron_mixln.data.errors import DataError
 from megatron_mixln.model import IGNORE_INDEX, hidden_state
+from megatron_mixln.model.layers import stream_from_args
 from megatron_mixln.train.step import loss_sum
 
 LAYER_PREFIX = "layer_"
@@ -74,7 +75,7 @@ def _angular(model, batches, device, on_batch) -> tuple[np.ndarray, int]:
 
     def capture(index: int):
         def hook(module, args):
-            state = hidden_state(args if len(args) == 2 else args[0])[current["mask"]].double()
+            state = hidden_state(stream_from_args(args))[current["mask"]].double()
             state = torch.nn.functional.normalize(state, dim=-1)
             if current.get("states") is None:
                 current["states"] = state.new_empty((num_layers + 1, *state.shape))
@@ -158,8 +159,8 @@ def layer_removal(model: torch.nn.Module, batches: list, device=None, layers: It
     entries = []
     for index in (range(len(decoder_layers)) if layers is None else layers):
         layer = decoder_layers[index]
-        # The layer hands on what it was given: one tensor, or the (residual, pending) pair it got as two arguments.
-        handle = layer.register_forward_hook(lambda module, args, output: args if len(args) == 2 else args[0])
+        # The layer hands on what it was given: one tensor, or the (residual, pending) pair.
+        handle = layer.register_forward_hook(lambda module, args, output: stream_from_args(args))
         try:
             removed = held_out_loss(model, batches, device, on_batch)
         finally:

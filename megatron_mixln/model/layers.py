@@ -72,6 +72,12 @@ def stream_args(stream: Stream) -> tuple[torch.Tensor, ...]:
     return (stream,) if isinstance(stream, torch.Tensor) else tuple(stream)
 
 
+def stream_from_args(args: tuple) -> Stream:
+    """The stream a stage module was called with, from its positional arguments (what a forward hook sees): the
+    inverse of `stream_args`, also for a pair passed as one tuple (a pipeline stage) or the head's one stream."""
+    return args if len(args) == 2 else args[0]
+
+
 def hidden_state(stream: Stream) -> torch.Tensor:
     """The hidden state a stream stands for, as one tensor (what the next layer sees)."""
     residual, pending = split_stream(stream)

@@ -67,10 +67,10 @@ class VocabParallelLMHead(ColumnParallelLinear):
             return super().forward(x)
         if not self.fused:
             return token_losses(super().forward(x), labels, self.tp).sum()
-        if self.tp.size > 1:
-            x = copy_to_tensor_parallel(x, self.tp.group)
-            return linear_cross_entropy_sum(x, self.weight, labels, self.tp.rank * self.weight.shape[0], self.tp.group)
-        return linear_cross_entropy_sum(x, self.weight, labels)
+        group = self.tp.group if self.tp.size > 1 else None
+        if group is not None:
+            x = copy_to_tensor_parallel(x, group)  # its backward sums the ranks' partial input gradients
+        return linear_cross_entropy_sum(x, self.weight, labels, self.tp.rank * self.weight.shape[0], group)
 
 
 class LMHead(nn.Module):

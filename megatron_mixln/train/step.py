@@ -325,17 +325,15 @@ class PipelineSteps(StepEngine):
     `train_batch`; this engine's `objective` is the pipeline's loss function."""
 
     def __init__(self, engine, config: Config, layout, name_of: Callable[[str], str] = lambda name: name):
+        from megatron_mixln.model.llama import LMHead
+
         super().__init__(engine, config, layout, name_of)
         self.module.loss_fn = self._last_stage_loss
-        self._head = None
+        self._head = next((m for m in self.module.modules() if isinstance(m, LMHead)), None)  # last stage only
 
     def _last_stage_loss(self, normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The pipeline's loss_fn: the last stage hands over the final norm's output (LMHead, project=False),
         and the head's projection runs here, where the labels are (fused with the loss or not)."""
-        if self._head is None:
-            from megatron_mixln.model.llama import LMHead
-
-            self._head = next(m for m in self.module.modules() if isinstance(m, LMHead))
         return self.objective(self._head.lm_head(normed, labels), labels)
 
     def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
