@@ -42,13 +42,34 @@ def _run(main, argv) -> int:
     """Run a command; user errors become one `error:` line and exit status 2. Each command parses its arguments
     before it imports torch, so --help answers at once."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    joined_before = _in_process_group()
     try:
-        return main(argv) or 0
+        status = main(argv) or 0
     except Exception as err:  # not `except _user_errors()`: that would import them on argparse's SystemExit too
         if not isinstance(err, _user_errors()):
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        status = 2
+    if _in_process_group() and not joined_before:
+        _leave_process_group()
+    return status
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")  # never imports torch for --help
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the command joined, while the interpreter is still whole. Left to the exit,
+    gloo's worker threads are torn down during interpreter finalisation with work that still holds Python
+    references, and the process dies of SIGABRT ("terminate called without an active exception") after a run that
+    succeeded; NCCL asks for the same call so that no rank exits with a transfer in flight (PyTorch's "Shutdown"
+    documentation). Not after an unexpected exception: a peer may be stuck in a collective, and the launcher
+    stops the job anyway."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 def _asks_for_help(argv) -> bool:
