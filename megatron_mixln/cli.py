@@ -172,8 +172,8 @@ def _export_parser() -> argparse.ArgumentParser:
         "Write a consolidated export (safetensors shards under HF LLaMA names, see docs/method.md#parameter-names, "
         "+ config.json) from a checkpoint of any layout (tp x pp x dp) and ZeRO stage. Weights only: the export "
         "a run writes itself (train.stop_after_step) also carries the optimiser state."))
-    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder; with --hf "
-                                           "also an export folder")
+    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint, else its export), a checkpoint "
+                                           "folder or an export folder")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--hf", action="store_true",
                         help="write a Hugging Face folder with the run's tokenizer instead: LlamaForCausalLM for "
@@ -200,23 +200,13 @@ def _export(argv) -> int:
         print(f"exported step {done.step} to {args.out} (Hugging Face: {done.format}"
               + (", with its tokenizer)" if done.tokenizer_problem is None else ")"))
         return 0
-    from megatron_mixln.config import config_from_dict
-    from megatron_mixln.train import checkpoint as ckpt
-    from megatron_mixln.train import export
+    from megatron_mixln.train.export import export_consolidated
+    from megatron_mixln.train.weights import read_weights
 
-    folder = Path(args.checkpoint)
-    if (folder / ckpt.CHECKPOINTS).is_dir():
-        folder = ckpt.latest_checkpoint(folder) or folder
-    state_path = folder / ckpt.STATE_FILE
-    if not state_path.is_file():
-        raise ckpt.CheckpointError(f"{folder} is neither a run folder with checkpoints nor a checkpoint folder "
-                                   f"(no {ckpt.STATE_FILE}).")
-    state = json.loads(state_path.read_text())
-    run_config = config_from_dict(state["config"])
-    weights = export.checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
-    extra = {"step": state["step"], "data": state.get("data"), "run_config": state["config"]}  # as a run's export
-    out = export.export_consolidated(weights, run_config.model, args.out, extra=extra)
-    print(f"exported step {state['step']} to {out}")
+    weights = read_weights(args.checkpoint)  # a checkpoint's are merged over TP, PP and ZeRO partitions
+    extra = {"step": weights.step, "data": weights.data_meta, "run_config": weights.run_config}  # as a run's export
+    out = export_consolidated(weights.tensors, weights.model_config, args.out, extra=extra)
+    print(f"exported step {weights.step} to {out}")
     return 0
 
 

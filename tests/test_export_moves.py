@@ -92,6 +92,28 @@ def test_mixln_export_of_a_checkpoint_equals_the_runs_own_export(world, override
 
 
 
+def test_mixln_export_rewrites_an_export_and_says_what_a_folder_lacks(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(1, tiny(cache, out, "train.steps=2"), tmp_path)
+    again = tmp_path / "again"
+    assert cli._run(cli._export, [str(out / "export"), str(again)]) == 0  # an export folder, read as it is
+    _, mine = export.read_export(again)
+    _, reference = export.read_export(out / "export")
+    assert mine.keys() == reference.keys() and all(torch.equal(mine[n], v) for n, v in reference.items())
+    saved = json.loads((out / "export" / export.EXPORT_CONFIG).read_text())
+    assert json.loads((again / export.EXPORT_CONFIG).read_text())["run_config"] == saved["run_config"]
+
+    shutil.rmtree(out / ckpt.CHECKPOINTS)  # a run folder whose checkpoints were cleaned: its export is read
+    assert cli._run(cli._export, [str(out), str(tmp_path / "from_run")]) == 0
+    assert torch.equal(export.read_export(tmp_path / "from_run")[1]["lm_head.weight"], reference["lm_head.weight"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli._run(cli._export, [str(empty), str(tmp_path / "x")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert str(empty) in line and ckpt.STATE_FILE in line and not (tmp_path / "x").exists()
+
+
 def test_mixln_export_refuses_pickles_and_names_a_missing_file(cache, tmp_path, capsys):
     out = tmp_path / "run"
     run(1, tiny(cache, out, "parallel.zero_stage=3", "train.stop_after_step=2"), tmp_path)

@@ -12,6 +12,7 @@ from megatron_mixln.train import loop
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
 from megatron_mixln.train.schedule import lr_multiplier
+from megatron_mixln.train.weights import checkpoint_weights
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +259,7 @@ def test_layer_update_norms_are_how_far_each_layer_moved_between_checkpoints(tmp
     train(tiny_config(out, data_cache, "train.steps=3", "train.save_every=1", "train.keep_checkpoints=3",
                       "train.layer_grad_norm_every=1", f"parallel.zero_stage={stage}"))
     records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "layer_update_norms" in r}
-    states = {step: export.checkpoint_weights(out / ckpt.CHECKPOINTS / ckpt.tag_for_step(step), run_config(out))
+    states = {step: checkpoint_weights(out / ckpt.CHECKPOINTS / ckpt.tag_for_step(step), run_config(out))
               for step in (2, 3)}
     squares = {}
     for name, after in states[3].items():

@@ -16,6 +16,7 @@ from megatron_mixln.data.errors import DataError
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.metrics import METRICS_FILE
+from megatron_mixln.train.weights import checkpoint_weights, is_export
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels) as data.sampling.collate returns them
 ALL = "all"  # HeldOut.split of a local --data source: every document of it
@@ -69,18 +70,13 @@ class Run:
         else:
             # checkpoint_weights merges TP shards, pipeline layer files and ZeRO-3 partitions into consolidated
             # names, so a checkpoint of any layout loads as the unsplit model, as an export does.
-            weights = export.checkpoint_weights(self.weights, self.config)
+            weights = checkpoint_weights(self.weights, self.config)
             model_config = dataclasses.replace(self.config.model, kernels="auto")  # see load_exported_model
             with torch.device("meta"):
                 model = MixLNForCausalLM(model_config)
             model.load_state_dict(weights, strict=True, assign=True)
             model = model.to(device=device)
         return model.to(dtype=dtype).eval()
-
-
-def _is_export(folder: Path) -> bool:
-    return (folder / export.EXPORT_CONFIG).is_file() and (
-        (folder / export.EXPORT_INDEX).is_file() or any(folder.glob("model*.safetensors")))
 
 
 def _run_dir_near(folder: Path, config: Config, *candidates: Path) -> Path | None:
@@ -100,14 +96,14 @@ def find_run(path: str | Path) -> Run:
                 f"(<run>/{ckpt.CHECKPOINTS}/step_N)")
     if not path.is_dir():
         raise ckpt.CheckpointError(f"{path} {'is a file' if path.exists() else 'does not exist'}: {expected}.")
-    if _is_export(path / "export"):
+    if is_export(path / "export"):
         run = _from_export(path / "export", path)
         newest = _latest_checkpoint_step(path)
         if newest is not None and run.step is not None and newest > run.step:
             # A run resumed after train.stop_after_step keeps its old export until it finishes.
             run.notes.append(f"{run.name}: its export is from step {run.step} but its latest checkpoint is from step "
                              f"{newest}; the export is analysed (name the checkpoint folder to analyse that one).")
-    elif _is_export(path):
+    elif is_export(path):
         run = _from_export(path, path.parent)
     elif (path / ckpt.STATE_FILE).is_file():
         run = _from_checkpoint(path, path)

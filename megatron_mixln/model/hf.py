@@ -219,56 +219,6 @@ def _build_hf_tokenizer(spec: str):
 # export_hf: a run folder, a checkpoint or a consolidated export -> a transformers folder
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class Weights:
-    """Full weights under consolidated names, with what is known of the run that made them."""
-
-    model_config: ModelConfig
-    tensors: dict
-    step: int | None
-    data_meta: dict | None
-    source: Path
-
-
-def read_weights(source: str | Path) -> Weights:
-    """The weights of a consolidated export, of a DeepSpeed checkpoint (any layout and ZeRO stage), or of a run
-    folder (its latest checkpoint, else its own export)."""
-    from megatron_mixln.config import config_from_dict
-    from megatron_mixln.train import checkpoint as ckpt
-    from megatron_mixln.train import export
-
-    folder = Path(source)
-    if not folder.exists():
-        raise ckpt.CheckpointError(f"{folder} does not exist: pass a run folder, a checkpoint folder or an export "
-                                   "folder.")
-    if _is_export(folder):
-        model_config, tensors = export.read_export(folder)
-        raw = json.loads((folder / export.EXPORT_CONFIG).read_text())
-        return Weights(model_config, tensors, raw.get("step"), raw.get("data"), folder)
-    if (folder / ckpt.CHECKPOINTS).is_dir():
-        folder = ckpt.latest_checkpoint(folder) or folder
-    if not (folder / ckpt.STATE_FILE).is_file() and _is_export(Path(source) / "export"):
-        return read_weights(Path(source) / "export")  # a run folder whose checkpoints are gone
-    state_path = folder / ckpt.STATE_FILE
-    if not state_path.is_file():
-        raise ckpt.CheckpointError(f"{folder} is neither a run folder with checkpoints, a checkpoint folder (no "
-                                   f"{ckpt.STATE_FILE}) nor an export folder (no {export.EXPORT_CONFIG} with a model).")
-    state = json.loads(state_path.read_text())
-    run_config = config_from_dict(state["config"])
-    tensors = export.checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
-    return Weights(run_config.model, tensors, state.get("step"), state.get("data"), folder)
-
-
-def _is_export(folder: Path) -> bool:
-    """A consolidated export: config.json holding our "model" section (a transformers config.json has none) next
-    to safetensors weights (a run folder's config.json has the section too, but its weights are in checkpoints)."""
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and any(folder.glob("model*.safetensors"))
-
-
-@dataclass
 class HFExport:
     out: Path
     step: int | None
@@ -284,6 +234,8 @@ def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None)
     the tokenizer can be added later (`tokenizer.save_pretrained(out)`), while a failed export would leave
     nothing, e.g. once the run's prepared-data cache has been cleaned.
     """
+    from megatron_mixln.train.weights import read_weights
+
     weights = read_weights(source)
     hf_tok, problem = hf_tokenizer(weights.data_meta, tokenizer, weights.model_config.vocab_size)
     save_hf_pretrained(weights.model_config, weights.tensors, out, hf_tok, weights.data_meta)
@@ -314,7 +266,9 @@ def read_source_config(folder: str | Path) -> tuple[ModelConfig, str]:
         raw = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as err:
         raise _checkpoint_error(f"{folder / 'config.json'} is not valid JSON ({err}).") from None
-    if _is_export(folder):
+    from megatron_mixln.train.weights import is_export
+
+    if is_export(folder):
         from megatron_mixln.train.export import export_files
 
         return export_files(folder)[0], "export"

@@ -16,8 +16,7 @@ load one. The export already holds full tensors under layout-free names and is r
 the optimiser state rides along, gathered and set with DeepSpeed's own per-parameter accessors
 (`safe_get_full_optimizer_state`, `safe_set_full_optimizer_state`).
 
-`checkpoint_weights` turns a DeepSpeed checkpoint of any layout and ZeRO stage into the same tensors
-(mixln-export).
+`train/weights.py` reads the same tensors from a DeepSpeed checkpoint of any layout and ZeRO stage (mixln-export).
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -557,124 +555,3 @@ def load_export_into(module: torch.nn.Module, folder: str | Path, model_config: 
     schedule = meta.get("lr_schedule_step")
     return LoadedExport(step=step, schedule_step=step if schedule is None else int(schedule), states=tuple(keys),
                         optimizer_step=int(meta["step"]))
-
-
-# ------------------------------------------------------------------------------------------------
-# mixln-export: the same tensors from a DeepSpeed checkpoint of any layout
-# ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _weights_only_loads():
-    """Every torch.load inside reads with weights_only=True and DeepSpeed's own checkpoint classes only, even
-    DeepSpeed's zero_to_fp32, which asks for weights_only=False: TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's own
-    switch for that. A checkpoint copied from elsewhere then cannot run code when it is exported."""
-    from megatron_mixln.train.checkpoint import deepspeed_checkpoint_globals
-
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
-            yield
-    finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-def _load_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint in {path.parent} is incomplete.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged or foreign file
-        raise CheckpointError(f"{path} cannot be read as a DeepSpeed checkpoint file ({err}).") from None
-
-
-def _pipeline_shard(folder: Path, tp_rank: int, num_layers: int) -> dict[str, torch.Tensor]:
-    """One TP rank's weights from a pipeline checkpoint: DeepSpeed writes each layer spec's state dict as
-    `layer_<spec>-model_<tp rank>-model_states.pt` (what the module holds, bf16 under bf16)."""
-    from megatron_mixln.model.stages import consolidated_name
-
-    shard = {}
-    for spec in range(num_layers + 2):
-        path = folder / f"layer_{spec:02d}-model_{tp_rank:02d}-model_states.pt"
-        shard.update({consolidated_name(f"{spec}.{key}", num_layers): value
-                      for key, value in _load_file(path).items()})
-    return shard
-
-
-def _zero3_shard(folder: Path, tp_rank: int, tp: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One TP rank's weights from a ZeRO-3 checkpoint, rebuilt by DeepSpeed's zero_to_fp32 from the fp32
-    partitions of every DP rank, cast to the module's dtype (what the run's own export holds: the bf16
-    module weights are the rounding of these masters). zero_to_fp32 knows one model-parallel rank per
-    folder, so under TP it reads a folder holding links to that rank's files only."""
-    import tempfile
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.ExitStack() as stack:
-        root, tag = folder.parent, folder.name
-        if tp > 1:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mixln-export-")))
-            tag = f"mp_rank_{tp_rank:02d}"
-            (root / tag).mkdir()
-            for path in folder.glob(f"*_mp_rank_{tp_rank:02d}_*_states.pt"):
-                (root / tag / path.name).symlink_to(path.resolve())
-        # zero_to_fp32 narrates every file it reads on stdout; mixln-export prints one line.
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            try:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-            except (FileNotFoundError, ValueError, pickle.UnpicklingError) as err:  # the last: weights_only refused it
-                raise CheckpointError(f"{folder} is not a complete, readable ZeRO-3 checkpoint ({err}).") from None
-    return {name: value.to(dtype) for name, value in state.items()}
-
-
-def checkpoint_weights(folder: str | Path, run_config) -> dict[str, torch.Tensor]:
-    """Full weights under consolidated names, in the module's dtype, from a DeepSpeed checkpoint folder of any
-    layout (tp x pp x dp) and ZeRO stage: the tensors the run's own export holds at that step.
-
-    Where the weights are:
-    - ZeRO-3 (no pipeline): partitioned over the DP ranks in `*_optim_states.pt`; DeepSpeed's zero_to_fp32
-      rebuilds them (one TP rank at a time).
-    - every other stage: whole in the module files DeepSpeed writes per TP rank, `mp_rank_<tp>_model_states.pt`,
-      or per pipeline layer spec, `layer_<spec>-model_<tp>-model_states.pt`. zero_to_fp32 could rebuild
-      ZeRO-1/2 ones too, but it rejects the BF16 optimiser's files ("not a zero checkpoint"), and the module
-      file already holds exactly the module's tensors.
-    DeepSpeed's tools know nothing of our tensor parallelism, so the TP shards are merged here: concatenated
-    along each parameter's partition dim (column-parallel q/k/v/gate/up, the embedding and LM head rows on
-    dim 0, row-parallel o/down on dim 1), norms replicated (TP rank 0's copy), and pipeline layer names are
-    mapped with `consolidated_name`. Loads run with weights_only=True.
-    """
-    from megatron_mixln.model import MixLNForCausalLM
-    from megatron_mixln.parallel.tensor_parallel import TensorParallel
-
-    folder = Path(folder)
-    model_config, parallel = run_config.model, run_config.parallel
-    tp, pp, zero = parallel.tp, parallel.pp, parallel.zero_stage
-    dtype = torch.bfloat16 if run_config.train.precision == "bf16" else torch.float32
-    with _weights_only_loads():
-        if pp > 1:
-            shards = [_pipeline_shard(folder, rank, model_config.num_layers) for rank in range(tp)]
-        elif zero == 3:
-            shards = [_zero3_shard(folder, rank, tp, dtype) for rank in range(tp)]
-        else:
-            shards = [_load_file(folder / f"mp_rank_{rank:02d}_model_states.pt")["module"] for rank in range(tp)]
-    # Which dim each parameter is split on: the model as a TP rank builds it, on the meta device (no memory).
-    with torch.device("meta"):
-        reference = MixLNForCausalLM(model_config, TensorParallel(tp, 0, None) if tp > 1 else TensorParallel())
-    weights = {}
-    for name, param in reference.named_parameters():
-        missing = [rank for rank, shard in enumerate(shards) if name not in shard]
-        if missing:
-            raise CheckpointError(f"{folder} has no {name!r} for tensor-parallel rank {missing[0]}: it is not a "
-                                  f"checkpoint of this run's model (tp={tp}, pp={pp}, ZeRO-{zero}).")
-        pieces = [shard.pop(name) for shard in shards]
-        dim = getattr(param, "partition_dim", None)
-        value = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
-        full_shape = tuple(getattr(param, "full_shape", param.shape))
-        if tuple(value.shape) != full_shape:
-            raise CheckpointError(f"{folder}: {name} has shape {tuple(value.shape)} after merging {tp} "
-                                  f"tensor-parallel shards, expected {full_shape}.")
-        weights[name] = value.to(dtype)
-        del pieces
-    return weights
