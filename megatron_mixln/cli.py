@@ -49,7 +49,7 @@ def _run(main, argv) -> int:
         if not isinstance(err, _user_errors()):
             raise
         print(f"error: {err}", file=sys.stderr)
-        status = 2
+        return 2  # maybe raised on this rank alone: leaving the group could wait on peers that never come
     if _in_process_group() and not joined_before:
         _leave_process_group()
     return status
@@ -65,8 +65,8 @@ def _leave_process_group() -> None:
     gloo's worker threads are torn down during interpreter finalisation with work that still holds Python
     references, and the process dies of SIGABRT ("terminate called without an active exception") after a run that
     succeeded; NCCL asks for the same call so that no rank exits with a transfer in flight (PyTorch's "Shutdown"
-    documentation). Not after an unexpected exception: a peer may be stuck in a collective, and the launcher
-    stops the job anyway."""
+    documentation). Only after the command returned, which every rank does together (a finished run, a stop
+    signal, a non-finite stop): after an error a peer may be stuck in a collective, and the launcher ends the job."""
     import torch.distributed as dist
 
     dist.destroy_process_group()

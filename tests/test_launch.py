@@ -327,7 +327,6 @@ def joins(argv):
         raise ConfigError("train.steps=0 is invalid")
 print(cli._run(joins, []), dist.is_initialized())
 print(cli._run(joins, ["fail"]), dist.is_initialized())
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 print(cli._run(lambda argv: 0, []), dist.is_initialized())
 """
 
@@ -338,4 +337,6 @@ def test_a_command_destroys_the_process_group_it_joined_and_only_that_one():
     proc = subprocess.run([sys.executable, "-c", LEAVES_GROUP], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[-4:] == ["0 False", "2 False", "0 True", ""], proc.stdout
+    # Joined and returned: left. A user error, maybe on one rank only: kept (leaving could wait on the others).
+    # A group from before the command: kept.
+    assert proc.stdout.split("\n")[-4:] == ["0 False", "2 True", "0 True", ""], proc.stdout
