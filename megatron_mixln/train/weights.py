@@ -135,7 +135,7 @@ def _zero3_shard(folder: Path, tp_rank: int, tp: int, dtype: torch.dtype) -> dic
                 state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
             except (FileNotFoundError, ValueError, pickle.UnpicklingError) as err:  # the last: weights_only refused it
                 raise CheckpointError(f"{folder} is not a complete, readable ZeRO-3 checkpoint ({err}).") from None
-    return {name: value.to(dtype) for name, value in state.items()}
+    return {name: value.detach().to(dtype) for name, value in state.items()}  # plain tensors, not Parameters
 
 
 def checkpoint_weights(folder: str | Path, run_config) -> dict[str, torch.Tensor]:
