@@ -51,25 +51,15 @@ def _run(main, argv) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2  # maybe raised on this rank alone: leaving the group could wait on peers that never come
     if _in_process_group() and not joined_before:
-        _leave_process_group()
+        from megatron_mixln.train.engine import leave_process_group
+
+        leave_process_group()  # only now: every rank returns together; after an error, a peer may be waiting
     return status
 
 
 def _in_process_group() -> bool:
     dist = sys.modules.get("torch.distributed")  # never imports torch for --help
     return dist is not None and dist.is_available() and dist.is_initialized()
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group the command joined, while the interpreter is still whole. Left to the exit,
-    gloo's worker threads are torn down during interpreter finalisation with work that still holds Python
-    references, and the process dies of SIGABRT ("terminate called without an active exception") after a run that
-    succeeded; NCCL asks for the same call so that no rank exits with a transfer in flight (PyTorch's "Shutdown"
-    documentation). Only after the command returned, which every rank does together (a finished run, a stop
-    signal, a non-finite stop): after an error a peer may be stuck in a collective, and the launcher ends the job."""
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
 
 
 def _asks_for_help(argv) -> bool:

@@ -144,6 +144,10 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], env: dict, l
         out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
     out["collectives"] = collectives
     Path(f"{result_path}.{rank}").write_text(json.dumps(out))
+    if "error" not in out:  # as mixln-train does: else gloo may abort the process at exit (engine.py)
+        from megatron_mixln.train.engine import leave_process_group
+
+        leave_process_group()
 
 
 def run_processes(world: int, overrides: list[str], tmp_path: Path, env: dict | None = None,

@@ -42,6 +42,21 @@ def init_distributed(env=None) -> None:
         deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group while the interpreter is still whole, once every rank is done with it.
+
+    Left to the exit, gloo's worker threads are torn down during interpreter finalisation with work that still
+    holds Python references, and the process dies of SIGABRT ("terminate called without an active exception")
+    after a run that succeeded; NCCL asks for the same call so that no rank exits with a transfer in flight
+    (PyTorch's "Shutdown" documentation). Call it only where every rank gets to it: after an error raised on one
+    rank, a peer may be stuck in a collective, and destroying could wait on it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def build_layout(config: Config):
     from megatron_mixln.parallel.topology import build_layout as _build
 
