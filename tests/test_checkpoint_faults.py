@@ -15,7 +15,7 @@ from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import DISCARDED_FILE, METRICS_FILE, discard_metrics_after, read_metrics
-from training_runs import MaliciousPickle, run_processes, tiny, tmpfs
+from training_runs import MaliciousPickle, module_state, run_processes, tiny, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_a_load_that_fails_half_way_is_overwritten_whole_by_the_older_checkpoint
     with pytest.raises(ckpt.CheckpointDamaged, match="corrupt") as caught:
         ckpt.load_checkpoint(half, step_folder(out, 4))
     assert one_sentence(str(caught.value)) and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in str(caught.value)
-    step4 = ckpt.module_state_from_checkpoint(step_folder(out, 4))
+    step4 = module_state(step_folder(out, 4))
     assert all(torch.equal(v, step4[k]) for k, v in half.module.state_dict().items())  # it did half-load
     assert half.lr_scheduler.last_epoch == 4
 

@@ -13,7 +13,7 @@ from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.loop import NonFiniteError, train
 from megatron_mixln.train.metrics import read_metrics
-from training_runs import exported_weights, leaving_out, max_relative_difference, run_processes, tiny
+from training_runs import exported_weights, leaving_out, max_relative_difference, module_state, run_processes, tiny
 
 BAD_STEP = 3
 ONE_PROCESS = [("fp32", 0), ("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
@@ -117,7 +117,7 @@ def test_updates_skipped_in_a_row_stop_the_run_and_never_save_non_finite_weights
     saved = sorted((out / ckpt.CHECKPOINTS).glob("step_*"))
     assert saved, "the checkpoints before the blow-up must be kept"
     for folder in saved:
-        state = ckpt.module_state_from_checkpoint(folder)
+        state = module_state(folder)
         assert all(torch.isfinite(t).all() for t in state.values()), folder
 
 

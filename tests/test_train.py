@@ -13,6 +13,7 @@ from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
 from megatron_mixln.train.schedule import lr_multiplier
 from megatron_mixln.train.weights import checkpoint_weights
+from training_runs import module_state
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_training_writes_metrics_eval_curve_and_export(tmp_path, data_cache):
     assert exported["layer_placements"] == ["post", "post", "pre", "pre"]
     assert "model.layers.0.post_feedforward_layernorm.weight" in model.state_dict()
     assert "model.layers.3.input_layernorm.weight" in model.state_dict()
-    final_state = ckpt.module_state_from_checkpoint(ckpt.latest_checkpoint(out))
+    final_state = module_state(ckpt.latest_checkpoint(out))
     assert all(torch.equal(final_state[k], v) for k, v in model.state_dict().items())
 
 

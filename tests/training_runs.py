@@ -161,6 +161,14 @@ def run_processes(world: int, overrides: list[str], tmp_path: Path, env: dict | 
     return [json.loads(Path(f"{result_path}.{rank}").read_text()) for rank in range(world)]
 
 
+def module_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights in a (TP=1, PP=1) DeepSpeed checkpoint folder, read as mixln-export reads them."""
+    from megatron_mixln.train.checkpoint import deepspeed_checkpoint_globals
+
+    with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+        return torch.load(Path(folder) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+
+
 def exported_weights(out: str | Path) -> dict[str, torch.Tensor]:
     from megatron_mixln.train.export import read_export
 

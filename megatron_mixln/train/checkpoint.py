@@ -606,16 +606,3 @@ def _set_aside(root: Path, damaged: list[CheckpointDamaged], resumed: Path) -> N
         print(f"checkpoint {what}; resuming from {resumed.name} instead (the damaged folder is kept as "
               f"<tag>{DAMAGED} in {root})", flush=True)
     _barrier()
-
-
-def module_state_from_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights stored in a (TP=1, PP=1) DeepSpeed checkpoint folder, loaded with weights_only=True."""
-    folder = Path(folder)
-    path = folder / "mp_rank_00_model_states.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {folder} was saved with tensor or pipeline parallelism; use the "
-                              "consolidated export the run writes (<out_dir>/export) instead.")
-    try:
-        return _safe_load(path, map_location="cpu")["module"]
-    except _UnreadableFile as err:
-        raise _damaged(err.problem, folder) from err
