@@ -82,7 +82,7 @@ def _worker(mode: str, config_path: str, overrides: list[str], results: Path) ->
 
     from megatron_mixln.config import load_config
     from megatron_mixln.train.export import export_from_module
-    from megatron_mixln.train.engine import build_layout, init_distributed
+    from megatron_mixln.train.engine import build_layout, init_distributed, leave_process_group
     from megatron_mixln.train.loop import build_training_model
 
     config = load_config(config_path, overrides)
@@ -113,7 +113,7 @@ def _worker(mode: str, config_path: str, overrides: list[str], results: Path) ->
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(out, ignore_errors=True)
-    dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

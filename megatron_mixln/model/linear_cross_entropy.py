@@ -63,8 +63,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
 
-        def scaled(grad: torch.Tensor) -> torch.Tensor:  # in fp32: a bf16 copy of the scale (e.g. 1/tokens) is off by
-            return (grad.to(grad_total.dtype) * grad_total).to(grad.dtype)  # up to 0.4 %, the same way everywhere
+        def scaled(grad: torch.Tensor) -> torch.Tensor:
+            # In fp32, rounded once: a bf16 copy of the scale (e.g. 1/tokens) is off by up to 0.4 %.
+            return (grad.to(grad_total.dtype) * grad_total).to(grad.dtype)
 
         return (scaled(grad_hidden) if ctx.needs_input_grad[0] else None,
                 scaled(grad_weight) if ctx.needs_input_grad[1] else None, None, None, None, None)

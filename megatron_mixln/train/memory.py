@@ -106,12 +106,11 @@ def activation_bytes(config: Config, tp: int = 1) -> dict:
     inputs = [width * (2 if i > 0 and placements[i - 1] in PAIR_OUTPUT else 1) for i in range(model.num_layers)]
     split_mask = tokens if tp > 1 else 0  # the vocab-parallel embedding and loss keep a bool mask of their ids
     embedding = 8 * tokens + split_mask
-    if model.fused_cross_entropy:  # the fused loss keeps its finished gradients: lm_head's input's and the weight's
-        logits = 0
-        head = norm + width + value * (model.vocab_size // tp) * hidden + 8 * tokens + split_mask
-    else:
-        logits = 4 * tokens * (model.vocab_size // tp)
-        head = norm + width + logits + 8 * tokens + split_mask
+    fused = model.fused_cross_entropy
+    logits = 0 if fused else 4 * tokens * (model.vocab_size // tp)
+    # The fused loss keeps its finished gradients instead: lm_head's input's (as big as `width`) and the weight's.
+    weight_grad = value * (model.vocab_size // tp) * hidden if fused else 0
+    head = norm + width + logits + weight_grad + 8 * tokens + split_mask
     return {"tokens": tokens, "value_bytes": value, "fused_kernels": fused_norms and fused_swiglu,
             "fused_cross_entropy": model.fused_cross_entropy,
             "layers": layers, "layer_inputs": inputs, "embedding": embedding, "head": head, "logits": logits,

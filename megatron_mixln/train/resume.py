@@ -13,7 +13,8 @@ from typing import Any
 from megatron_mixln.config import Config, ConfigError
 
 # Fields that may change freely: how the run is observed and saved, not what it computes.
-FREE = {"model.kernels", "model.fused_cross_entropy", "model.init_from", "train.compile", "data.cache_dir", "data.num_proc", "data.cache_shared",
+FREE = {"model.kernels", "model.fused_cross_entropy", "model.init_from", "train.compile", "data.cache_dir",
+        "data.num_proc", "data.cache_shared",
         "data.max_eval_documents", "train.out_dir", "train.log_every", "train.layer_grad_norm_every",
         "train.eval_every", "train.eval_sequences", "train.save_every", "train.keep_checkpoints", "train.resume",
         "train.resume_changes", "train.stop_after_step", "train.on_nonfinite", "train.max_consecutive_skips",

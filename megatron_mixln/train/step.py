@@ -195,9 +195,10 @@ class StepEngine:
                 hook.remove()
         applied = bool(self.engine.was_step_applied())  # DeepSpeed decides that on the host
         norm = self.engine.get_global_grad_norm()  # a device tensor under bf16 and ZeRO-1/2/3, else a float
+        if isinstance(norm, torch.Tensor):
+            norm = norm.detach()
         return StepResult(loss=mean_loss.detach(), target_tokens=int(global_targets), applied=applied,
-                          grad_norm=norm.detach() if isinstance(norm, torch.Tensor) else None if norm is None
-                          else float(norm),
+                          grad_norm=norm if norm is None or isinstance(norm, torch.Tensor) else float(norm),
                           layer_grad_norms=self._layer_norms if applied else {},
                           layer_update_norms=self._update_norms if applied else {})
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from megatron_mixln.config import ModelConfig
+from megatron_mixln.config import ModelConfig, config_from_dict
 from megatron_mixln.train import checkpoint as ckpt
-from megatron_mixln.train.checkpoint import CheckpointError
+from megatron_mixln.train.checkpoint import CheckpointError, deepspeed_checkpoint_globals
 from megatron_mixln.train.export import EXPORT_CONFIG, read_export
 
 
@@ -35,8 +35,6 @@ class Weights:
 def read_weights(source: str | Path) -> Weights:
     """The weights of a consolidated export, of a DeepSpeed checkpoint (any layout and ZeRO stage), or of a run
     folder (its latest checkpoint, else its own export)."""
-    from megatron_mixln.config import config_from_dict
-
     folder = Path(source)
     if not folder.exists():
         raise CheckpointError(f"{folder} does not exist: pass a run folder, a checkpoint folder or an export folder.")
@@ -76,8 +74,6 @@ def _weights_only_loads():
     """Every torch.load inside reads with weights_only=True and DeepSpeed's own checkpoint classes only, even
     DeepSpeed's zero_to_fp32, which asks for weights_only=False: TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's own
     switch for that. A checkpoint copied from elsewhere then cannot run code when it is exported."""
-    from megatron_mixln.train.checkpoint import deepspeed_checkpoint_globals
-
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
