@@ -16,13 +16,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model
 from megatron_mixln.model.linear_cross_entropy import chunk_tokens, linear_cross_entropy_sum
-from training_runs import counting_all_reduces
+from training_runs import counting_all_reduces, run_gloo_workers
 
 IGNORE = -100
 
@@ -168,9 +167,6 @@ def _tp_worker(rank, world, store_path, result_path):
 
 def test_vocab_parallel_chunks_equal_the_unsharded_loss_with_three_all_reduces_per_chunk(tmp_path):
     world = 2
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "result")), nprocs=world,
-                       start_method="spawn", join=True)
-    for rank in range(world):
-        r = torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=True)
+    for r in run_gloo_workers(_tp_worker, world, tmp_path):
         assert r["calls"] == 3 * math.ceil(21 / 8)  # max, target logit, sum of exp, per chunk
         assert r["loss"] < 1e-10 and r["dh"] < 1e-10 and r["dw"] < 1e-10, r

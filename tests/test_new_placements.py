@@ -5,13 +5,13 @@ against the single-process run in test_parallel.py."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import test_model_kernels
 from megatron_mixln import ModelConfig, build_model
 from megatron_mixln.model import norm_placement
 from megatron_mixln.model.llama import Embedding, full_initial_value, stage_modules
 from megatron_mixln.model.stages import consolidated_name, pipeline_layer_specs, spec_name, stage_boundaries
+from training_runs import run_gloo_workers
 
 NEW = ["peri", "hybrid", "hybrid_star"]
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=136, num_layers=4, num_heads=4, max_seq_len=32)
@@ -206,10 +206,7 @@ def _tp_worker(rank, world, store_path, result_path):
 
 def test_tensor_parallel_qkv_norms_and_layers_match_the_unsharded_ones(tmp_path):
     world = 2
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "result")), nprocs=world,
-                       start_method="spawn", join=True)
-    for rank in range(world):
-        results = torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=True)
+    for results in run_gloo_workers(_tp_worker, world, tmp_path):
         norm = results["norm"]
         assert norm["sharded_like_columns"]
         # The statistic is all-reduced in the forward and its gradient in the backward.

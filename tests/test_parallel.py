@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model, norm_placement
 from megatron_mixln.model.stages import pipeline_layer_specs, post_ln_layers_of_stage, stage_boundaries
 from megatron_mixln.train.export import read_export
-from training_runs import counting_all_reduces
+from training_runs import counting_all_reduces, run_gloo_workers
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -280,10 +279,7 @@ def _tp_worker(rank, world, store_path, result_path):
 
 def test_tensor_parallel_layer_matches_unsharded_with_megatrons_collective_counts(tmp_path):
     world = 2
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "result")), nprocs=world,
-                       start_method="spawn", join=True)
-    for rank in range(world):
-        results = torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=True)
+    for rank, results in enumerate(run_gloo_workers(_tp_worker, world, tmp_path)):
         for index in (0, 1):
             r = results[index]
             assert r["same_init"], f"rank {rank} layer {index}: shard != slice of the TP=1 weight"

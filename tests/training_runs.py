@@ -169,6 +169,14 @@ def module_state(folder: str | Path) -> dict[str, torch.Tensor]:
         return torch.load(Path(folder) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
 
 
+def run_gloo_workers(worker, world: int, tmp_path: Path) -> list:
+    """worker(rank, world, store_path, result_path) in `world` spawned processes joined by a FileStore; each
+    rank torch.saves its result to f"{result_path}.{rank}". Returns the results, by rank."""
+    mp.start_processes(worker, args=(world, str(tmp_path / "store"), str(tmp_path / "result")), nprocs=world,
+                       start_method="spawn", join=True)
+    return [torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=True) for rank in range(world)]
+
+
 def exported_weights(out: str | Path) -> dict[str, torch.Tensor]:
     from megatron_mixln.train.export import read_export
 
