@@ -2,9 +2,9 @@
 
 For each model x placement x kernels backend x execution (eager, or each decoder layer torch.compile'd) x LM head
 (the plain projection + cross-entropy, or the chunked fused one) it trains a few steps on random tokens and
-prints tokens/s, step time, peak memory (device and host) and MFU: tokens/s x model FLOPs per token (megatron_mixln/train/flops.py, docs/performance.md)
-over the device's peak, which is measured here (a large dense matmul in the training precision) and, for known
-GPUs, also taken from the datasheet. All cases run in one process, one after the other, so their ratios compare
+prints tokens/s, step time, peak memory (device and host) and MFU: tokens/s x model FLOPs per token
+(megatron_mixln/train/flops.py, docs/performance.md) over the device's peak, which is measured here (a large
+dense matmul in the training precision) and, for known GPUs, also taken from the datasheet. All cases run in one process, one after the other, so their ratios compare
 like with like; the JSON is rewritten after every case, so a run cut short keeps what it measured. After the
 table come the memory the fused cross-entropy saved and the issue's targets as measured ratios (Mix-LN against
 Pre-LN step time, triton against torch, compile + triton against compile alone, MFU).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import resource
 import statistics
@@ -212,28 +213,23 @@ def main(argv=None) -> int:
     print("| model | placement | kernels | execution | LM head | batch x seq | tokens/s | step ms | peak GB | host GB |"
           " MFU (measured peak) |" + (" MFU (datasheet) |" if sheet else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else ""))
-    for model in models:
-        for placement in args.placements:
-            for backend in kernels:
-                for execution in executions:
-                    for loss in args.losses:
-                        config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
-                        row = {"model": model, "placement": placement, "kernels": backend, "execution": execution,
-                               "loss": loss, **run_case(config, args.steps, args.warmup, device)}
-                        row["mfu"] = row["achieved_flops"] / peak
-                        row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
-                        rows.append(row)
-                        save()
-                        print(f"| {model} | {placement} | {backend} | {execution} | {loss} | "
-                              f"{row['batch']} x {row['seq_len']} | {row['tokens_per_second']:,.0f} | "
-                              f"{row['step_seconds'] * 1e3:.1f} | {row['peak_memory_gb']:.2f} | "
-                              f"{row['host_peak_memory_gb']:.1f} | {row['mfu']:.1%} |"
-                              + (f" {row['mfu_datasheet']:.1%} |" if sheet else ""), flush=True)
+    for model, placement, backend, execution, loss in itertools.product(models, args.placements, kernels, executions,
+                                                                         args.losses):
+        config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
+        row = {"model": model, "placement": placement, "kernels": backend, "execution": execution, "loss": loss,
+               **run_case(config, args.steps, args.warmup, device)}
+        row["mfu"] = row["achieved_flops"] / peak
+        row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
+        rows.append(row)
+        save()
+        print(f"| {model} | {placement} | {backend} | {execution} | {loss} | {row['batch']} x {row['seq_len']} | "
+              f"{row['tokens_per_second']:,.0f} | {row['step_seconds'] * 1e3:.1f} | {row['peak_memory_gb']:.2f} | "
+              f"{row['host_peak_memory_gb']:.1f} | {row['mfu']:.1%} |"
+              + (f" {row['mfu_datasheet']:.1%} |" if sheet else ""), flush=True)
     for title, lines in (("memory saved by the fused cross-entropy", memory_saved(rows) if on_gpu else []),
                          ("targets (ratios measured in this run)", targets(rows))):
         if lines:
             print(f"\n{title}:\n" + "\n".join(lines))
-    save()
     return 0
 
 
