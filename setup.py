@@ -7,7 +7,9 @@ setup(
     description="LLaMA pre-training on DeepSpeed with Mix-LN (Post-LN early layers, Pre-LN late layers)",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mixln", "megatron_mixln.*"]) + ["megatron_mixln.kernels"],
-    # kernels/ is a top-level folder but must never import as `kernels` (that name is Hugging Face's).
+    # kernels/ is a top-level folder but must never import as `kernels` (that name is Hugging Face's): it has no
+    # __init__.py, the wheel puts its modules in megatron_mixln/kernels/, and megatron_mixln/kernels.py serves them
+    # (or, in a source tree or editable install, the top-level folder) as `megatron_mixln.kernels`.
     package_dir={"megatron_mixln.kernels": "kernels"},
     package_data={"megatron_mixln.data": ["assets/*"]},  # the embedded corpus and its licence
     install_requires=[

@@ -20,10 +20,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 1
 fi
 
-# Make megatron_mixln.kernels importable when the package is not installed: kernels/ maps to that name
-# (setup.py's package_dir); scripts/site/sitecustomize.py does the same from the source tree.
+# Make megatron_mixln.kernels importable when the package is not installed: megatron_mixln/kernels.py finds
+# the kernels/ folder beside the package in a source tree.
 if ! "$PY" -c "import megatron_mixln.kernels" 2>/dev/null; then
-  PYTHONPATH="$(pwd)/scripts/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+  PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONPATH
   if ! "$PY" -c "import megatron_mixln.kernels"; then
     echo "gpu_check: cannot import megatron_mixln.kernels; install the package with: $PY -m pip install --no-deps -e ."

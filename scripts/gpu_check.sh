@@ -95,9 +95,9 @@ else
   record wheels FAILED $(( $(now) - T0 )) "pip install --target $SITE failed"
 fi
 
-# The working tree's package, not installed: megatron_mixln from the repo root, and kernels/ as megatron_mixln.kernels
-# (setup.py's package_dir) through scripts/site/sitecustomize.py, as kernels/gpu_check.sh does.
-export PYTHONPATH="$ROOT/scripts/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The working tree's package, not installed: megatron_mixln from the repo root (megatron_mixln/kernels.py finds
+# kernels/ beside it and serves it as megatron_mixln.kernels).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # Versions, for the record (and the summary).
 "$PY" - "$WORK/env.json" <<'EOF'
