@@ -179,6 +179,9 @@ class TrainConfig:
         _require(self.resume_changes in ("refuse", "allow"), f"{prefix}.resume_changes", self.resume_changes,
                  "one of refuse, allow")
         _require(bool(self.out_dir), f"{prefix}.out_dir", self.out_dir, "a folder path")
+        # numpy's generators refuse a negative seed, and weight initialisation tells seeds apart modulo 2**63
+        # (model/llama.py, parameter_seed), so a larger one would repeat a smaller one's weights.
+        _require(0 <= self.seed < 2**63, f"{prefix}.seed", self.seed, "an integer in [0, 2**63)")
 
 
 @dataclass
@@ -376,6 +379,46 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: PyYAML keeps the last value
+    silently, so a second `train:` section would replace the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are allowed to overlap
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = first_lines.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                first_lines.setdefault(key, line)
+                if first is not None:
+                    raise ConfigError(f"config file {self.name!r} repeats the key {key!r} at line {line} (first at "
+                                      f"line {first}), and the second would silently replace the first: merge them into one.")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A config file's YAML, or one ConfigError sentence naming the file: not UTF-8, not YAML, a repeated key."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                          f"offset {err.start}): save it as UTF-8.") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data() or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}.") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None) and apply key=value overrides."""
     raw: dict[str, Any] = {}
@@ -383,10 +426,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as configs/tiny.yaml.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}.") from None
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must be a YAML mapping with sections {', '.join(SECTIONS)}.")
     for section, values in parse_overrides(list(overrides)).items():

@@ -75,6 +75,8 @@ def test_overrides_take_every_type():
     ("optim.lr=3", r"optim is not a known config section: valid sections are model, data, train, parallel\."),
     ("steps=3", r"override 'steps=3' is invalid: expected section\.field=value"),
     ("train.steps", r"override 'train\.steps' is invalid"),
+    ("train.seed=-1", r"train\.seed=-1 is invalid: expected an integer in \[0, 2\*\*63\)\."),
+    (f"train.seed={2**63}", r"train\.seed=9223372036854775808 is invalid"),
 ])
 def test_invalid_values_give_one_sentence_naming_field_value_and_allowed(override, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -97,6 +99,49 @@ def test_bad_config_files_are_named(tmp_path):
     section.write_text("model: 3\n")
     with pytest.raises(ConfigError, match="model must be a mapping of fields"):
         load_config(section)
+
+
+def test_every_accepted_seed_seeds_the_data_order_and_the_weights():
+    import torch
+
+    from megatron_mixln.data import GlobalBatchSampler
+    from megatron_mixln.model.llama import parameter_seed
+
+    for seed in (0, 2**32, 2**63 - 1):  # the ends of train.seed's range, and past numpy's legacy 2**32 limit
+        load_config(None, [f"train.seed={seed}"])
+        assert sorted(GlobalBatchSampler(10, 10, seed).global_indices(0)) == list(range(10))
+        torch.Generator().manual_seed(parameter_seed(seed, "model.embed_tokens.weight"))
+    # distinct seeds give distinct initialisation seeds over the whole range
+    assert parameter_seed(2**63 - 1, "w") != parameter_seed(0, "w")
+
+
+def test_a_repeated_section_or_field_is_an_error_naming_file_key_and_lines(tmp_path):
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text("train:\n  steps: 5\n  out_dir: runs/a\nmodel:\n  num_layers: 2\ntrain:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(repeated)
+    assert str(info.value) == (f"config file {str(repeated)!r} repeats the key 'train' at line 6 (first at line 1), "
+                               "and the second would silently replace the first: merge them into one.")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 4\n")
+    with pytest.raises(ConfigError, match=r"nested\.yaml' repeats the key 'num_layers' at line 4 \(first at line 2\)"):
+        load_config(nested)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("train: {steps: 1, steps: 2}\n")
+    with pytest.raises(ConfigError, match="repeats the key 'steps' at line 1"):
+        load_config(flow)
+    merged = tmp_path / "merged.yaml"  # a YAML merge may be overridden: not a repeat
+    merged.write_text("train:\n  <<: {steps: 3, lr: 0.01}\n  steps: 4\n")
+    assert (load_config(merged).train.steps, load_config(merged).train.lr) == (4, 0.01)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  out_dir: runs/café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(latin1)
+    assert str(info.value) == (f"config file {str(latin1)!r} is not UTF-8 text (byte 0xe9 at offset 26): "
+                               "save it as UTF-8.")
 
 
 def test_model_config_is_the_public_dataclass_with_the_paper_defaults():
