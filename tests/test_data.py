@@ -126,6 +126,23 @@ def test_sampler_visits_each_sequence_exactly_once_per_epoch(num_samples, global
     assert not all(np.array_equal(epochs[0], epoch) for epoch in epochs[1:])  # each epoch is reshuffled
 
 
+@pytest.mark.parametrize("num_samples,global_batch,steps", [(5000, 16, 400), (37, 8, 10), (40, 8, 9)])
+def test_the_repeated_data_note_names_the_first_step_that_reads_a_sequence_again(num_samples, global_batch, steps):
+    from megatron_mixln.train.loop import repeated_data_note
+    sampler, seen, first_repeat = GlobalBatchSampler(num_samples, global_batch, seed=1), set(), None
+    for step in range(1, steps + 1):  # training step s reads the sampler's batch s - 1 (data/prefetch.py)
+        batch = set(sampler.global_indices(step - 1).tolist())
+        if first_repeat is None and batch & seen:
+            first_repeat = step
+        seen |= batch
+    note = repeated_data_note(steps, global_batch, num_samples)
+    if first_repeat is None:
+        assert note is None
+    else:
+        assert f"second pass starts (step {first_repeat})" in note
+        assert f"{steps * global_batch / num_samples:.2f} passes over the {num_samples:,} training sequences" in note
+
+
 @pytest.mark.parametrize("dp_size", [1, 2, 4])
 def test_rank_slices_put_together_are_the_global_batch_at_any_dp_degree(dp_size):
     sampler = GlobalBatchSampler(50, 16, seed=1)

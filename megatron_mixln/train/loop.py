@@ -21,8 +21,8 @@ from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
-from megatron_mixln.train.metrics import (METRICS_FILE, MetricsWriter, console_line, discard_metrics_after,
-                                          plot_loss_curve, read_metrics)
+from megatron_mixln.train.metrics import (DISCARDED_FILE, METRICS_FILE, MetricsWriter, console_line,
+                                          discard_metrics_after, plot_loss_curve, read_metrics)
 from megatron_mixln.train.signals import StopRequests
 from megatron_mixln.train.step import EvalResult, StepEngine, StepResult, make_step_engine
 
@@ -262,7 +262,7 @@ def train(config: Config) -> TrainResult:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is invalid: the tokenised data holds token id "
                           f"{meta['max_token_id']}, so expected at least {meta['max_token_id'] + 1}.")
 
-    init_distributed(launch)
+    init_distributed(launch, config.parallel.startup_timeout_minutes)
     layout = build_layout(config)
     accumulation = gradient_accumulation_steps(config, layout.dp)
     lock = RunLock()
@@ -272,6 +272,17 @@ def train(config: Config) -> TrainResult:
         return _run(config, launch, layout, accumulation, meta, train_data, eval_data, lock)
     finally:
         lock.release()
+
+
+def repeated_data_note(steps: int, global_batch_size: int, train_sequences: int) -> str | None:
+    """The line a run prints when it reads its training split more than once (the demo's embedded sample): the
+    training loss then drops when the second pass starts, on sequences the model has seen."""
+    if train_sequences == 0 or steps * global_batch_size <= train_sequences:
+        return None
+    return (f"note: {steps} steps of {global_batch_size} sequences make {steps * global_batch_size / train_sequences:.2f}"
+            f" passes over the {train_sequences:,} training sequences; the training loss drops when the second pass "
+            f"starts (step {train_sequences // global_batch_size + 1}), on sequences the model has seen; the held-out "
+            "loss does not.")
 
 
 def _take_run_lock(lock, out: Path, is_main: bool) -> None:
@@ -322,16 +333,21 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         loaded = export.load_export_into(engine.module, resume_from, config.model, layout, optimizer=engine.optimizer)
         start_step = loaded.step
         _set_schedule_step(scheduler, loaded.schedule_step)
-    if resume_kind != "none" and is_main:
+    if is_main:
+        # Records past the start step (work lost with a killed process, or every step of a run killed before its
+        # first checkpoint) go to metrics.discarded.jsonl, so metrics.jsonl holds each step once.
         dropped = discard_metrics_after(out, start_step)
-        print(f"resumed from {resume_from} at step {start_step}"
-              + (f" ({loaded.note})" if resume_kind == "export" else "")
-              + (f"; changed: {'; '.join(changes)}" if changes else "")
-              + (f"; {dropped} metric records of lost steps moved to metrics.discarded.jsonl" if dropped else ""))
+        moved = f"{dropped} metric records of lost steps moved to {DISCARDED_FILE}" if dropped else ""
+        if resume_kind != "none":
+            print(f"resumed from {resume_from} at step {start_step}"
+                  + (f" ({loaded.note})" if resume_kind == "export" else "")
+                  + (f"; changed: {'; '.join(changes)}" if changes else "") + (f"; {moved}" if moved else ""))
+        elif moved:
+            print(f"no checkpoint in {out} to resume from, so training starts at step 1; {moved}")
     if is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
-    writer = MetricsWriter(out, enabled=is_main, monitor=engine.monitor)
+    writer = MetricsWriter(out, enabled=is_main, monitor=engine.monitor, start_step=start_step)
     result = TrainResult(out_dir=out, last_step=start_step)
     if start_step >= tcfg.steps:  # a finished run started again: nothing to add (and no second final record)
         if is_main:
@@ -341,9 +357,17 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                                  if isinstance(r.get("eval_loss"), float)), None)
         result.already_finished = True
         return result
+    if tcfg.stop_after_step and start_step >= tcfg.stop_after_step:  # the same command after a planned stop
+        if is_main:
+            print(f"train.out_dir={str(out)!r} already stopped at step {start_step} (train.stop_after_step="
+                  f"{tcfg.stop_after_step}): nothing to do; remove or raise train.stop_after_step to train on.")
+        result.already_finished = result.stopped_early = True
+        return result
     if is_main and tcfg.eval_sequences and len(eval_data) == 0:
         print(f"no held-out data: data.source={config.data.source!r} with data.eval_fraction="
               f"{config.data.eval_fraction} leaves no eval sequences, so there is no evaluation in this run.")
+    if is_main and (note := repeated_data_note(tcfg.steps, tcfg.global_batch_size, len(train_data))):
+        print(note)
     sampler = GlobalBatchSampler(len(train_data), tcfg.global_batch_size, tcfg.seed)
     prefetcher = BatchPrefetcher.for_training(train_data, sampler, start_step + 1, tcfg.steps, dp_rank=layout.dp_rank,
                                               dp=layout.dp, micro_batch_size=tcfg.micro_batch_size,
