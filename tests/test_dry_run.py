@@ -9,7 +9,8 @@ import pytest
 
 from megatron_mixln.config import load_config
 from megatron_mixln.parallel.launch import LaunchError
-from megatron_mixln.train.memory import dry_run_report, dry_run_summary
+from megatron_mixln.train.engine import deepspeed_config
+from megatron_mixln.train.memory import CUDA_CONTEXT_BYTES, GIB, dry_run_report, dry_run_summary
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -118,15 +119,129 @@ def test_deepspeed_estimate_is_deepspeeds_own_function():
                                                         cpu_offload=False, cpu_offload_params=False, zero_init=True)
     assert s["largest_layer_params"] == 32000 * 4096  # the embedding (or head): DeepSpeed's "largest layer"
     assert s["deepspeed"]["zero3"] == {"gpu": gpu, "cpu_per_node": cpu}
-    # Ours counts 16 B/param partitioned; DeepSpeed adds fp32 gradients and one gathered layer: same ballpark.
-    assert 0.5 < s["bytes"]["gpu_total"] / gpu < 1.0
+
+
+def deepspeed_printed_gpu_gib(estimator, options, capsys, *args, **kwargs) -> float:
+    """The per-GPU GiB that DeepSpeed's `..._all_cold` estimator prints on its row for `options`."""
+    estimator(*args, **kwargs)
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.strip().endswith(options)]
+    return float(row.split("|")[1].strip().removesuffix("GB"))
+
+
+def test_model_states_agree_with_deepspeeds_estimators(capsys):
+    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                               estimate_zero3_model_states_mem_needs_all_cold)
+    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
+                                                      estimate_zero2_model_states_mem_needs_all_cold)
+
+    # ZeRO-3: both count 18 B/param over the 64 ranks (we: 2 bf16 + 4 fp32 gradient + 12 Adam and master);
+    # DeepSpeed adds 4 B x the largest layer, one gathered layer's 16-bit weights and gradients, which our plan
+    # counts in the working memory's live parameters instead.
+    z3 = summary(world=64, parallel__zero_stage=3)
+    total, largest = z3["total"], z3["largest_layer_params"]
+    _, gpu, largest_layer_memory = estimate_zero3_model_states_mem_needs(total, largest, 8, 8, cpu_offload=False,
+                                                                         cpu_offload_params=False)
+    assert largest_layer_memory == 4 * largest
+    assert z3["bytes"]["gpu_total"] == pytest.approx(gpu - largest_layer_memory, abs=1)  # DeepSpeed rounds to int
+    printed = deepspeed_printed_gpu_gib(estimate_zero3_model_states_mem_needs_all_cold,
+                                        "offload_param=none, offload_optimizer=none, zero_init=1", capsys,
+                                        total, largest, num_gpus_per_node=8, num_nodes=8)
+    assert (z3["bytes"]["gpu_total"] + 4 * largest) / GIB == pytest.approx(printed, abs=0.0051)  # printed .2f
+    # ZeRO-2: DeepSpeed counts a 16-bit gradient partition beside the fp32 one (18 B/param partitioned, ours 16).
+    z2 = summary(world=64, parallel__zero_stage=2)
+    _, gpu2 = estimate_zero2_model_states_mem_needs(total, 8, 8, cpu_offload=False)
+    assert z2["bytes"]["gpu_total"] == pytest.approx(gpu2 - 2 * total / 64, abs=1)
+    printed2 = deepspeed_printed_gpu_gib(estimate_zero2_model_states_mem_needs_all_cold, "offload_optimizer=none",
+                                         capsys, total, num_gpus_per_node=8, num_nodes=8)
+    assert (z2["bytes"]["gpu_total"] + 2 * total / 64) / GIB == pytest.approx(printed2, abs=0.0051)
+
+
+def zero_settings(path="configs/llama_7b.yaml", world=64, **overrides):
+    """The ZeRO settings DeepSpeed resolves from the config our engine builds: ours, else DeepSpeed's defaults."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    config = load_config(ROOT / path, [f"{key.replace('__', '.')}={value}" for key, value in overrides.items()])
+    return DeepSpeedZeroConfig(**deepspeed_config(config, world)["zero_optimization"])
+
+
+def working_lines(s):
+    return {entry["name"]: entry for entry in s["working_memory"]["lines"]}
+
+
+def test_zero3_working_memory_lines_are_the_config_buckets_times_their_element_bytes():
+    zero = zero_settings()
+    # What train/engine.py sets and DeepSpeed 0.19.8's defaults for the rest, as the docs state them.
+    assert (zero.max_live_parameters, zero.prefetch_bucket_size, zero.reduce_bucket_size) == (10**9, 5 * 10**7,
+                                                                                             5 * 10**8)
+    s = summary(world=64)
+    lines = working_lines(s)
+    assert lines["live parameters"]["bytes"] == zero.max_live_parameters * 2  # gathered bf16 weights
+    assert lines["prefetch bucket"]["bytes"] == zero.prefetch_bucket_size * 2
+    assert not lines["prefetch bucket"]["counted"]  # DeepSpeed prefetches inside the live-parameter limit
+    assert lines["reduce bucket"]["bytes"] == zero.reduce_bucket_size * 4  # communication_data_type fp32
+    assert lines["CUDA context"]["bytes"] == CUDA_CONTEXT_BYTES
+    assert s["working_memory"]["bytes"] == (zero.max_live_parameters * 2 + zero.reduce_bucket_size * 4
+                                            + CUDA_CONTEXT_BYTES)
+    fp32 = working_lines(summary(world=64, train__precision="fp32"))
+    assert fp32["live parameters"]["bytes"] == zero.max_live_parameters * 4
+    assert fp32["reduce bucket"]["bytes"] == zero.reduce_bucket_size * 4
+    # A model smaller than the limit never has more live parameters than it has.
+    small = summary("configs/llama_71m.yaml", world=8, parallel__zero_stage=3)
+    assert working_lines(small)["live parameters"]["bytes"] == small["total"] * 2
+
+
+def test_zero1_and_zero2_working_memory_lines_are_their_buckets():
+    zero = zero_settings(parallel__zero_stage=2)
+    assert (zero.reduce_bucket_size, zero.allgather_bucket_size, zero.overlap_comm) == (5 * 10**8, 5 * 10**8, False)
+    z2 = working_lines(summary(world=64, parallel__zero_stage=2))
+    assert z2["reduce bucket"]["bytes"] == zero.reduce_bucket_size * 2  # staged in bf16, one buffer
+    assert z2["allgather bucket"]["bytes"] == 0  # all_gather_into_tensor fills the flat weights in place
+    # ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer: the engine's fp32 all-reduce buckets.
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
+
+    z1 = working_lines(summary(world=64, parallel__zero_stage=1))
+    assert z1["all-reduce bucket"]["bytes"] == MEMORY_OPT_ALLREDUCE_SIZE * 4
+    offloaded = working_lines(summary(world=64, parallel__zero_stage=1, parallel__offload_optimizer="true"))
+    assert offloaded["reduce bucket"]["bytes"] == zero.reduce_bucket_size * 4  # ZeRO-1 reduces into fp32
+
+
+def test_a_change_of_stage3_max_live_parameters_changes_the_plan_by_exactly_its_bytes(monkeypatch):
+    from megatron_mixln.train import engine
+
+    before = summary(world=64)["bytes"]
+
+    def fewer_live_parameters(config, dp_size):
+        ds_config = deepspeed_config(config, dp_size)
+        ds_config["zero_optimization"]["stage3_max_live_parameters"] = 3 * 10**8
+        return ds_config
+
+    monkeypatch.setattr(engine, "deepspeed_config", fewer_live_parameters)
+    after = summary(world=64)["bytes"]
+    assert before["gpu_total_with_working_memory"] - after["gpu_total_with_working_memory"] == (10**9 - 3 * 10**8) * 2
+    assert after["gpu_total_with_activations"] == before["gpu_total_with_activations"]
+
+
+def test_7b_plan_at_64_gpus_exceeds_zero3_buffers():
+    s = summary(world=64)
+    zero = zero_settings()
+    buffers = zero.max_live_parameters * 2 + zero.reduce_bucket_size * 4 + CUDA_CONTEXT_BYTES
+    # The buffers alone exceed model states + activations (2.5 GiB), all the plan used to count.
+    assert buffers > s["bytes"]["gpu_total_with_activations"]
+    assert s["bytes"]["gpu_total_with_working_memory"] == s["bytes"]["gpu_total_with_activations"] + buffers
+    assert s["bytes"]["gpu_total_with_working_memory"] > buffers
+    text = dry_run_report(load_config(ROOT / "configs/llama_7b.yaml", []), 64, 8)
+    [total_line] = [line for line in text.splitlines() if line.endswith("activations + working memory")]
+    assert float(total_line.split()[2]) == round(s["bytes"]["gpu_total_with_working_memory"] / GIB, 2)
 
 
 def test_report_names_every_quantity():
     text = dry_run_report(load_config(ROOT / "configs/llama_7b.yaml", ["parallel.zero_stage=3"]), 64, 8)
     for needle in ("6,738,415,616", "world 64 = tp 1 x pp 1 x dp 64", "8 nodes x 8 GPUs", "ZeRO-3",
                    "parameters", "gradients", "optimizer states", "GPU total",
-                   "estimate_zero3_model_states_mem_needs", "<- this config"):
+                   "estimate_zero3_model_states_mem_needs", "<- this config",
+                   "live parameters           1.86 GiB   1,000,000,000 x 2 B, stage3_max_live_parameters",
+                   "prefetch bucket", "reduce bucket             1.86 GiB   500,000,000 x 4 B", "CUDA context",
+                   "model states + activations + working memory"):
         assert needle in text, needle
 
 

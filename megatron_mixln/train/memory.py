@@ -2,7 +2,8 @@
 on the meta device.
 
 Nothing is allocated, so a 7B config answers in seconds on a laptop. Next to our numbers it prints DeepSpeed's
-own estimate (its ZeRO-2 / ZeRO-3 estimators), so a user sees both before asking a cluster for GPUs.
+own estimate (its ZeRO-2 / ZeRO-3 estimators), so a user sees both before asking a cluster for GPUs. ZeRO's
+working buffers (live parameters, reduce bucket, ...) and the CUDA context are counted too (`working_memory`).
 
 Activations are counted tensor by tensor: what autograd keeps between a micro-batch's forward and its backward
 (`activation_bytes`), the same quantity tests/test_activation_memory.py measures with saved-tensor hooks.
@@ -134,10 +135,81 @@ def _state_bytes(params: float, precision: str, zero: int, dp: int) -> tuple[flo
             params * optim_b / (dp if zero >= 1 else 1))
 
 
+# The CUDA context with PyTorch's kernels and NCCL's communicators, a typical size, not measured here: Hugging Face's
+# "Model training anatomy" (transformers docs, model_memory_anatomy) finds the kernels alone take 1-2 GB (1.3 GB on
+# a V100); lazy module loading (PyTorch's default with CUDA >= 11.7) makes the context smaller, NCCL adds back.
+CUDA_CONTEXT_BYTES = GIB
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def working_memory(ds_config: dict, rank_params: int, pp: int) -> dict:
+    """ZeRO's working buffers on one GPU, from the DeepSpeed config our engine builds (train/engine.py,
+    deepspeed_config) with DeepSpeed 0.19.8's defaults where it sets nothing (deepspeed/runtime/zero/config.py,
+    DeepSpeedZeroConfig: reduce_bucket_size and allgather_bucket_size 5e8, stage3_prefetch_bucket_size 5e7,
+    stage3_max_live_parameters 1e9, overlap_comm on for ZeRO-3 only, contiguous_gradients on), plus the CUDA context.
+
+    Each buffer is counted where DeepSpeed allocates it (sizes in elements, bytes per element of its dtype):
+    - ZeRO-3 (zero/stage3.py, zero/partitioned_param_coordinator.py): gathered weights up to
+      stage3_max_live_parameters (at most the rank's own parameters); the prefetch of stage3_prefetch_bucket_size
+      is capped at max_live - live (fetch_sub_module), so it lives inside that limit and is not added; one
+      contiguous reduce bucket of reduce_bucket_size in communication_data_type (IPG buffer, allocated whole).
+    - ZeRO-1/2 (zero/stage_1_and_2.py, setup_buckets): reduce_bucket_size in the reduction dtype, twice with
+      overlap_comm (no overlap under a pipeline); allgather_bucket_size allocates nothing: NCCL's
+      all_gather_into_tensor writes straight into the flat weights (runtime/utils.py, all_gather_dp_groups).
+    - ZeRO-0, and ZeRO-1 in bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer,
+      engine.py _do_optimizer_sanity_check): the engine all-reduces flattened fp32 gradient copies in buckets of
+      MEMORY_OPT_ALLREDUCE_SIZE elements (engine.py, allreduce_gradients), a constant the config cannot change.
+    Each line: name, bytes, elements, bytes per element, the setting and where its value comes from, and whether
+    it adds to the total.
+    """
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    ours = ds_config["zero_optimization"]
+    zero = DeepSpeedZeroConfig(**ours)
+    bf16 = ds_config["bf16"]["enabled"]
+    weight_b = 2 if bf16 else 4
+    comm_b = DTYPE_BYTES[ds_config.get("communication_data_type", "bf16" if bf16 else "fp32")]
+    accum_b = DTYPE_BYTES[ds_config.get("data_types", {}).get("grad_accum_dtype", "bf16" if bf16 else "fp32")]
+    offload = "offload_optimizer" in ours
+
+    def line(name, elements, element_b, setting, counted=True, allocated=True):
+        return {"name": name, "bytes": elements * element_b if allocated else 0, "elements": elements,
+                "element_bytes": element_b, "setting": setting, "counted": counted}
+
+    def setting(key):
+        return f"{key} ({'train/engine.py' if key in ours else 'DeepSpeed default'})"
+
+    lines = []
+    if zero.stage == 3:
+        lines += [line("live parameters", min(zero.max_live_parameters, rank_params), weight_b,
+                       setting("stage3_max_live_parameters")),
+                  line("prefetch bucket", zero.prefetch_bucket_size, weight_b, setting("stage3_prefetch_bucket_size"),
+                       counted=False),
+                  line("reduce bucket", zero.reduce_bucket_size if zero.contiguous_gradients else 0, comm_b,
+                       setting("reduce_bucket_size"))]
+    elif zero.stage == 0 or (zero.stage == 1 and bf16 and accum_b == 4 and not offload):
+        lines.append(line("all-reduce bucket", min(MEMORY_OPT_ALLREDUCE_SIZE, rank_params), 4,
+                          "MEMORY_OPT_ALLREDUCE_SIZE (DeepSpeed engine constant)"))
+    else:
+        buffers = 2 if zero.overlap_comm and pp == 1 else 1
+        # ZeRO-1 reduces into its fp32 accumulator, ZeRO-2 stages gradients in the weights' dtype.
+        reduce_b = accum_b if zero.stage == 1 else weight_b
+        lines.append(line("reduce bucket" + (" x 2" if buffers == 2 else ""),
+                          buffers * zero.reduce_bucket_size if zero.contiguous_gradients else 0, reduce_b,
+                          setting("reduce_bucket_size") + (", overlap_comm" if buffers == 2 else "")))
+    if zero.stage in (1, 2):
+        lines.append(line("allgather bucket", zero.allgather_bucket_size, weight_b, setting("allgather_bucket_size"),
+                          allocated=False))
+    lines.append(line("CUDA context", CUDA_CONTEXT_BYTES, 1, "typical size (CUDA, PyTorch's kernels, NCCL)"))
+    return {"lines": lines, "bytes": sum(entry["bytes"] for entry in lines if entry["counted"])}
+
+
 def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> dict:
     """Parameter counts, per-rank bytes of parameters, gradients and optimizer states, and activations; see
     dry_run_report."""
     from megatron_mixln.model.stages import stage_boundaries
+    from megatron_mixln.train.engine import deepspeed_config
 
     parallel = config.parallel
     tp, pp, zero = parallel.tp, parallel.pp, parallel.zero_stage
@@ -160,6 +232,7 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
     weights, grads, optim = _state_bytes(params, config.train.precision, zero, dp)
     optim_gpu, optim_cpu = (0.0, optim) if parallel.offload_optimizer else (optim, 0.0)
     activations = _activation_summary(config, tp, pp, dp, bounds, stages)
+    working = working_memory(deepspeed_config(config, dp), params, pp)  # the config training hands DeepSpeed
 
     largest_split, largest_replicated = counts["largest_module"]
     largest_layer = max(largest_split // tp, largest_replicated)
@@ -176,8 +249,11 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
         "largest_stage": largest_stage, "rank_params": params, "largest_layer_params": largest_layer,
         "bytes": {"parameters": weights, "gradients": grads, "optimizer_gpu": optim_gpu, "optimizer_cpu": optim_cpu,
                   "gpu_total": weights + grads + optim_gpu, "cpu_per_node": optim_cpu * per_node,
-                  "activations": activations["bytes"], "gpu_total_with_activations": activations["gpu_total"]},
+                  "activations": activations["bytes"], "gpu_total_with_activations": activations["gpu_total"],
+                  "working_memory": working["bytes"],
+                  "gpu_total_with_working_memory": activations["gpu_total"] + working["bytes"]},
         "activations": activations,
+        "working_memory": working,
         "deepspeed": deepspeed_estimate,
     }
 
@@ -278,6 +354,7 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
         lines.append(f"  CPU (offloaded optimizer states) {_gib(b['optimizer_cpu']).strip()} per rank, "
                      f"{_gib(b['cpu_per_node']).strip()} per node")
     lines += _activation_lines(s)
+    lines += _working_memory_lines(s)
     ds = s["deepspeed"]
     current = {1: "zero2", 2: "zero2", 3: "zero3"}.get(zero)
     lines.append(f"DeepSpeed's estimate ({s['rank_params']:,} params over dp {dp}; largest layer "
@@ -289,8 +366,14 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
                      f"per node CPU {_gib(ds[key]['cpu_per_node']).strip()}{mark}")
     if current is None:
         lines.append("  (DeepSpeed has no estimator for ZeRO-0; both rows show what ZeRO would save.)")
+    if current == "zero3":
+        lines.append("  (DeepSpeed's ZeRO-3 row adds 4 B x largest layer for one gathered layer's 16-bit weights and "
+                     "gradients; here the live-parameter limit covers that.)")
+    elif current == "zero2":
+        lines.append("  (DeepSpeed's ZeRO-1/2 row counts 18 B/param partitioned, a 16-bit gradient partition beside "
+                     "the fp32 one, and partitions gradients under ZeRO-1 too.)")
     lines.append("Not counted: the loss's transient buffers (its backward briefly holds two more fp32 tokens x vocab "
-                 "tensors), communication and pipeline buffers, the CUDA context and fragmentation.")
+                 "tensors), pipeline send/receive buffers, NCCL's buffers beyond the typical context, fragmentation.")
     return "\n".join(lines)
 
 
@@ -318,4 +401,18 @@ def _activation_lines(s: dict) -> list[str]:
     stage = f", stage {a['gpu_total_stage']}" if s["pp"] > 1 else ""
     lines.append(f"  {'GPU total':<21}{_gib(s['bytes']['gpu_total_with_activations'])}   model states + activations"
                  f"{stage}")
+    return lines
+
+
+def _working_memory_lines(s: dict) -> list[str]:
+    lines = ["per-rank working memory (DeepSpeed 0.19.8's buffers for the config train/engine.py builds, and the "
+             "CUDA context):"]
+    for entry in s["working_memory"]["lines"]:
+        size = f"{entry['elements']:,} x {entry['element_bytes']} B, " if entry["name"] != "CUDA context" else ""
+        note = (", inside the live-parameter limit: not added" if not entry["counted"] else
+                ", nothing allocated: all_gather_into_tensor fills the flat weights in place" if not entry["bytes"]
+                else "")
+        lines.append(f"  {entry['name']:<21}{_gib(entry['bytes'])}   {size}{entry['setting']}{note}")
+    lines.append(f"  {'GPU total':<21}{_gib(s['bytes']['gpu_total_with_working_memory'])}   model states + "
+                 f"activations + working memory")
     return lines
