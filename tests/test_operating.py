@@ -128,3 +128,42 @@ def test_resume_lists_the_harmless_changes_it_carries(cache, stopped_run, capsys
     printed = capsys.readouterr().out
     assert "changed: train.eval_every 0 -> 2; train.log_every 1 -> 2" in printed
     assert json.loads((stopped_run / "config.json").read_text())["train"]["eval_every"] == 2
+
+
+def test_a_run_stopped_by_stop_after_step_started_again_trains_nothing(cache, stopped_run, capsys):
+    before = (stopped_run / "metrics.jsonl").read_text()
+    again = train(load_config(None, tiny(cache, stopped_run, "train.stop_after_step=3")))
+    assert again.already_finished and again.last_step == 3 and not again.losses
+    assert (stopped_run / "metrics.jsonl").read_text() == before
+    assert (f"train.out_dir={str(stopped_run)!r} already stopped at step 3 (train.stop_after_step=3): nothing to do; "
+            "remove or raise train.stop_after_step to train on.") in capsys.readouterr().out
+
+
+class Killed(BaseException):
+    """A kill at the first save: what the run wrote before it stays behind."""
+
+
+def test_a_run_killed_before_its_first_checkpoint_started_again_logs_each_step_once(cache, tmp_path, capsys,
+                                                                                      monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_mixln.train import checkpoint
+
+    out = tmp_path / "run"
+    overrides = tiny(cache, out, "train.steps=3", "train.tensorboard=true")
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoint", lambda *args, **kwargs: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            train(load_config(None, overrides))
+    lost = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in lost if "loss" in r] == [1, 2, 3] and not (out / "checkpoints").exists()
+
+    again = train(load_config(None, overrides))
+    assert sorted(again.losses) == [1, 2, 3]
+    assert [r["step"] for r in steps_of(out)] == [1, 2, 3]  # each step once, the new run's
+    assert [r["loss"] for r in steps_of(out)] == [again.losses[s] for s in (1, 2, 3)]
+    assert read_metrics(out / "metrics.discarded.jsonl") == lost  # the first run's records, kept aside
+    assert (f"no checkpoint in {out} to resume from, so training starts at step 1; {len(lost)} metric records of "
+            "lost steps moved to metrics.discarded.jsonl") in capsys.readouterr().out
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]

@@ -122,10 +122,12 @@ def _saved_run(kind: str, folder: Path) -> dict:
     {} when a checkpoint's own state file is unreadable (the load then finds it damaged and falls back)."""
     path = folder / (ckpt.STATE_FILE if kind == "checkpoint" else export.EXPORT_CONFIG)
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        saved = ckpt.read_json(path, "export the run again")
+    except (OSError, ckpt.DamagedFile) as err:
         if kind == "checkpoint":
             return {}
+        if isinstance(err, ckpt.DamagedFile):  # already one sentence naming the file
+            raise
         raise ckpt.CheckpointError(f"{path} cannot be read ({err}); the export in {folder} is damaged.") from None
     return saved if kind == "checkpoint" else {**saved, "config": saved.get("run_config")}
 

@@ -35,12 +35,13 @@ class MetricsWriter:
     """Appends metric records to `<out_dir>/metrics.jsonl` (rank 0 only) and hands their scalars to DeepSpeed's
     monitor (`engine.monitor`: TensorBoard and W&B as the DeepSpeed config enables them; it writes on rank 0)."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, monitor=None):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, monitor=None, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
         self.monitor = monitor if monitor is not None and monitor.enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _hide_tensorboard_steps_after(self.monitor, start_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -52,6 +53,18 @@ class MetricsWriter:
 
     def close(self) -> None:
         pass
+
+
+def _hide_tensorboard_steps_after(monitor, step: int) -> None:
+    """A run that starts at `step` makes TensorBoard hide the earlier runs' events of later steps (work lost with a
+    killed process), as metrics.jsonl sets them aside: the restart marker torch's SummaryWriter(purge_step=step + 1)
+    writes, which DeepSpeed's monitor does not pass."""
+    writer = getattr(getattr(monitor, "tb_monitor", None), "summary_writer", None)
+    if writer is None:
+        return
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
 
 
 def _duration(seconds: float) -> str:
