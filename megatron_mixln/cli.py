@@ -226,7 +226,8 @@ def _import(argv) -> int:
 
 def _eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
-    parser.add_argument("export", help="an export folder (safetensors shards + index + config.json)")
+    parser.add_argument("export", help="an export folder, a mixln-export --hf folder, a run folder (its export, else "
+                                       "its latest checkpoint) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
     return parser
 
@@ -234,28 +235,35 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _eval(argv) -> int:
     args = _eval_parser().parse_args(argv)
     _select_accelerator()
+    import copy
+
     import torch
 
     from megatron_mixln.config import config_from_dict, parse_overrides
     from megatron_mixln.data import eval_batches, open_datasets
     from megatron_mixln.data.sampling import eval_indices
     from megatron_mixln.train import checkpoint as ckpt
-    from megatron_mixln.train import export
+    from megatron_mixln.train.export import model_with_weights
     from megatron_mixln.train.step import loss_sum
+    from megatron_mixln.train.weights import is_export, read_weights
 
-    config_path = Path(args.export) / export.EXPORT_CONFIG
-    run_config = json.loads(config_path.read_text()).get("run_config") if config_path.is_file() else None
-    if run_config is None:
-        raise ckpt.CheckpointError(f"{args.export} holds no run_config: export it with mixln-train or mixln-export.")
+    source = Path(args.export)
+    if is_export(source / "export"):  # a run folder: the export it ended with, as mixln-analyze reads it
+        source = source / "export"
+    weights = read_weights(source)
+    if weights.run_config is None:
+        raise ckpt.CheckpointError(f"{source} holds no run_config (the data and sequence length to evaluate on): "
+                                   "export it with mixln-train, mixln-export or mixln-export --hf.")
+    run_config = copy.deepcopy(weights.run_config)  # the overrides change a copy
     for section, values in parse_overrides(args.overrides).items():
         run_config.setdefault(section, {}).update(values)
     config = config_from_dict(run_config)
-    model = export.load_exported_model(args.export)
+    model = model_with_weights(weights.model_config, weights.tensors, source)
     _, _, eval_data = open_datasets(config)
     indices = eval_indices(len(eval_data), config.train.eval_sequences)
     count = int(eval_data.target_counts(indices).sum())
     if count == 0:
-        raise ckpt.CheckpointError(f"{args.export}: its run's held-out split has no sequences to evaluate; "
+        raise ckpt.CheckpointError(f"{source}: its run's held-out split has no sequences to evaluate; "
                                    "pass a data source with held-out text, e.g. data.eval_fraction=0.05.")
     total = loss_sum(model, eval_batches(eval_data, len(indices), config.train.micro_batch_size),
                      torch.device("cpu")).item()

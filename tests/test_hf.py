@@ -95,6 +95,22 @@ def test_export_loads_in_transformers_with_our_logits(placement, extra, tmp_path
         assert rel_err(loaded(ids).logits, model(ids)) < 1e-5
 
 
+@pytest.mark.parametrize("placement", ["pre", "mix"])
+def test_hf_loss_convention_is_the_transformers_loss(placement, tmp_path):
+    config, model = ours(placement, seed=4, mix_alpha=0.5)
+    reference = load_hf(hf.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf"))
+    ids = torch.randint(0, config.vocab_size, (3, 13))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    labels[2, 9:] = -100  # padding
+    with torch.no_grad():
+        mean = model(ids, labels, hf_loss=True)
+        assert mean.item() == pytest.approx(reference(ids, labels=labels).loss.item(), rel=1e-5)
+        # Ours: the same targets, shifted by the caller, summed.
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        assert model(ids, shifted).item() == pytest.approx(mean.item() * int((shifted != -100).sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("placement,extra", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_exported_model_decodes_with_its_kv_cache_and_padding(placement, extra, tmp_path):
     config, model = ours(placement, seed=5, **extra)
@@ -349,6 +365,7 @@ def test_export_carries_a_tokenizer_that_encodes_as_ours(kind, tokenizer_sources
         if kind != "hf-folder":  # a transformers tokenizer keeps its own special-token rules; ours add none
             assert tokenizer(text)["input_ids"] == reference.encode(text)
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (reference.eos_id, reference.pad_id)
+    assert tokenizer.padding_side == "left"  # saved with the tokenizer, not only set on the object exported
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == reference.eos_id
 
@@ -372,6 +389,40 @@ def test_export_without_a_findable_tokenizer_warns_and_still_writes_the_model(tm
     text = "Named explicitly."
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode(text) == \
         load_tokenizer(spec).encode(text)
+
+
+@pytest.mark.parametrize("placement", ["mix", "pre"])
+def test_batched_greedy_generation_gives_each_prompt_its_own_output(placement, tokenizer_sources, texts, tmp_path,
+                                                                    monkeypatch):
+    # As a user loads an export: AutoTokenizer and AutoModelForCausalLM, trust_remote_code where the README says.
+    config, model = ours(placement, vocab_size=320, mix_alpha=0.5)
+    meta = {**tokenizer_sources["tokenizer.json"], "eos_id": 1, "pad_id": 0}
+    source = export.export_consolidated(model.state_dict(), config, tmp_path / "export", extra={"data": meta})
+    hf.export_hf(source, tmp_path / "hf")
+    remote_code = {"trust_remote_code": True} if placement != "pre" else {}
+    prompts_asked = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts_asked.append(args) or "n")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), **remote_code)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                               **remote_code).eval()
+    assert not prompts_asked  # no "run the custom code? [y/N]" question
+    assert (tokenizer.padding_side, tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token) == \
+        ("left", "<pad>", "<eos>", None)
+    prompts = [texts[0][:80], "The", texts[1][:30]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert len({int(n) for n in batch["attention_mask"].sum(1)}) == 3  # three lengths: two rows are padded
+
+    def continuation(ids, prompt_length):
+        new = ids[prompt_length:].tolist()
+        return new[:new.index(1) + 1] if 1 in new else new  # up to eos: a batch pads a finished row after it
+
+    with torch.no_grad():
+        together = loaded.generate(**batch, max_new_tokens=8, do_sample=False)
+        for row, prompt in enumerate(prompts):
+            alone = tokenizer(prompt, return_tensors="pt")
+            expected = loaded.generate(**alone, max_new_tokens=8, do_sample=False)[0]
+            assert continuation(together[row], batch["input_ids"].shape[1]) == \
+                continuation(expected, alone["input_ids"].shape[1]), prompt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,6 +465,40 @@ def test_export_hf_of_a_trained_run(mix_run, source, tmp_path):
     text = "The history of anarchism, in 1923."
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert tokenizer(text)["input_ids"] == prepared_tokenizer(data_folder).encode(text)
+
+
+def mixln_eval(capsys, folder):
+    """mixln-eval in this process: (exit status, its JSON result or None, its stderr)."""
+    from megatron_mixln import cli
+
+    status = cli._run(cli._eval, [str(folder), "train.eval_sequences=4"])
+    captured = capsys.readouterr()
+    return status, (json.loads(captured.out.splitlines()[-1]) if status == 0 else None), captured.err
+
+
+def test_mixln_eval_reads_an_hf_export_a_run_folder_and_names_a_missing_folder(mix_run, tmp_path, capsys):
+    import shutil
+
+    status, plain, _ = mixln_eval(capsys, mix_run / "export")
+    assert status == 0 and plain["tokens"] > 0
+    hf.export_hf(mix_run / "export", tmp_path / "hf")
+    status, from_hf, _ = mixln_eval(capsys, tmp_path / "hf")
+    assert status == 0 and from_hf["tokens"] == plain["tokens"]
+    assert from_hf["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+    # A run folder is read through its export, not its checkpoint: here the export's head is scaled, so the two
+    # give different losses.
+    run = shutil.copytree(mix_run, tmp_path / "run")
+    saved = json.loads((run / "export" / "config.json").read_text())
+    config, tensors = export.read_export(run / "export")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 2
+    shutil.rmtree(run / "export")
+    export.export_consolidated(tensors, config, run / "export", extra={key: saved[key] for key in
+                                                                          ("step", "data", "run_config")})
+    status, changed, _ = mixln_eval(capsys, run / "export")
+    assert status == 0 and abs(changed["eval_loss"] - plain["eval_loss"]) > 1e-3
+    assert mixln_eval(capsys, run)[1] == changed
+    status, _, err = mixln_eval(capsys, tmp_path / "missing")
+    assert status == 2 and err.startswith("error:") and "missing does not exist" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("layout", ["", "parallel.zero_stage=3"], ids=["plain", "zero-3"])

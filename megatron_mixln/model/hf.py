@@ -38,6 +38,7 @@ FUNCTION_FIELDS = ("norm_placement", "rms_norm_eps", "rope_theta")
 # Text both tokenizers must encode to the same ids before an export carries transformers' one.
 TOKENIZER_PROBE = "Mix-LN puts Post-LN in the first layers, Pre-LN in the rest: 25% of 24 = 6.\n  Ünïcödé, 東京."
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # older LLaMA checkpoints save RoPE's buffer; we compute it
+RUN_RECORD = "mixln_run"  # config.json key of an --hf export: the step, data metadata and run config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,14 +121,17 @@ def to_hf_model(config: ModelConfig, state_dict, data_meta: dict | None = None, 
     return model
 
 
-def save_hf_pretrained(config: ModelConfig, state_dict, out, tokenizer=None, data_meta: dict | None = None) -> Path:
+def save_hf_pretrained(config: ModelConfig, state_dict, out, tokenizer=None, data_meta: dict | None = None,
+                       step: int | None = None, run_config: dict | None = None) -> Path:
     """Write a transformers folder, atomically: a Pre-LN model as LlamaForCausalLM, any other placement with the
     shipped modeling files (loaded with trust_remote_code=True); with `tokenizer` (a transformers tokenizer) also
-    its files, so AutoTokenizer.from_pretrained(out) works."""
+    its files, so AutoTokenizer.from_pretrained(out) works. config.json keeps the run's record under RUN_RECORD
+    (what a consolidated export keeps besides the weights), so mixln-eval finds the run's held-out data."""
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model = to_hf_model(config, state_dict, data_meta, meta_device=True)
+    setattr(model.config, RUN_RECORD, {"step": step, "data": data_meta, "run_config": run_config})
     model.save_pretrained(str(tmp), safe_serialization=True)
     if config.norm_placement != "pre":
         for name in MODELING_FILES:
@@ -181,8 +185,6 @@ def hf_tokenizer(data_meta: dict | None = None, spec: str | None = None, vocab_s
         hf.eos_token = hf.convert_ids_to_tokens(ours.eos_id)
     if hf.pad_token_id != ours.pad_id:
         hf.pad_token = hf.convert_ids_to_tokens(ours.pad_id)
-    # A decoder-only model continues the prompt: batched generation needs the padding on the left.
-    hf.padding_side = "left"
     got = hf(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     if got != ours.encode(TOKENIZER_PROBE):
         return None, f"transformers' tokenizer built from {spec!r} encodes text differently from the run's"
@@ -192,25 +194,29 @@ def hf_tokenizer(data_meta: dict | None = None, spec: str | None = None, vocab_s
 
 
 def _build_hf_tokenizer(spec: str):
+    """transformers' tokenizer of `spec`, padding on the left: a decoder-only model continues the prompt, so batched
+    generation needs the padding before it. An argument, not an attribute set later: save_pretrained writes the
+    constructor's arguments, so only then does the saved tokenizer reload with it."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    left = {"padding_side": "left"}
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), **left)
     if path.is_file():
         # A SentencePiece model: transformers converts it (unigram or BPE) when it finds it as tokenizer.model.
         # LlamaTokenizer would not do: it assumes LLaMA's BPE with byte fallback, and unigram models encode wrong.
         with tempfile.TemporaryDirectory(prefix="mixln-spm-") as folder:
             shutil.copyfile(path, Path(folder) / "tokenizer.model")
             try:
-                return PreTrainedTokenizerFast.from_pretrained(folder)
+                return PreTrainedTokenizerFast.from_pretrained(folder, **left)
             except Exception as err:  # noqa: BLE001 - transformers raises several types for an unconvertible model
                 raise ValueError(f"transformers cannot convert the SentencePiece model {spec!r} ({err})") from None
     from megatron_mixln.data.sources import hub_unreachable
 
     offline = None if path.is_dir() else hub_unreachable()
     try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None)
+        return AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None, **left)
     except Exception as err:  # noqa: BLE001 - offline hub, unknown name, broken folder
         raise ValueError(f"AutoTokenizer cannot load {spec!r}" + (f" ({offline})" if offline else "")) from err
 
@@ -238,7 +244,8 @@ def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None)
 
     weights = read_weights(source)
     hf_tok, problem = hf_tokenizer(weights.data_meta, tokenizer, weights.model_config.vocab_size)
-    save_hf_pretrained(weights.model_config, weights.tensors, out, hf_tok, weights.data_meta)
+    save_hf_pretrained(weights.model_config, weights.tensors, out, hf_tok, weights.data_meta, weights.step,
+                       weights.run_config)
     if problem is not None:
         warnings.warn(f"{out} has no tokenizer: {problem}; add one with --tokenizer SPEC (mixln-export) or "
                       "tokenizer.save_pretrained.", stacklevel=2)
@@ -279,6 +286,29 @@ def read_source_config(folder: str | Path) -> tuple[ModelConfig, str]:
         return _mixln_model_config(folder), MODEL_TYPE
     raise ConfigError(f"{folder} holds a model_type={model_type!r} model, not a LLaMA: only 'llama' "
                       f"(LlamaForCausalLM) and {MODEL_TYPE!r} (mixln-export --hf) folders can be imported.")
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """A transformers model folder: its config.json names a model_type (an export's and a run folder's do not)."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):  # no file, not JSON, not UTF-8
+        return False
+    return isinstance(raw, dict) and "model_type" in raw
+
+
+def read_hf_weights(folder: str | Path):
+    """A transformers LLaMA folder (or one of our --hf exports) as `train.weights.Weights`: its model, its tensors
+    under our names and, for an --hf export, the run's record (RUN_RECORD in config.json)."""
+    from megatron_mixln.train.weights import Weights
+
+    folder = Path(folder)
+    model_config, kind = read_source_config(folder)
+    tensors = HFTensors(folder)
+    names = _source_names(tensors, model_config, folder, kind)
+    record = json.loads((folder / "config.json").read_text()).get(RUN_RECORD) or {}
+    return Weights(model_config, {name: tensors.piece(source)[:] for name, source in names.items()},
+                   record.get("step"), record.get("data"), record.get("run_config"), folder)
 
 
 def _llama_model_config(folder: Path) -> ModelConfig:

@@ -175,9 +175,17 @@ class MixLNForCausalLM(nn.Module):
     def stages(self) -> list[nn.Module]:
         return [self.embedding, *self.model.layers, self.head]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits; or, given `labels` (shifted, IGNORE_INDEX where there is no target), the sum of the
-        per-token cross-entropy in fp32 (`model.fused_cross_entropy` chunks it without whole logits)."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                hf_loss: bool = False) -> torch.Tensor:
+        """Logits; or, given `labels`, the loss in fp32 (`model.fused_cross_entropy` chunks it without whole logits).
+
+        Our convention (training's): labels already shifted (labels[:, t] is the target of position t), IGNORE_INDEX
+        where there is none, and the *sum* over the targets. `hf_loss=True`: transformers' LlamaForCausalLM
+        convention, labels unshifted (usually input_ids itself; shifted here), -100 ignored, and the *mean*.
+        """
+        if labels is not None and hf_loss:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            return self(input_ids, shifted) / (shifted != IGNORE_INDEX).sum()
         stream = self.embedding(input_ids)
         for layer in self.model.layers:
             # A (residual, pending) pair goes in as two arguments, so module hooks see both tensors.

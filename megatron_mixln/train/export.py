@@ -218,9 +218,15 @@ def export_files(folder: str | Path) -> tuple[ModelConfig, list[Path]]:
 
 def load_exported_model(folder: str | Path, device: str | torch.device = "cpu"):
     """Build the model described by an export folder and load its weights (strict names and shapes)."""
+    model_config, tensors = read_export(folder)
+    return model_with_weights(model_config, tensors, folder, device)
+
+
+def model_with_weights(model_config: ModelConfig, tensors: dict[str, torch.Tensor], folder: str | Path,
+                       device: str | torch.device = "cpu"):
+    """The unsplit model holding `tensors` (consolidated names, strict names and shapes), read from `folder`."""
     from megatron_mixln.model import MixLNForCausalLM
 
-    model_config, tensors = read_export(folder)
     # The training run's kernels choice (triton on its GPUs) need not suit this machine; it changes no weight.
     model_config = dataclasses.replace(model_config, kernels="auto")
     with torch.device("meta"):  # no throw-away random initialisation

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from megatron_mixln.config import ModelConfig, config_from_dict
+from megatron_mixln.model.hf import is_hf_folder, read_hf_weights
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.checkpoint import CheckpointError, deepspeed_checkpoint_globals
 from megatron_mixln.train.export import EXPORT_CONFIG, read_export
@@ -33,8 +34,8 @@ class Weights:
 
 
 def read_weights(source: str | Path) -> Weights:
-    """The weights of a consolidated export, of a DeepSpeed checkpoint (any layout and ZeRO stage), or of a run
-    folder (its latest checkpoint, else its own export)."""
+    """The weights of a consolidated export, of a DeepSpeed checkpoint (any layout and ZeRO stage), of a run
+    folder (its latest checkpoint, else its own export), or of a transformers folder (mixln-export --hf, a LLaMA)."""
     folder = Path(source)
     if not folder.exists():
         raise CheckpointError(f"{folder} does not exist: pass a run folder, a checkpoint folder or an export folder.")
@@ -42,6 +43,8 @@ def read_weights(source: str | Path) -> Weights:
         model_config, tensors = read_export(folder)
         saved = json.loads((folder / EXPORT_CONFIG).read_text())
         return Weights(model_config, tensors, saved.get("step"), saved.get("data"), saved.get("run_config"), folder)
+    if is_hf_folder(folder):
+        return read_hf_weights(folder)
     if (folder / ckpt.CHECKPOINTS).is_dir():
         folder = ckpt.latest_checkpoint(folder) or folder
     state_path = folder / ckpt.STATE_FILE
