@@ -31,11 +31,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: printed as one line, no stack trace."""
     from megatron_mixln.config import ConfigError
     from megatron_mixln.data.errors import DataError
+    from megatron_mixln.output_folder import OutputFolderError
     from megatron_mixln.parallel.launch import LaunchError
+    from megatron_mixln.storage import StorageError
 
     # CheckpointError's module imports torch: look it up only if something imported it (else none was raised).
     checkpoint = sys.modules.get("megatron_mixln.train.checkpoint")
-    return (ConfigError, DataError, LaunchError) + ((checkpoint.CheckpointError,) if checkpoint else ())
+    errors = (ConfigError, DataError, LaunchError, OutputFolderError, StorageError)
+    return errors + ((checkpoint.CheckpointError,) if checkpoint else ())
 
 
 def _run(main, argv) -> int:
@@ -46,6 +49,10 @@ def _run(main, argv) -> int:
     try:
         status = main(argv) or 0
     except Exception as err:  # not `except _user_errors()`: that would import them on argparse's SystemExit too
+        from megatron_mixln.storage import storage_error
+
+        # A full, read-only or forbidden folder that no code path named: still one line and exit 2, not exit 1.
+        err = storage_error(err, "a file operation") or err
         if not isinstance(err, _user_errors()):
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -164,7 +171,10 @@ def _export_parser() -> argparse.ArgumentParser:
         "a run writes itself (train.stop_after_step) also carries the optimiser state."))
     parser.add_argument("checkpoint", help="a run folder (its latest checkpoint, else its export), a checkpoint "
                                            "folder or an export folder")
-    parser.add_argument("out", help="folder to write")
+    parser.add_argument("out", help="folder to write: a new or empty one, or an earlier export of the same kind")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT even when it holds other files (never when it is, holds or is inside the "
+                             "input)")
     parser.add_argument("--hf", action="store_true",
                         help="write a Hugging Face folder with the run's tokenizer instead: LlamaForCausalLM for "
                              "Pre-LN, any other placement with its modeling file (trust_remote_code=True)")
@@ -183,19 +193,21 @@ def _export(argv) -> int:
 
         with warnings.catch_warnings():  # the missing tokenizer is said below, in one line
             warnings.simplefilter("ignore")
-            done = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
+            done = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, force=args.force)
         if done.tokenizer_problem is not None:
             print(f"warning: {args.out} has no tokenizer: {done.tokenizer_problem}; pass --tokenizer SPEC (as "
                   "data.tokenizer takes it) to add one.", file=sys.stderr)
         print(f"exported step {done.step} to {args.out} (Hugging Face: {done.format}"
               + (", with its tokenizer)" if done.tokenizer_problem is None else ")"))
         return 0
-    from megatron_mixln.train.export import export_consolidated
+    from megatron_mixln.output_folder import check_output_folder
+    from megatron_mixln.train.export import EXPORT_OUTPUT, export_consolidated
     from megatron_mixln.train.weights import read_weights
 
+    check_output_folder(args.out, EXPORT_OUTPUT, [args.checkpoint], args.force)  # before the (slow) read
     weights = read_weights(args.checkpoint)  # a checkpoint's are merged over TP, PP and ZeRO partitions
     extra = {"step": weights.step, "data": weights.data_meta, "run_config": weights.run_config}  # as a run's export
-    out = export_consolidated(weights.tensors, weights.model_config, args.out, extra=extra)
+    out = export_consolidated(weights.tensors, weights.model_config, args.out, extra=extra, force=args.force)
     print(f"exported step {weights.step} to {out}")
     return 0
 
@@ -206,7 +218,10 @@ def _import_parser() -> argparse.ArgumentParser:
         "export, to train from with model.init_from=OUT (or train.resume=OUT) in any parallel layout."))
     parser.add_argument("hf_folder", help="a transformers model folder: config.json and safetensors (or "
                                           "pytorch_model.bin) weights")
-    parser.add_argument("out", help="export folder to write")
+    parser.add_argument("out", help="export folder to write: a new or empty one, or an earlier export")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT even when it holds other files (never when it is, holds or is inside "
+                             "HF_FOLDER)")
     return parser
 
 
@@ -215,7 +230,7 @@ def _import(argv) -> int:
     _select_accelerator()
     from megatron_mixln.model.hf import import_hf
 
-    out, model_config, kind = import_hf(args.hf_folder, args.out)
+    out, model_config, kind = import_hf(args.hf_folder, args.out, force=args.force)
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     has_tokenizer = any((Path(args.hf_folder) / name).is_file() for name in tokenizer_files)
     print(f"imported {args.hf_folder} ({kind}, {model_config.num_layers} layers, norm_placement="
@@ -290,7 +305,11 @@ def _analyze_parser() -> argparse.ArgumentParser:
         "analysis.json and report.md; several runs are overlaid in each figure."))
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="a run folder (its export, else its latest checkpoint), an export or a checkpoint folder")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the figures, analysis.json, report.md")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for the figures, analysis.json, report.md: a new or empty one, or an earlier "
+                             "analysis (replaced whole)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DIR even when it holds other files (never when it is, holds or is inside a RUN)")
     parser.add_argument("--data", metavar="SOURCE",
                         help="held-out text instead of each run's own eval split: a data.source (a local file or "
                              "folder is used whole; c4 / hf:NAME give their validation split), encoded with the "
@@ -302,6 +321,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--batch-size", type=int, metavar="B",
                         help="sequences per forward pass (default: the run's train.micro_batch_size)")
+    parser.add_argument("--labels", type=lambda text: text.split(","), metavar="L1,L2,...",
+                        help="the runs' names in the figures, one per run in order (a label holds no comma; "
+                             "default: placement, alpha and seed, e.g. 'Mix-LN (α=0.25), seed 1')")
     return parser
 
 
@@ -317,7 +339,7 @@ def _analyze(argv) -> int:
     from megatron_mixln.analysis import report
 
     numbers = report(args.runs, args.out, data=args.data, sequences=args.sequences, steps=args.steps,
-                     device=args.device, batch_size=args.batch_size)
+                     device=args.device, batch_size=args.batch_size, labels=args.labels, force=args.force)
     for note in numbers["notes"]:
         print(f"note: {note}")
     print(f"wrote {Path(args.out) / 'report.md'}, {Path(args.out) / 'analysis.json'} and "

@@ -1,18 +1,22 @@
 """Operating a run: log lines for a log file, TensorBoard and W&B through DeepSpeed's monitor, memory per logged
-step, no-eval runs, a finished run started again, and resume refusing what a checkpoint cannot follow."""
+step, no-eval runs, a finished (or planned-stopped, or killed) run started again, resume refusing what a checkpoint
+cannot follow, and full or read-only disks."""
+import errno
 import importlib.machinery
 import json
 import math
+import os
 import sys
 import types
 
 import pytest
 
 from megatron_mixln.config import ConfigError, load_config
+from megatron_mixln.storage import StorageError, writing
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
 from megatron_mixln.train.schedule import lr_multiplier
-from training_runs import tiny
+from training_runs import tiny, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +171,106 @@ def test_a_run_killed_before_its_first_checkpoint_started_again_logs_each_step_o
             "lost steps moved to metrics.discarded.jsonl") in capsys.readouterr().out
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------- full or read-only disks
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and "Traceback" not in message and message.endswith(".")
+
+
+@pytest.mark.parametrize("code,reason,advice", [
+    (errno.ENOSPC, "no space left on device", "free space there"),
+    (errno.EDQUOT, "disk quota exceeded", "free space there"),
+    (errno.EROFS, "read-only file system", "make it writable"),
+    (errno.EACCES, "permission denied", "make it writable"),
+])
+def test_a_full_read_only_or_forbidden_folder_is_one_sentence_naming_the_path(code, reason, advice):
+    with pytest.raises(StorageError) as caught:
+        with writing("creating train.out_dir", "/runs/x", "choose another train.out_dir"):
+            raise OSError(code, os.strerror(code))  # as a write() on an open file: the OS names no file
+    assert str(caught.value) == (f"creating train.out_dir failed: /runs/x: {reason}; {advice}, or choose another "
+                                 "train.out_dir.")
+    with pytest.raises(FileNotFoundError):  # any other OSError is not a storage problem and goes on unchanged
+        with writing("creating train.out_dir", "/runs/x"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/runs/x")
+
+
+def test_a_storage_error_no_code_named_still_ends_in_one_line_and_exit_2(capsys):
+    from megatron_mixln.cli import _run
+
+    def deep_inside(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/loss_curve.png")
+
+    assert _run(deep_inside, []) == 2  # not 1, the non-finite stop's code, which the SLURM templates read
+    assert capsys.readouterr().err == ("error: a file operation failed: /runs/x/loss_curve.png: no space left on "
+                                       "device; free space there, or choose another folder.\n")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as mount:
+        yield mount
+
+
+def test_a_read_only_cache_dir_or_out_dir_is_named_in_one_sentence(cache, tmp_path, read_only_disk):
+    with pytest.raises(StorageError) as caught:
+        train(load_config(None, tiny(read_only_disk / "cache", tmp_path / "run")))
+    assert str(caught.value) == (f"preparing the data failed: {read_only_disk / 'cache'}: read-only file system; "
+                                 "make it writable, or set data.cache_dir to another folder.")
+    with pytest.raises(StorageError) as caught:
+        train(load_config(None, tiny(cache, read_only_disk / "run")))
+    assert str(caught.value) == (f"creating train.out_dir failed: {read_only_disk / 'run'}: read-only file system; "
+                                 "make it writable, or choose another train.out_dir.")
+
+
+def full_disk_from_the_third_append(monkeypatch, path):
+    """metrics.jsonl refuses every append from the third on, as a disk that fills up during the run."""
+    from megatron_mixln.train import metrics
+
+    appends = {"n": 0}
+
+    def open_(file, mode="r", *args, **kwargs):
+        if str(file) == str(path) and mode == "a":
+            appends["n"] += 1
+            if appends["n"] >= 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "open", open_, raising=False)
+
+
+def test_a_full_disk_under_the_metrics_saves_a_checkpoint_says_where_and_the_run_resumes(cache, tmp_path,
+                                                                                          monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        full_disk_from_the_third_append(patch, out / "metrics.jsonl")
+        with pytest.raises(StorageError) as caught:  # train.save_every=0: no checkpoint was planned before the end
+            train(load_config(None, tiny(cache, out, "train.steps=4")))
+    folder = out / "checkpoints" / "step_00000003"
+    assert str(caught.value) == (f"appending step 3's record failed: {out / 'metrics.jsonl'}: no space left on "
+                                 f"device; the run stopped with a checkpoint of step 3 in {folder}; free space "
+                                 "there and run the same command to resume.")
+    assert (folder / "trainer_state.json").is_file()
+    resumed = train(load_config(None, tiny(cache, out, "train.steps=4")))
+    assert sorted(resumed.losses) == [4]  # steps 1-3 were not lost, only step 3's record
+    assert [r["step"] for r in steps_of(out)] == [1, 2, 4]
+
+
+def test_a_full_disk_under_the_metrics_and_the_checkpoint_says_both(cache, tmp_path, monkeypatch):
+    from megatron_mixln.train import checkpoint
+
+    out = tmp_path / "run"
+
+    def save_fails(engine, out_dir, step, *args, **kwargs):
+        raise checkpoint.CheckpointError(f"saving checkpoint {checkpoint.tag_for_step(step)} failed: no space left.")
+
+    full_disk_from_the_third_append(monkeypatch, out / "metrics.jsonl")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_fails)
+    with pytest.raises(StorageError) as caught:
+        train(load_config(None, tiny(cache, out, "train.steps=4")))
+    assert one_sentence(str(caught.value))
+    assert str(caught.value).startswith(f"appending step 3's record failed: {out / 'metrics.jsonl'}: no space")
+    assert ("saving a checkpoint of step 3 failed too (saving checkpoint step_00000003 failed: no space left); "
+            "free space there and run the same command to resume.") in str(caught.value)

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.config import Config, ConfigError
+from megatron_mixln.storage import StorageError, remedy, storage_error, writing
+from megatron_mixln.output_folder import check_output_folder
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
@@ -258,8 +260,9 @@ def train(config: Config) -> TrainResult:
     # in parallel); the others wait on the file system, so no collective timeout can hit them.
     launch = discover_launch_env()
     is_main = launch.rank == 0
-    meta, train_data, eval_data = open_datasets(config, preparer=is_preparer(config, launch.rank, launch.local_rank),
-                                                progress=is_main and tcfg.progress_bar)
+    with writing("preparing the data", config.data.cache_dir, "set data.cache_dir to another folder"):
+        meta, train_data, eval_data = open_datasets(
+            config, preparer=is_preparer(config, launch.rank, launch.local_rank), progress=is_main and tcfg.progress_bar)
     if meta["max_token_id"] >= config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is invalid: the tokenised data holds token id "
                           f"{meta['max_token_id']}, so expected at least {meta['max_token_id'] + 1}.")
@@ -269,7 +272,8 @@ def train(config: Config) -> TrainResult:
     accumulation = gradient_accumulation_steps(config, layout.dp)
     lock = RunLock()
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing("creating train.out_dir", out, "choose another train.out_dir"):
+            out.mkdir(parents=True, exist_ok=True)
     try:
         return _run(config, launch, layout, accumulation, meta, train_data, eval_data, lock)
     finally:
@@ -313,6 +317,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
     is_main = launch.rank == 0
     _take_run_lock(lock, out, is_main)
     resume_kind, resume_from = _resume_source(config)
+    # The export written at the end replaces an earlier export only: anything else is refused now, not after training.
+    check_output_folder(out / "export", export.EXPORT_OUTPUT, option=None)
     # Before anything is built or loaded: a changed model, data or layout stops here in one line.
     changes = _check_resume(config, layout, resume_kind, resume_from, meta) if resume_kind != "none" else []
 
@@ -347,7 +353,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         elif moved:
             print(f"no checkpoint in {out} to resume from, so training starts at step 1; {moved}")
     if is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        with writing("writing the run's config", out / "config.json", "choose another train.out_dir"):
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     writer = MetricsWriter(out, enabled=is_main, monitor=engine.monitor, start_step=start_step)
     result = TrainResult(out_dir=out, last_step=start_step)
@@ -391,6 +398,27 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                                                  "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}},
                              keep=tcfg.keep_checkpoints)
         last_saved = step
+
+    def stop_if_metrics_failed(step: int) -> None:
+        """Rank 0 could not append to metrics.jsonl (a full disk, a quota): save a checkpoint, so that the steps
+        trained so far are not lost, and stop every rank with the same sentence, saying where it is."""
+        if not steps.any_rank(writer.failure is not None):
+            return
+        try:
+            if last_saved != step:
+                save(step)
+            folder = out / ckpt.CHECKPOINTS / ckpt.tag_for_step(step)
+            saved = f"the run stopped with a checkpoint of step {step} in {folder}"
+        except ckpt.CheckpointError as err:
+            saved = f"saving a checkpoint of step {step} failed too ({str(err).rstrip('.')})"
+        message = [None]
+        if is_main:
+            failed_step, err = writer.failure
+            message[0] = str(storage_error(err, f"appending step {failed_step}'s record", writer.path, outcome=(
+                f"{saved}; {remedy(err)} and run the same command to resume")))
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(message, src=0)
+        raise StorageError(message[0])
 
     def evaluate(step: int) -> EvalResult:
         evaluation = steps.evaluate(eval_data, tcfg.eval_sequences)
@@ -451,7 +479,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                     if stop_now:
                         result.stopped_early = True
                         break
-                    if step != tcfg.steps and steps.any_rank(stop.received is not None):
+                    if step != tcfg.steps and steps.any_rank(stop.received is not None or writer.failure is not None):
+                        stop_if_metrics_failed(step)
                         # Every rank stops here, on whichever rank's signal: save (unless just saved) and leave.
                         if last_saved != step:
                             save(step)
@@ -464,6 +493,7 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
             dist.all_gather_object(peaks, _memory_mb()[1])
             writer.write({"step": step, "peak_memory_mb_per_rank": peaks,
                           "memory": "cuda max allocated" if torch.cuda.is_available() else "process max RSS"})
+            stop_if_metrics_failed(step)  # a failure at the last step, or at train.stop_after_step
             if not result.stopped_early:
                 if last_saved != step:
                     save(step)
@@ -475,6 +505,9 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                     engine.module, config.model, layout, out / "export",
                     extra={"step": step, "data": meta, "run_config": config.to_dict()},
                     optimizer=engine.optimizer, scheduler=scheduler)
+            if writer.failure is not None:  # only the final evaluation's record can be missing here
+                print(f"warning: {storage_error(writer.failure[1], 'appending the evaluation record', writer.path)}",
+                      file=sys.stderr)
             if not result.stopped_early and is_main:
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                                 title=f"{config.model.norm_placement} placement, {config.model.num_layers} layers")

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from megatron_mixln.storage import STORAGE_ERRNOS
+
 METRICS_FILE = "metrics.jsonl"
 DISCARDED_FILE = "metrics.discarded.jsonl"
 
@@ -39,15 +41,24 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
         self.monitor = monitor if monitor is not None and monitor.enabled else None
+        # (step, OSError) of a record that a full, read-only or forbidden file system refused: the loop then saves
+        # a checkpoint and stops, and nothing more is written.
+        self.failure: tuple[int, OSError] | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _hide_tensorboard_steps_after(self.monitor, start_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failure is not None:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(_jsonable(record)) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(_jsonable(record)) + "\n")
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                raise
+            self.failure = (record.get("step", 0), err)
+            return
         if self.monitor is not None:
             self.monitor.write_events(monitor_events(record))
 
