@@ -408,6 +408,11 @@ def test_batched_greedy_generation_gives_each_prompt_its_own_output(placement, t
     assert not prompts_asked  # no "run the custom code? [y/N]" question
     assert (tokenizer.padding_side, tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token) == \
         ("left", "<pad>", "<eos>", None)
+    # The tokenizer itself is transformers' own class: trust_remote_code=False (no code run) loads the same one.
+    assert "auto_map" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    no_code = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=False)
+    assert not prompts_asked and no_code.padding_side == "left"
+    assert no_code(texts[2])["input_ids"] == tokenizer(texts[2])["input_ids"]
     prompts = [texts[0][:80], "The", texts[1][:30]]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     assert len({int(n) for n in batch["attention_mask"].sum(1)}) == 3  # three lengths: two rows are padded
