@@ -274,3 +274,11 @@ def test_a_full_disk_under_the_metrics_and_the_checkpoint_says_both(cache, tmp_p
     assert str(caught.value).startswith(f"appending step 3's record failed: {out / 'metrics.jsonl'}: no space")
     assert ("saving a checkpoint of step 3 failed too (saving checkpoint step_00000003 failed: no space left); "
             "free space there and run the same command to resume.") in str(caught.value)
+
+
+def test_a_full_cache_dir_is_named_in_one_sentence(tmp_path):
+    with tmpfs(tmp_path / "small", "size=64k") as disk:  # room for the tokenizer, not for the tokens
+        with pytest.raises(StorageError) as caught:
+            train(load_config(None, tiny(disk / "cache", tmp_path / "run")))
+    assert str(caught.value) == (f"preparing the data failed: {disk / 'cache'}: no space left on device; free space "
+                                 "there, or set data.cache_dir to another folder.")

@@ -346,7 +346,7 @@ def tokenize_shard(task: ShardTask, report: Callable[[int, int], None] = lambda 
             if max_token_id > np.iinfo(dtype).max:
                 raise DataError(f"tokenizer {tokenizer.name!r} produced id {max_token_id}, beyond its "
                                 f"vocab_size={tokenizer.vocab_size}.")
-            flat.astype(dtype).tofile(out)
+            out.write(flat.astype(dtype).data)  # not ndarray.tofile, whose short write on a full disk has no errno
             lengths.extend(map(len, encoded))
             total_tokens += len(flat)
             report(len(encoded), len(flat))
