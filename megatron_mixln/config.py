@@ -201,6 +201,9 @@ class ParallelConfig:
     # or explicit stage boundaries over the layer specs [embedding, layer 0..L-1, final norm + head],
     # e.g. "0,7,14" for two stages of a 12-layer model.
     pipeline_partition: str = "parameters"
+    # How long ranks wait for each other at start-up (each says who is missing) before stopping with exit 2;
+    # also torch.distributed's timeout for every collective, so keep it above the longest checkpoint save.
+    startup_timeout_minutes: float = 10.0
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.tp >= 1, f"{prefix}.tp", self.tp, "a positive integer")
@@ -212,6 +215,8 @@ class ParallelConfig:
                      "ZeRO-2/3 need pp=1)")
         _require(not self.offload_optimizer or self.zero_stage >= 1, f"{prefix}.offload_optimizer",
                  self.offload_optimizer, "false unless parallel.zero_stage is 1, 2 or 3 (offload is a ZeRO feature)")
+        _require(0 < self.startup_timeout_minutes <= 7 * 24 * 60, f"{prefix}.startup_timeout_minutes",
+                 self.startup_timeout_minutes, "a positive number of minutes, at most a week")
         if self.pipeline_partition not in ("parameters", "uniform"):
             bounds = self.pipeline_boundaries()
             _require(bounds is not None and len(bounds) == self.pp + 1 and bounds[0] == 0

@@ -1,15 +1,20 @@
-"""Rank discovery under every launcher (fake environments, then real mpirun / torchrun / deepspeed runs) and the
-SLURM templates (syntax, and the exact command each one runs, through stub srun / torchrun / deepspeed; their runs
-under a real SLURM are in tests/test_slurm.py)."""
+"""Rank discovery under every launcher (fake environments, then real mpirun / torchrun / deepspeed runs), the
+start-up rendezvous (a taken MASTER_PORT, a rank that never comes), and the SLURM templates (syntax, and the exact
+command each one runs, through stub srun / torchrun / deepspeed; their runs under a real SLURM are in
+tests/test_slurm.py)."""
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from training_runs import tiny
 
 from megatron_mixln.parallel import launch
 from megatron_mixln.parallel.launch import (LaunchEnv, LaunchError, apply_launch_env, data_parallel_size,
@@ -234,6 +239,121 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     _assert_two_ranks(_run_ranks([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(launch.free_port()),
                                   "--no_python", "--no_local_rank", sys.executable, "-c", SNIPPET], tmp_path),
                       "deepspeed")
+
+
+# --- meeting the other ranks: a taken MASTER_PORT, a rank that never starts ----------------------------------------
+
+def _hand_launch(rank: int, port: int) -> LaunchEnv:
+    return LaunchEnv(rank=rank, world_size=2, local_rank=rank, master_addr="127.0.0.1", master_port=port,
+                     launcher="torchrun")
+
+
+@pytest.fixture
+def said(monkeypatch):
+    """The waiting lines wait_for_ranks prints; rank 0's store server is closed after the test."""
+    monkeypatch.setattr(launch, "_rendezvous_server", None)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    lines = []
+    return lines, lambda line, flush: lines.append(line)
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as sock:  # another process's server, as far as rank 0 can tell
+        sock.bind(("", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_rank_0_alone_says_how_many_ranks_it_waits_for_then_stops_naming_the_missing_one(said):
+    lines, say = said
+    port = launch.free_port()
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        launch.wait_for_ranks(_hand_launch(0, port), timeout_minutes=0.02, say=say)
+    assert 1.2 <= time.monotonic() - started < 10
+    assert lines == [f"waiting for 1 of 2 ranks at 127.0.0.1:{port} (timeout 1.2 s)"]
+    assert str(err.value) == (f"rank 1 of WORLD_SIZE=2 did not reach 127.0.0.1:{port} within "
+                              "parallel.startup_timeout_minutes=0.02 (1.2 s): start every rank with the same "
+                              "MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or raise parallel.startup_timeout_minutes.")
+
+
+def test_a_rank_whose_rank_0_never_starts_stops_naming_the_address(said):
+    lines, say = said
+    port = launch.free_port()
+    with pytest.raises(LaunchError) as err:
+        launch.wait_for_ranks(_hand_launch(1, port), timeout_minutes=0.02, say=say)
+    assert lines == [f"waiting for rank 0 at 127.0.0.1:{port} (timeout 1.2 s)"]
+    assert str(err.value) == (f"rank 0 did not open 127.0.0.1:{port} within parallel.startup_timeout_minutes=0.02 "
+                              "(1.2 s): start rank 0 with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, check "
+                              "that this host reaches it, or raise parallel.startup_timeout_minutes.")
+
+
+def test_a_taken_master_port_stops_rank_0_at_once_in_one_sentence(said, taken_port):
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        launch.wait_for_ranks(_hand_launch(0, taken_port), timeout_minutes=10, say=said[1])
+    assert time.monotonic() - started < 5  # not after the 10 minutes
+    assert str(err.value) == (f"MASTER_PORT={taken_port} is already in use on {socket.gethostname()}, where rank 0 "
+                              "must open the rendezvous: give every rank another free MASTER_PORT, or stop the "
+                              "process that holds it.")
+
+
+def test_under_torchrun_master_port_is_the_agents_store_and_no_error(said, taken_port, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun's agent holds MASTER_PORT on purpose
+    launch.wait_for_ranks(_hand_launch(0, taken_port), timeout_minutes=10, say=said[1])
+    assert said[0] == [] and launch._rendezvous_server is None
+
+
+def test_hand_launched_mixln_train_without_its_second_rank_exits_2_after_the_startup_timeout(tmp_path):
+    port = launch.free_port()
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([str(BIN / "mixln-train"), "configs/tiny.yaml",
+                           *tiny(tmp_path / "cache", tmp_path / "out", "parallel.startup_timeout_minutes=0.05")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"waiting for 1 of 2 ranks at 127.0.0.1:{port} (timeout 3 s)" in proc.stdout.splitlines()
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: rank 1 of WORLD_SIZE=2 did not reach 127.0.0.1:{port} within parallel.startup_timeout_minutes=0.05 "
+        "(3 s): start every rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or raise "
+        "parallel.startup_timeout_minutes.")
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "1e9"])
+def test_startup_timeout_outside_a_week_is_a_config_error(minutes):
+    from megatron_mixln.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"parallel.startup_timeout_minutes={minutes}"])
+    assert str(err.value) == (f"parallel.startup_timeout_minutes={float(minutes)!r} is invalid: expected a positive "
+                              "number of minutes, at most a week.")
+
+
+# --- resuming with fewer processes than the run that saved it ------------------------------------------------------
+
+def test_a_dp2_zero1_checkpoint_resumed_in_one_process_is_refused_naming_ways_that_work(tmp_path):
+    """A signal stop writes a checkpoint but no export: the refusal must not send the user to <out_dir>/export
+    alone. The ways it names were checked by hand: mixln-export of a DP2 ZeRO-1 checkpoint, resumed in one
+    process, trains on from the step with the LR schedule (optimiser moments fresh)."""
+    from megatron_mixln.config import ConfigError, load_config
+    from megatron_mixln.train.checkpoint import STATE_FILE
+    from megatron_mixln.train.loop import _check_resume
+
+    out = tmp_path / "run"
+    config = load_config(None, [f"train.out_dir={out}", "parallel.zero_stage=1"])
+    folder = out / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(json.dumps({"step": 2, "seed": 0, "config": config.to_dict(),
+                                                 "layout": {"tp": 1, "pp": 1, "dp": 2}}))
+    with pytest.raises(ConfigError) as err:
+        _check_resume(config, SimpleNamespace(tp=1, pp=1, dp=1), "checkpoint", folder, {"folder": "data"})
+    assert str(err.value) == (
+        f"cannot resume {folder}: its ZeRO-1 state is partitioned over 2 data-parallel ranks and this run has 1; "
+        f"launch 2 processes (adding train.stop_after_step=3 also writes {out}/export with the optimiser state, "
+        f"which any layout resumes from as train.resume={out}/export), or go on from its weights alone, the "
+        f"optimiser moments starting over: mixln-export {folder} {out}-weights, then train.resume={out}-weights.")
 
 
 # --- SLURM templates ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Rank discovery for every launcher: torchrun, the deepspeed launcher, srun (SLURM variables), mpirun (mpi4py).
 
 `apply_launch_env(discover_launch_env())` leaves RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in
-os.environ, so torch.distributed / deepspeed.init_distributed start the same way whoever launched the process.
+os.environ, so torch.distributed / deepspeed.init_distributed start the same way whoever launched the process;
+`wait_for_ranks` first meets every rank there, saying who is missing, within a bounded time.
 """
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import itertools
 import os
 import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 # Markers of an MPI launcher: Open MPI, MPICH / Intel MPI (hydra), PMIx (Open MPI 5, prrte), MVAPICH.
 MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_SIZE")
 # srun without MASTER_PORT: a port derived from the job id, below Linux's ephemeral range (32768-60999).
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+# While ranks wait for each other: the first "waiting for" line after this many seconds (or half the timeout),
+# then one every WAIT_LINE_EVERY_S; the store is asked every WAIT_POLL_S.
+FIRST_WAIT_LINE_S, WAIT_LINE_EVERY_S, WAIT_POLL_S = 5.0, 30.0, 0.2
+_RENDEZVOUS = "mixln_rendezvous"  # key prefix in rank 0's store
+_rendezvous_server = None  # rank 0's store server, kept for the process's life: torch's env:// store shares it
 
 
 class LaunchError(ValueError):
@@ -53,6 +61,107 @@ def apply_launch_env(env: LaunchEnv) -> None:
     if env.local_world_size is not None:
         # LOCAL_SIZE is the deepspeed launcher's name for it (DeepSpeed's CPU accelerator counts devices by it).
         os.environ.update(LOCAL_WORLD_SIZE=str(env.local_world_size), LOCAL_SIZE=str(env.local_world_size))
+
+
+def wait_for_ranks(env: LaunchEnv, timeout_minutes: float, say=print) -> None:
+    """Meet every rank at MASTER_ADDR:MASTER_PORT before torch.distributed starts, or raise one LaunchError.
+
+    Rank 0 opens the store there (torch's env:// rendezvous then shares it: multi_tenant) and a port taken by
+    another process is said at once; every rank waits at most `timeout_minutes` (parallel.startup_timeout_minutes)
+    for the others, printing how many are missing, instead of torch's silent wait. Under torchrun the agent
+    already holds the store on MASTER_PORT and has started every rank: nothing to do.
+    """
+    global _rendezvous_server
+    import torch.distributed as dist
+
+    if env.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    where, seconds = f"{env.master_addr}:{env.master_port}", timeout_minutes * 60
+    limit = f"parallel.startup_timeout_minutes={timeout_minutes:g} ({seconds:g} s)"
+    started = time.monotonic()
+    clock = _WaitLines(say, started, seconds)
+    if env.rank == 0:
+        _rendezvous_server = store = _open_store(env, seconds)
+    else:
+        _wait_until_listening(env, started + seconds, clock, limit)
+    try:
+        if env.rank != 0:
+            store = dist.TCPStore(env.master_addr, env.master_port, is_master=False,
+                                  timeout=timedelta(seconds=max(1.0, started + seconds - time.monotonic())))
+        store.set(f"{_RENDEZVOUS}/rank{env.rank}", "")
+        store.add(f"{_RENDEZVOUS}/joined", 1)
+        while (joined := store.add(f"{_RENDEZVOUS}/joined", 0)) < env.world_size:
+            if time.monotonic() >= started + seconds:
+                missing = [rank for rank in range(env.world_size) if not store.check([f"{_RENDEZVOUS}/rank{rank}"])]
+                raise LaunchError(
+                    f"{_ranks(missing)} of WORLD_SIZE={env.world_size} did not reach {where} within {limit}: start "
+                    "every rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or raise "
+                    "parallel.startup_timeout_minutes.")
+            if env.rank == 0:  # one line for the job, from the rank that holds the store
+                clock.maybe_say(f"waiting for {env.world_size - joined} of {env.world_size} ranks at {where}")
+            time.sleep(WAIT_POLL_S)
+    except dist.DistError:  # rank 0 went away, or another process answers on its port (rank 0 says which)
+        raise LaunchError(f"lost rank 0's store at {where} while the ranks were starting: see rank 0's error, then "
+                          "launch every rank again.") from None
+
+
+def _ranks(ranks: list[int], shown: int = 8) -> str:
+    """"rank 1", "ranks 1, 3", or the first `shown` "and N more"."""
+    more = f" and {len(ranks) - shown} more" if len(ranks) > shown else ""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:shown]))}{more}"
+
+
+class _WaitLines:
+    """Says a waiting line no earlier than FIRST_WAIT_LINE_S (or half the timeout) in, then every WAIT_LINE_EVERY_S."""
+
+    def __init__(self, say, started: float, seconds: float):
+        self.say, self.seconds, self.next = say, seconds, started + min(FIRST_WAIT_LINE_S, seconds / 2)
+
+    def maybe_say(self, line: str) -> None:
+        if time.monotonic() >= self.next:
+            # Flushed: a job log is a file, and a waiting process writes nothing else.
+            self.say(f"{line} (timeout {self.seconds:g} s)", flush=True)
+            self.next = time.monotonic() + WAIT_LINE_EVERY_S
+
+
+def _open_store(env: LaunchEnv, seconds: float):
+    """Rank 0's TCPStore server on MASTER_PORT, or a LaunchError when another process already listens there."""
+    import torch.distributed as dist
+
+    try:
+        return dist.TCPStore(env.master_addr, env.master_port, world_size=env.world_size, is_master=True,
+                             wait_for_workers=False, multi_tenant=True, timeout=timedelta(seconds=seconds))
+    except dist.DistNetworkError:
+        if _can_listen(env.master_port):
+            raise
+    raise LaunchError(f"MASTER_PORT={env.master_port} is already in use on {socket.gethostname()}, where rank 0 "
+                      "must open the rendezvous: give every rank another free MASTER_PORT, or stop the process that "
+                      "holds it.")
+
+
+def _can_listen(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_until_listening(env: LaunchEnv, deadline: float, clock: _WaitLines, limit: str) -> None:
+    """Until rank 0's store accepts connections, with a plain socket: torch's client logs a stack per retry."""
+    while True:
+        try:
+            with socket.create_connection((env.master_addr, env.master_port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise LaunchError(f"rank 0 did not open {env.master_addr}:{env.master_port} within {limit}: start rank 0 "
+                              "with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, check that this host reaches "
+                              "it, or raise parallel.startup_timeout_minutes.")
+        clock.maybe_say(f"waiting for rank 0 at {env.master_addr}:{env.master_port}")
+        time.sleep(WAIT_POLL_S)
 
 
 def data_parallel_size(world_size: int, tp: int, pp: int) -> int:

@@ -553,10 +553,13 @@ def load_checkpoint(engine, folder: str | Path) -> dict[str, Any]:
     except ZeRORuntimeException as err:  # "The checkpoint being loaded used a DP world size of 2 but ..."
         if "DP world size" not in str(err):
             raise
+        from megatron_mixln.train.resume import other_data_parallel_size
+
+        way_on = other_data_parallel_size(folder, "<out_dir>", (state or {}).get("step"),
+                                          "as many processes as the run that saved it")
         problem = _Problem("foreign", f"checkpoint {folder} was saved with another number of data-parallel ranks "
                                       f"({str(err).split('. ')[0].removeprefix('The checkpoint being loaded used ')}"
-                                      "); launch as many processes as the run that saved it, or move through the "
-                                      "export (train.resume=<out_dir>/export).", "another data-parallel size")
+                                      f"); {way_on}.", "another data-parallel size")
     if (problem := _agree(problem)) is not None:
         raise _damaged(problem, folder)
     return state

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from megatron_mixln.config import Config, ConfigError
+from megatron_mixln.config import Config, ConfigError, ParallelConfig
 from megatron_mixln.train.optim import build_optimizer
 from megatron_mixln.train.schedule import lr_multiplier
 
 
-def init_distributed(env=None) -> None:
+def init_distributed(env=None, startup_timeout_minutes: float = ParallelConfig.startup_timeout_minutes) -> None:
     """Join the default process group (torchrun, deepspeed, srun, mpirun, or a plain single process); `env` is
     the LaunchEnv already discovered, if any.
+
+    `startup_timeout_minutes` (parallel.startup_timeout_minutes) bounds the wait for the other ranks, and is
+    the process group's timeout too (DeepSpeed's own default is 10 minutes).
 
     On a GPU the backend is NCCL, which serves CUDA tensors only: every collective of ours runs on the
     communication device (train/step.py), never on a host tensor.
@@ -23,7 +27,7 @@ def init_distributed(env=None) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from megatron_mixln.parallel.launch import apply_launch_env, discover_launch_env
+    from megatron_mixln.parallel.launch import apply_launch_env, discover_launch_env, wait_for_ranks
 
     if not dist.is_initialized():
         env = env or discover_launch_env()
@@ -32,6 +36,8 @@ def init_distributed(env=None) -> None:
         if env.world_size == 1:
             # One process needs no rendezvous: an in-memory store cannot collide with another job's port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            wait_for_ranks(env, startup_timeout_minutes)  # says who is missing, and a taken MASTER_PORT
         if not torch.cuda.is_available():
             # The shared-memory collective is a JIT-compiled C++ op (~30 s of g++ on first use); gloo is enough on CPU.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -39,7 +45,8 @@ def init_distributed(env=None) -> None:
             import os
 
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=startup_timeout_minutes))
 
 
 def leave_process_group() -> None:

@@ -136,7 +136,7 @@ def _saved_run(kind: str, folder: Path) -> dict:
 
 def _check_resume(config: Config, layout, kind: str, folder: Path, meta: dict) -> list[str]:
     """Refuse a resume whose config or layout changed what its checkpoint cannot follow; notes of the rest."""
-    from megatron_mixln.train.resume import check_resume
+    from megatron_mixln.train.resume import check_resume, other_data_parallel_size
 
     saved = _saved_run(kind, folder)
     if not saved.get("config"):
@@ -147,9 +147,10 @@ def _check_resume(config: Config, layout, kind: str, folder: Path, meta: dict) -
                          layout_can_change=kind == "export")
     dp = (saved.get("layout") or {}).get("dp", layout.dp)
     if kind == "checkpoint" and dp != layout.dp and config.parallel.zero_stage >= 1:
+        way_on = other_data_parallel_size(folder, config.train.out_dir, saved.get("step"),
+                                          f"{dp * layout.tp * layout.pp} processes")
         raise ConfigError(f"cannot resume {folder}: its ZeRO-{config.parallel.zero_stage} state is partitioned over "
-                          f"{dp} data-parallel ranks and this run has {layout.dp}; launch {dp * layout.tp * layout.pp} "
-                          "processes, or move through the export (train.resume=<out_dir>/export).")
+                          f"{dp} data-parallel ranks and this run has {layout.dp}; {way_on}.")
     return notes
 
 

@@ -19,7 +19,7 @@ FREE = {"model.kernels", "model.fused_cross_entropy", "model.init_from", "train.
         "train.eval_every", "train.eval_sequences", "train.save_every", "train.keep_checkpoints", "train.resume",
         "train.resume_changes", "train.stop_after_step", "train.on_nonfinite", "train.max_consecutive_skips",
         "train.tensorboard", "train.wandb", "train.wandb_project", "train.progress_bar", "train.micro_batch_size",
-        "parallel.activation_checkpointing", "parallel.pipeline_partition"}
+        "parallel.activation_checkpointing", "parallel.pipeline_partition", "parallel.startup_timeout_minutes"}
 # The LR schedule and the optimiser's hyper-parameters: carried on with train.resume_changes=allow.
 SCHEDULE = {"train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_fraction", "train.betas",
             "train.adam_eps", "train.weight_decay", "train.grad_clip", "train.loss_reduction"}
@@ -71,3 +71,17 @@ def check_resume(saved: dict[str, Any], new: Config, source: str, data_changed: 
         raise ConfigError(f"cannot resume {source}: {listed(schedule)} changed; set train.resume_changes=allow to "
                           "carry the new values on (the LR schedule then follows them), or put the old values back.")
     return [listed([name]) for name in sorted(changes) if name in FREE | SCHEDULE | LAYOUT]
+
+
+def other_data_parallel_size(folder, out_dir: str, step: int | None, processes: str) -> str:
+    """How to go on from a ZeRO checkpoint saved by another number of data-parallel ranks (the end of the refusal).
+
+    Only the layout that saved it loads its partitioned optimiser state. A run that stops at
+    train.stop_after_step writes the consolidated export with that state, which any layout loads; a signal stop
+    writes none. mixln-export makes one of any checkpoint, but with the weights (and step) only.
+    """
+    stop = f"train.stop_after_step={step + 1}" if step is not None else "train.stop_after_step=<its step + 1>"
+    weights = f"{str(out_dir).rstrip('/')}-weights"
+    return (f"launch {processes} (adding {stop} also writes {out_dir}/export with the optimiser state, which any "
+            f"layout resumes from as train.resume={out_dir}/export), or go on from its weights alone, the optimiser "
+            f"moments starting over: mixln-export {folder} {weights}, then train.resume={weights}")
