@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_mixln import analysis
-from megatron_mixln.config import load_config
+from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.data.errors import DataError
 from megatron_mixln.data.prepare import prepared_tokenizer
 from megatron_mixln.model import IGNORE_INDEX, hidden_state
@@ -225,6 +225,11 @@ def test_the_command_writes_figures_numbers_and_report_that_match_the_library(ru
     notes = numbers["notes"]
     assert sum("relative depth" in note for note in notes) == 2 and sum("panel" in note for note in notes) == 1
     assert all(f"- {note}" in report for note in notes)
+    # Mix-LN and Post-LN have Post-LN layers: the report says what removing one also removes; Pre-LN alone has none.
+    sentence = "removing a Post-LN layer also removes its normalisation"
+    assert report.count(sentence) == 1
+    pre_only = {**numbers, "runs": [r for r in numbers["runs"] if r["name"] == "pre"]}
+    assert sentence not in analysis.markdown(pre_only)
 
     by_name = {r["name"]: r for r in numbers["runs"]}
     assert set(by_name) == {"pre", "mix", "post6"}
@@ -247,12 +252,152 @@ def test_the_command_writes_figures_numbers_and_report_that_match_the_library(ru
         assert saved["gradient_norms"]["steps"] == grads.steps
         assert saved["gradient_norms"]["norms"] == grads.norms.tolist()
         assert saved["gradient_norms"]["chosen_steps"] == grads.chosen
-        assert saved["placement"] == run.placement and saved["label"] == f"{run.placement}: {name}"
+        assert saved["placement"] == run.placement and saved["label"] == run.label
         eval_losses = [r["eval_loss"] for r in read_metrics(folder / "metrics.jsonl") if "eval_loss" in r]
         assert [point[1] for point in saved["loss_curves"]["eval"]] == eval_losses
 
 
-@pytest.mark.parametrize("case", ["missing run", "empty data", "unlogged step", "no gpu", "bad steps"])
+# ------------------------------------------------------------------------------------------------ figures
+@pytest.fixture(scope="module")
+def analysed(runs):
+    """The three runs measured on one held-out sequence each: enough to draw every figure."""
+    return analysis.analyse([runs["pre"], runs["mix"], runs["post6"]], sequences=1, device="cpu", progress=False)
+
+
+@pytest.fixture
+def figure():
+    """Calls a figures.plot_* function, draws its figure (tick labels exist only then) and closes it afterwards."""
+    import matplotlib.pyplot as plt
+
+    drawn = []
+
+    def draw(plot, analyses):
+        fig, _ = plot(analyses)
+        fig.canvas.draw()
+        drawn.append(fig)
+        return fig
+
+    yield draw
+    for fig in drawn:
+        plt.close(fig)
+
+
+def legend_texts(fig) -> list[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    return [text.get_text() for legend in legends for text in legend.get_texts()]
+
+
+def shown_ticks(ax, axis: str) -> list[tuple[float, str]]:
+    """(position, label text) of the major ticks inside the axis' view limits."""
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    low, high = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    return [(tick, label.get_text()) for tick, label in zip(which.get_majorticklocs(), which.get_majorticklabels())
+            if low <= tick <= high]
+
+
+def test_legends_name_placement_alpha_and_seed_not_the_folder(analysed, figure):
+    from megatron_mixln.analysis import figures
+
+    expected = {"pre": "Pre-LN, seed 7", "mix": "Mix-LN (α=0.5), seed 7", "post6": "Post-LN, seed 7"}
+    assert [a.label for a in analysed] == [expected[a.run.name] for a in analysed]
+    same_depth = analysed[:2]
+    for plot, shown in [(figures.plot_loss_curves, analysed), (figures.plot_angular_profile, analysed),
+                        (figures.plot_layer_removal, same_depth), (figures.plot_gradient_profiles, analysed)]:
+        texts = legend_texts(figure(plot, shown))
+        for a in shown:
+            assert any(text.startswith(a.label) for text in texts), (plot.__name__, texts)
+        assert not any(a.run.name in text for a in shown for text in texts), (plot.__name__, texts)
+
+
+def test_labels_replace_the_default_names_and_repeated_defaults_are_told_apart(runs, figure):
+    from megatron_mixln.analysis import figures
+
+    [step_folder] = (runs["mix"] / "checkpoints").glob("step_*")
+    default = analysis.analyse([runs["mix"], step_folder], sequences=1, device="cpu", progress=False)
+    # Same placement, alpha and seed: each default name also carries the run's own name.
+    assert [a.label for a in default] == ["Mix-LN (α=0.5), seed 7 (mix)", "Mix-LN (α=0.5), seed 7 (mix@step_6)"]
+    named = analysis.analyse([runs["mix"], step_folder], sequences=1, device="cpu", progress=False,
+                             labels=["Mix-LN final", "Mix-LN checkpoint"])
+    assert legend_texts(figure(figures.plot_angular_profile, named)) == ["Mix-LN final", "Mix-LN checkpoint"]
+    with pytest.raises(ConfigError, match="expected 2 non-empty labels"):
+        analysis.analyse([runs["mix"], step_folder], labels=["Mix-LN", ""])
+
+
+def test_layer_axes_have_integer_tick_labels(analysed, figure):
+    from megatron_mixln.analysis import figures
+
+    same_depth = analysed[:2]  # over layers; runs of different depths are drawn over relative depth instead
+    layer_axes = [(figure(figures.plot_angular_profile, same_depth).axes, "x"),
+                  (figure(figures.plot_layer_removal, same_depth).axes, "x"),
+                  (figure(figures.plot_layer_removal, analysed).axes, "x"),
+                  (figure(figures.plot_gradient_profiles, same_depth).axes, "x"),
+                  (figure(figures.plot_gradient_maps, analysed).axes[:3], "y"),
+                  (figure(figures.plot_angular_maps, analysed).axes[:3], "x")]
+    for axes, axis in layer_axes:
+        for ax in axes:
+            if not ax.get_visible():
+                continue
+            ticks = shown_ticks(ax, axis)
+            assert len(ticks) >= 3, ticks
+            assert all(tick == round(tick) and label == str(round(tick)) for tick, label in ticks), ticks
+
+
+def test_gradient_profile_panels_share_one_y_scale_one_legend_and_a_title(analysed, figure):
+    from megatron_mixln.analysis import figures
+
+    fig = figure(figures.plot_gradient_profiles, analysed)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == len(analysed[0].gradients.chosen) > 1
+    assert len({ax.get_ylim() for ax in panels}) == 1
+    # The shared scale spans every panel's data, not just the first one's.
+    low, high = panels[0].get_ylim()
+    values = np.concatenate([a.gradients.at(step) for a in analysed for step in a.gradients.chosen])
+    assert low <= values.min() and values.max() <= high
+    assert [ax.get_legend() for ax in panels] == [None] * len(panels)
+    assert len(fig.legends) == 1 and legend_texts(fig) == [a.label for a in analysed]
+    assert fig.get_suptitle()
+
+
+def test_heat_map_ticks_fall_on_logged_steps(runs, analysed, figure):
+    from megatron_mixln.analysis import figures
+    from megatron_mixln.analysis.report import RunAnalysis
+
+    # Uneven logging, as a resumed run or a changed train.layer_grad_norm_every gives.
+    steps = [3, 10, 17, 24, 50, 51, 120, 250, 333]
+    norms = np.random.default_rng(0).uniform(0.01, 1.0, size=(4, len(steps)))
+    uneven = RunAnalysis(run=analysis.find_run(runs["mix"]), colour="C0", label="uneven",
+                         gradients=analysis.GradientNorms(steps=steps, layers=[f"layer_{i:03d}" for i in range(4)],
+                                                          norms=norms))
+    for shown in ([uneven], analysed):
+        fig = figure(figures.plot_gradient_maps, shown)
+        for ax, a in zip(fig.axes, shown):
+            ticks = shown_ticks(ax, "x")
+            assert len(ticks) >= 3, ticks
+            assert {tick for tick, _ in ticks} <= set(a.gradients.steps)
+            assert all(label == str(round(tick)) for tick, label in ticks)
+
+
+def test_post_ln_layers_are_hatched_exactly_where_norm_placement_says(analysed, figure):
+    from megatron_mixln.analysis import figures
+    from megatron_mixln.model.norms import norm_placement
+
+    def expected(a):
+        model = a.run.config.model
+        return [norm_placement(i, model.num_layers, model) in ("post", "deepnorm") for i in range(model.num_layers)]
+
+    for shown in (analysed, analysed[:2]):  # one panel per run (depths differ), grouped bars (same depth)
+        fig = figure(figures.plot_layer_removal, shown)
+        containers = [container for ax in fig.axes for container in ax.containers]
+        assert len(containers) == len(shown)
+        for container, a in zip(containers, shown):
+            assert [bool(bar.get_hatch()) for bar in container] == expected(a)
+        assert sum("Post-LN layer" in text for text in legend_texts(fig)) == 1
+    # The runs hold hatched and plain bars both: the check above could fail either way.
+    assert expected(analysed[1]) == [True, True, False, False] and not any(expected(analysed[0]))
+
+
+@pytest.mark.parametrize("case", ["missing run", "empty data", "unlogged step", "no gpu", "bad steps",
+                                  "label count"])
 def test_bad_inputs_are_one_error_line_and_leave_the_output_alone(runs, tmp_path, case):
     if case == "no gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -265,15 +410,17 @@ def test_bad_inputs_are_one_error_line_and_leave_the_output_alone(runs, tmp_path
             "empty data": [runs["pre"], "--data", empty],
             "unlogged step": [runs["pre"], runs["mix"], "--steps", "2,60"],
             "no gpu": [runs["pre"], "--device", "cuda"],
-            "bad steps": [runs["pre"], "--steps", "two"]}[case]
-    proc = analyze(*args, "--out", out)
+            "bad steps": [runs["pre"], "--steps", "two"],
+            "label count": [runs["pre"], runs["mix"], "--labels", "Pre-LN baseline"]}[case]
+    proc = analyze(*args, "--out", out, "--force")  # even --force replaces nothing when the analysis fails
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     if case == "bad steps":  # argparse's own usage error
         assert "is not a comma-separated list of steps" in proc.stderr
     else:
         [line] = error_lines(proc.stderr)
         expected = {"missing run": "no_such_run does not exist", "empty data": "empty.txt' is empty",
-                    "unlogged step": "no per-layer gradient norms at step 60", "no gpu": "no CUDA device"}[case]
+                    "unlogged step": "no per-layer gradient norms at step 60", "no gpu": "no CUDA device",
+                    "label count": "--labels 'Pre-LN baseline' is invalid: expected 2 non-empty labels"}[case]
         assert expected in line and line.count(". ") == 0, line
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
@@ -282,7 +429,7 @@ def test_help_needs_no_torch():
     proc = subprocess.run([sys.executable, "-X", "importtime", *ANALYZE[1:], "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: mixln-analyze ")
-    for option in ("RUN", "--out", "--data", "--sequences", "--steps", "--device"):
+    for option in ("RUN", "--out", "--data", "--sequences", "--steps", "--device", "--labels"):
         assert option in proc.stdout
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in proc.stderr.splitlines()
                 if line.startswith("import time:") and line.count("|") == 2}

@@ -1,7 +1,8 @@
 """The analysis figures as PNGs (matplotlib, Agg): several runs in each, one colour per run throughout.
 
-Each `plot_*` takes the `RunAnalysis` list of `report.analyse`, writes one PNG and returns (path or None when no
-run has the data, notes): a note is one sentence saying how runs of different shapes were combined.
+Each `plot_*` takes the `RunAnalysis` list of `report.analyse` and returns (the matplotlib Figure, or None when no
+run has the data, notes): a note is one sentence saying how runs of different shapes were combined. `save`
+writes a figure as the PNG named in `PLOTS`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ LAYER_REMOVAL = "layer_removal.png"
 GRADIENT_PROFILES = "gradient_norms_by_depth.png"
 GRADIENT_MAPS = "gradient_norms_heatmap.png"
 LOSS_CURVES = "loss_curves.png"
+# Block kinds that end by normalising the residual stream (DeepNorm is Post-LN with an up-weighted residual):
+# removing such a layer also removes that normalisation, so the layer-removal chart hatches their bars.
+POST_LN_KINDS = ("post", "deepnorm")
+POST_LN_HATCH = "//"
 
 
 def _pyplot():
@@ -32,19 +37,20 @@ def run_colour(index: int):
     return _pyplot().get_cmap("tab10")(index % 10)
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG and free it."""
     fig.savefig(path)
     _pyplot().close(fig)
     return path
 
 
-def _grid(count: int, width: float = 4.6, height: float = 3.8, columns: int = 3):
+def _grid(count: int, width: float = 4.6, height: float = 3.8, columns: int = 3, sharey: bool = False):
     plt = _pyplot()
     cols = min(columns, count)
     rows = math.ceil(count / cols)
     # Constrained layout: panel labels and a shared colour bar never overlap their neighbours.
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=120, squeeze=False,
-                             layout="constrained")
+                             layout="constrained", sharey=sharey)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:count])
@@ -78,7 +84,17 @@ def _depth_label(relative: bool) -> str:
     return "relative depth (layer + 0.5) / L" if relative else "layer"
 
 
-def plot_angular_profile(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+def _logged_step_ticks(steps: list[int], count: int = 6) -> list[int]:
+    """About `count` ticks, each a step that was logged: round numbers spread over the range, each moved to the
+    nearest logged step (a tick between two logged steps would label a column that was never measured)."""
+    from matplotlib.ticker import MaxNLocator
+
+    wanted = MaxNLocator(nbins=count, integer=True).tick_values(steps[0], steps[-1])
+    logged = np.array(steps)
+    return sorted({int(logged[np.abs(logged - tick).argmin()]) for tick in wanted})
+
+
+def plot_angular_profile(analyses):
     """d(l, 1) against depth, one line per run."""
     shown = [a for a in analyses if a.angular is not None]
     if not shown:
@@ -88,15 +104,16 @@ def plot_angular_profile(analyses, out_dir: Path) -> tuple[Path | None, list[str
     for a in shown:
         ax.plot(depth_positions(a.num_layers, relative), a.angular[:, 0], "o-", ms=4, color=a.colour, label=a.label)
     ax.set_xlabel(_depth_label(relative))
+    _integer_ticks(ax, x=not relative)
     ax.set_ylabel("angular distance d(l, 1)")
     ax.set_title("angular distance between each layer's input and output (held-out tokens)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir / ANGULAR_PROFILE), notes
+    return fig, notes
 
 
-def plot_angular_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+def plot_angular_maps(analyses):
     """d(l, n) over start layer l and span n, one panel per run on one colour scale (as the paper's figure)."""
     plt = _pyplot()
     shown = [a for a in analyses if a.angular is not None]
@@ -104,8 +121,7 @@ def plot_angular_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
         return None, []
     top = max(float(np.nanmax(a.angular)) for a in shown) or 1.0
     fig, axes = _grid(len(shown))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")  # l + n > L: no such pair
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # l + n > L: no such pair
     image = None
     for ax, a in zip(axes, shown):
         count = a.num_layers
@@ -117,47 +133,66 @@ def plot_angular_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
         _integer_ticks(ax, x=True, y=True)
         ax.set_title(a.label, fontsize=9)
     fig.colorbar(image, ax=axes, label="angular distance d(l, n)", shrink=0.9)
-    return _save(fig, out_dir / ANGULAR_MAPS), []
+    return fig, []
 
 
-def plot_layer_removal(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+def _post_ln_legend_entry():
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor="white", edgecolor="black", hatch=POST_LN_HATCH,
+                 label="Post-LN layer (its norm is removed with it)")
+
+
+def _removal_bars(ax, x, a, width: float, **kwargs):
+    """One run's loss-increase bars, the Post-LN layers' hatched."""
+    bars = ax.bar(x, [entry["loss_increase"] for entry in a.removal], width=width, color=a.colour, **kwargs)
+    for bar, entry in zip(bars, a.removal):
+        if entry["placement"] in POST_LN_KINDS:
+            bar.set_hatch(POST_LN_HATCH)
+            bar.set_edgecolor("black")
+            bar.set_linewidth(0.5)
+    return bars
+
+
+def plot_layer_removal(analyses):
     """Held-out loss increase when each layer is replaced by the identity: grouped bars per layer when the runs
-    have the same depth, one panel per run otherwise."""
+    have the same depth, one panel per run otherwise; Post-LN layers hatched."""
     shown = [a for a in analyses if a.removal is not None]
     if not shown:
         return None, []
     counts = {a.num_layers for a in shown}
-    ylabel = "loss increase without the layer (nats)"
+    any_post = any(entry["placement"] in POST_LN_KINDS for a in shown for entry in a.removal)
+    extra = [_post_ln_legend_entry()] if any_post else []
     if len(counts) == 1:
-        plt = _pyplot()
         count = counts.pop()
-        fig, ax = plt.subplots(figsize=(max(7.5, 0.35 * count * len(shown)), 4.4), dpi=120, layout="constrained")
+        fig, ax = _pyplot().subplots(figsize=(max(7.5, 0.35 * count * len(shown)), 4.4), dpi=120,
+                                     layout="constrained")
         width = 0.8 / len(shown)
-        for i, a in enumerate(shown):
-            x = np.arange(count) - 0.4 + width * (i + 0.5)
-            ax.bar(x, [entry["loss_increase"] for entry in a.removal], width=width, color=a.colour, label=a.label)
-        ax.set_xticks(np.arange(count))
-        ax.set_xlabel("removed layer")
+        bars = [_removal_bars(ax, np.arange(count) - 0.4 + width * (i + 0.5), a, width, label=a.label)
+                for i, a in enumerate(shown)]
         axes, notes = [ax], []
-        ax.legend(fontsize=8)
+        ax.legend(handles=[*bars, *extra], fontsize=8)
     else:
         fig, axes = _grid(len(shown))
         for ax, a in zip(axes, shown):
-            ax.bar(np.arange(a.num_layers), [entry["loss_increase"] for entry in a.removal], color=a.colour)
-            ax.set_xlabel("removed layer")
+            _removal_bars(ax, np.arange(a.num_layers), a, 0.8)
             ax.set_title(a.label, fontsize=9)
         notes = [f"layer removal: the runs have {', '.join(map(str, sorted(counts)))} layers, so each run's bars "
                  "are drawn in a panel of its own."]
+        if extra:
+            fig.legend(handles=extra, loc="outside lower center", fontsize=8)
     for ax in axes:
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel("removed layer")
+        _integer_ticks(ax, x=True)
+        ax.set_ylabel("loss increase without the layer (nats)")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].figure.suptitle("performance drop when one layer is replaced by the identity (held-out loss)")
-    return _save(axes[0].figure, out_dir / LAYER_REMOVAL), notes
+    fig.suptitle("performance drop when one layer is replaced by the identity (held-out loss)")
+    return fig, notes
 
 
-def plot_gradient_profiles(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
-    """Per-layer gradient norm against depth, one panel per profile step, one line per run."""
+def plot_gradient_profiles(analyses):
+    """Per-layer gradient norm against depth, one panel per profile step on one y scale, one line per run."""
     shown = [a for a in analyses if a.gradients is not None and a.gradients.chosen]
     notes = [f"gradient norms: {a.label} has no per-layer gradient norms in its metrics.jsonl "
              "(train.layer_grad_norm_every=0, or no metrics.jsonl found), so it is left out."
@@ -166,27 +201,31 @@ def plot_gradient_profiles(analyses, out_dir: Path) -> tuple[Path | None, list[s
         return None, notes
     relative, depth_notes = _depth_axis([a.num_layers for a in shown], "gradient norms by depth")
     slots = max(len(a.gradients.chosen) for a in shown)
-    fig, axes = _grid(slots)
+    # One y scale for every panel: how the norms move from step to step is part of the picture.
+    fig, axes = _grid(slots, sharey=True)
+    lines = {}  # one legend entry per run, for the whole figure
     for slot, ax in enumerate(axes):
-        steps = {a.gradients.chosen[slot] for a in shown if slot < len(a.gradients.chosen)}
-        shared = len(steps) == 1
-        for a in shown:
-            if slot >= len(a.gradients.chosen):
-                continue
-            step = a.gradients.chosen[slot]
+        drawn = [a for a in shown if slot < len(a.gradients.chosen)]
+        steps = [a.gradients.chosen[slot] for a in drawn]
+        for a, step in zip(drawn, steps):
             norms = a.gradients.at(step)
-            ax.plot(depth_positions(len(norms), relative), norms, "o-", ms=3, color=a.colour,
-                    label=a.label if shared else f"{a.label}, step {step}")
-        ax.set_title(f"step {steps.pop()}" if shared else f"profile {slot + 1} of {slots} (steps differ)", fontsize=9)
+            [lines[id(a)]] = ax.plot(depth_positions(len(norms), relative), norms, "o-", ms=3, color=a.colour,
+                                     label=a.label)
+        ax.set_title(f"step {steps[0]}" if len(set(steps)) == 1
+                     else f"steps {', '.join(map(str, steps))} (runs in legend order)", fontsize=9)
         ax.set_yscale("log")
         ax.set_xlabel(_depth_label(relative))
-        ax.set_ylabel("gradient L2 norm of the layer")
+        _integer_ticks(ax, x=not relative)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("gradient L2 norm of the layer")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    return _save(fig, out_dir / GRADIENT_PROFILES), notes + depth_notes
+    fig.legend(handles=[lines[id(a)] for a in shown], loc="outside lower center", ncols=min(len(shown), 4),
+               fontsize=8)
+    fig.suptitle("gradient norm of each layer by depth, at steps spread over training")
+    return fig, notes + depth_notes
 
 
-def plot_gradient_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+def plot_gradient_maps(analyses):
     """Per-layer gradient norm over layer x step, one panel per run, one logarithmic colour scale."""
     from matplotlib.colors import LogNorm
 
@@ -209,15 +248,17 @@ def plot_gradient_maps(analyses, out_dir: Path) -> tuple[Path | None, list[str]]
         mesh = ax.pcolormesh(edges, np.arange(len(a.gradients.layers) + 1) - 0.5, data, norm=norm, cmap="magma",
                              shading="flat")
         ax.set_xlabel("step")
+        ax.set_xticks(_logged_step_ticks(a.gradients.steps))
         ax.set_ylabel("layer")
-        _integer_ticks(ax, x=True, y=True)
+        _integer_ticks(ax, y=True)
         ax.set_title(a.label, fontsize=9)
     if mesh is not None and norm is not None:
         fig.colorbar(mesh, ax=axes, label="gradient L2 norm of the layer", shrink=0.9)
-    return _save(fig, out_dir / GRADIENT_MAPS), []
+    fig.suptitle("gradient norm of each layer over training (ticks on logged steps)")
+    return fig, []
 
 
-def plot_loss_curves(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
+def plot_loss_curves(analyses):
     """Training loss (line) and eval loss (markers) against step, one colour per run."""
     shown = [a for a in analyses if a.curves is not None and (a.curves["train"] or a.curves["eval"])]
     notes = [f"loss curves: {a.label} has no metrics.jsonl with losses, so it is left out."
@@ -231,12 +272,15 @@ def plot_loss_curves(analyses, out_dir: Path) -> tuple[Path | None, list[str]]:
         if a.curves["eval"]:
             ax.plot(*zip(*a.curves["eval"]), "o--", ms=5, color=a.colour, label=f"{a.label} (eval)")
     ax.set_xlabel("step")
+    _integer_ticks(ax, x=True)
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("training and eval loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir / LOSS_CURVES), notes
+    return fig, notes
 
 
-PLOTS = (plot_loss_curves, plot_angular_profile, plot_angular_maps, plot_layer_removal, plot_gradient_profiles,
-         plot_gradient_maps)
+# (file, figure) in the order report.md shows them
+PLOTS = ((LOSS_CURVES, plot_loss_curves), (ANGULAR_PROFILE, plot_angular_profile), (ANGULAR_MAPS, plot_angular_maps),
+         (LAYER_REMOVAL, plot_layer_removal), (GRADIENT_PROFILES, plot_gradient_profiles),
+         (GRADIENT_MAPS, plot_gradient_maps))

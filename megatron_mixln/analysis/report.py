@@ -17,9 +17,11 @@ from megatron_mixln.analysis.measures import (GradientNorms, _angular, gradient_
 from megatron_mixln.analysis.runs import HeldOut, Run, choose_device, find_run, finite_or_text, held_out
 from megatron_mixln.config import ConfigError
 from megatron_mixln.data.errors import DataError
+from megatron_mixln.output_folder import OutputKind, atomic_folder, check_output_folder
 
 ANALYSIS_JSON = "analysis.json"
 REPORT_MD = "report.md"
+ANALYSIS_OUTPUT = OutputKind("analysis", ((ANALYSIS_JSON, REPORT_MD),))  # what report() writes: replaced whole
 
 
 @dataclass
@@ -28,16 +30,13 @@ class RunAnalysis:
 
     run: Run
     colour: Any
+    label: str  # the run's name in legends and titles
     held_out: HeldOut | None = None
     angular: np.ndarray | None = None  # [L, L], see measures.angular_distances
     angular_tokens: int = 0
     removal: list[dict] | None = None
     gradients: GradientNorms | None = None
     curves: dict | None = None
-
-    @property
-    def label(self) -> str:
-        return self.run.label
 
     @property
     def num_layers(self) -> int:
@@ -82,19 +81,34 @@ def _unique_names(runs: list[Run]) -> None:
             run.name = str(run.path)
 
 
+def _labels(runs: list[Run], labels: list[str] | None) -> list[str]:
+    """The legend name of each run: `labels` as given, else `Run.label`, with the run's name added where two
+    runs would otherwise read the same (two Pre-LN seed 42 runs at different learning rates)."""
+    if labels is not None:
+        if len(labels) != len(runs) or not all(label.strip() for label in labels):
+            raise ConfigError(f"--labels {','.join(labels)!r} is invalid: expected {len(runs)} non-empty labels, "
+                              f"one per run, comma-separated, in the order the runs are named.")
+        return list(labels)
+    defaults = [run.label for run in runs]
+    return [f"{label} ({run.name})" if defaults.count(label) > 1 else label for label, run in zip(defaults, runs)]
+
+
 def analyse(runs: Iterable[str | Path | Run], data: str | None = None, sequences: int | None = None,
             steps: Iterable[int] | None = None, device: str | None = None, batch_size: int | None = None,
-            progress: bool = True) -> list[RunAnalysis]:
+            progress: bool = True, labels: Iterable[str] | None = None) -> list[RunAnalysis]:
     """Measure every run: angular distances and layer removal on held-out text, gradient norms and loss curves
     from metrics.jsonl. Every input is checked (folders, steps, held-out text, device) before any model is
-    loaded, so a bad one costs one sentence and no computation."""
+    loaded, so a bad one costs one sentence and no computation. labels: the runs' names in the figures, one per
+    run (default: placement, α and seed, see `Run.label`)."""
     runs = [run if isinstance(run, Run) else find_run(run) for run in runs]
     if not runs:
         raise ConfigError("no run to analyse: name at least one run, export or checkpoint folder.")
     _unique_names(runs)
+    names = _labels(runs, None if labels is None else list(labels))
     device = choose_device(device)
     steps = None if steps is None else list(steps)
-    analyses = [RunAnalysis(run=run, colour=figures.run_colour(i)) for i, run in enumerate(runs)]
+    analyses = [RunAnalysis(run=run, colour=figures.run_colour(i), label=name)
+                for i, (run, name) in enumerate(zip(runs, names))]
     for a in analyses:
         metrics = a.run.metrics_path
         if metrics is None or not metrics.is_file():
@@ -135,30 +149,36 @@ def analyse(runs: Iterable[str | Path | Run], data: str | None = None, sequences
 
 def report(runs: Iterable[str | Path | Run], out_dir: str | Path, data: str | None = None,
            sequences: int | None = None, steps: Iterable[int] | None = None, device: str | None = None,
-           batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+           batch_size: int | None = None, progress: bool = True,
+           labels: Iterable[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Analyse `runs` (run, export or checkpoint folders, or `Run`s) and write into `out_dir` the figures, the
     numbers (`analysis.json`, also returned) and `report.md`, which shows the figures and tabulates the numbers.
 
     data: a data source whose text replaces each run's own held-out split (see `runs.held_out`); sequences: how
     many held-out sequences (default: the run's train.eval_sequences); steps: the steps of the gradient-norm
     profiles (default: a few spread over training); device: cpu or cuda (default: cuda when present);
-    progress: a bar on a terminal, plain lines otherwise (False: silent).
+    progress: a bar on a terminal, plain lines otherwise (False: silent); labels: the runs' names in the figures.
+    `out_dir` is written whole; one that holds other files than an earlier analysis is replaced only with `force`.
     """
-    analyses = analyse(runs, data, sequences, steps, device, batch_size, progress)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    notes = [note for a in analyses for note in a.run.notes] + _held_out_notes(analyses)
-    written: dict[str, str] = {}
-    for plot in figures.PLOTS:
-        path, plot_notes = plot(analyses, out_dir)
-        notes += plot_notes
-        if path is not None:
-            written[plot.__name__.removeprefix("plot_")] = path.name
-    settings = {"data": data, "sequences": sequences, "steps": None if steps is None else list(steps),
-                "device": str(choose_device(device)), "batch_size": batch_size}
-    numbers = {"settings": settings, "runs": [_run_numbers(a) for a in analyses], "figures": written, "notes": notes}
-    (out_dir / ANALYSIS_JSON).write_text(json.dumps(numbers, indent=1) + "\n")
-    (out_dir / REPORT_MD).write_text(markdown(numbers))
+    runs = list(runs)
+    read = [path for r in runs for path in ((r.path, r.weights, r.run_dir) if isinstance(r, Run) else (r,)) if path]
+    check_output_folder(out_dir, ANALYSIS_OUTPUT, read, force)  # before the analyses: a refusal comes at once
+    analyses = analyse(runs, data, sequences, steps, device, batch_size, progress, labels)
+    with atomic_folder(out_dir, ANALYSIS_OUTPUT, force) as out_dir:
+        notes = [note for a in analyses for note in a.run.notes] + _held_out_notes(analyses)
+        written: dict[str, str] = {}
+        for file, plot in figures.PLOTS:
+            figure, plot_notes = plot(analyses)
+            notes += plot_notes
+            if figure is not None:
+                figures.save(figure, out_dir / file)
+                written[plot.__name__.removeprefix("plot_")] = file
+        settings = {"data": data, "sequences": sequences, "steps": None if steps is None else list(steps),
+                    "device": str(choose_device(device)), "batch_size": batch_size}
+        numbers = {"settings": settings, "runs": [_run_numbers(a) for a in analyses], "figures": written,
+                   "notes": notes}
+        (out_dir / ANALYSIS_JSON).write_text(json.dumps(numbers, indent=1) + "\n")
+        (out_dir / REPORT_MD).write_text(markdown(numbers))
     return numbers
 
 
@@ -243,7 +263,7 @@ def markdown(numbers: dict[str, Any]) -> str:
     """report.md from the analysis.json numbers: the figures, then every number in tables."""
     runs = numbers["runs"]
     lines = ["# Mix-LN analyses", ""]
-    header = ["run", "placement", "layers", "weights", "step", "held-out text", "held-out loss", "perplexity"]
+    header = ["run", "label", "placement", "layers", "weights", "step", "held-out text", "held-out loss", "perplexity"]
     rows = []
     for r in runs:
         held = r.get("held_out")
@@ -253,7 +273,7 @@ def markdown(numbers: dict[str, Any]) -> str:
             where = (f"all of {held['source']}" if held["split"] == "all"
                      else f"{held['split']} split of {held['source']}")
             text = f"{held['sequences']} x {held['seq_len']} tokens, {where}"
-        rows.append([r["name"], r["placement"], str(r["num_layers"]), r["kind"], _cell(r["step"]), text,
+        rows.append([r["name"], r["label"], r["placement"], str(r["num_layers"]), r["kind"], _cell(r["step"]), text,
                      _cell(full.get("loss")), _cell(full.get("perplexity"), 2)])
     lines += _table(header, rows)
     if numbers["notes"]:
@@ -284,6 +304,9 @@ def markdown(numbers: dict[str, Any]) -> str:
     lines += ["## Layer removal", "",
               "Held-out loss with one decoder layer replaced by the identity, and its increase over the full model.",
               "", *_figure(numbers, "layer_removal", "loss increase per removed layer")]
+    if any(kind in figures.POST_LN_KINDS for r in runs for kind in r["layer_placements"] or []):
+        lines += ["Hatched bars are Post-LN layers (Post-LN and DeepNorm blocks end by normalising the residual "
+                  "stream), so removing a Post-LN layer also removes its normalisation of the stream.", ""]
     for r in runs:
         if "layer_removal" not in r:
             continue

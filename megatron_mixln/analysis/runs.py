@@ -31,6 +31,23 @@ def placement_label(model: ModelConfig) -> str:
     return f"mix ({num_post_ln_layers(model)} Post-LN of {model.num_layers})"
 
 
+# How a paper writes each model.norm_placement (docs/method.md's section titles).
+PLACEMENT_NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "deepnorm": "DeepNorm",
+                   "sandwich": "Sandwich-LN", "lns": "LNS", "peri": "Peri-LN", "hybrid": "HybridNorm",
+                   "hybrid_star": "HybridNorm*"}
+
+
+def run_label(config: Config) -> str:
+    """A figure legend's name for a run: `Mix-LN (α=0.25), seed 1`, `Pre-LN, seed 42`."""
+    model = config.model
+    name = PLACEMENT_NAMES.get(model.norm_placement, model.norm_placement)
+    if model.norm_placement == "mix":
+        # post_layers overrides mix_alpha: then the count is what the config says.
+        name += (f" (α={model.mix_alpha:g})" if model.post_layers is None
+                 else f" ({model.post_layers} Post-LN of {model.num_layers})")
+    return f"{name}, seed {config.train.seed}"
+
+
 @dataclass
 class Run:
     """One model to analyse: the weights folder read (`kind` "export" or "checkpoint"), the run's full config, the
@@ -57,8 +74,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        """How figures name the run: placement first (what the comparison is about), then the run's name."""
-        return f"{self.placement}: {self.name}"
+        """How figures name the run (see `run_label`)."""
+        return run_label(self.config)
 
     def load_model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         """The unsplit model with these weights, in eval mode. fp32 by default: a bf16 run's weights are exact in
