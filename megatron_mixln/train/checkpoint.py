@@ -3,13 +3,17 @@
 Layout under `<out_dir>/checkpoints/`: one folder per saved step (`step_00000100/`) and a `latest` file
 naming the newest complete one. A save writes `<tag>.partial/`, renames it to `<tag>/` once every rank
 has finished, and only then rewrites `latest`; a run killed during a save leaves the previous
-checkpoint and `latest` untouched. A save that fails (a full disk, a quota) removes its `<tag>.partial/` at
+checkpoint and `latest` untouched. Each rank sums the files it writes as they are written (CRC-32), and rank 0
+writes every file's size and sum to `checksums.json` in the folder before the rename. A save that fails (a full disk, a quota) removes its `<tag>.partial/` at
 once and raises one CheckpointError sentence on every rank.
 
-Loading is collective: every rank reaches the same verdict on a folder (an all-reduce of a per-rank flag)
+Loading first reads every file of the folder back against `checksums.json` (each rank a share; a folder from
+before the manifest: against the CRC-32 torch's zip format stores for each record), so a flipped bit is found
+before anything is loaded. Loading is collective: every rank reaches the same verdict on a folder (an
+all-reduce of a per-rank flag)
 before DeepSpeed touches the engine and again after it, so one rank's truncated shard cannot send the ranks
 different ways. `load_latest_intact` (train.resume=auto) falls back to the newest intact folder when the
-newest is damaged; a folder of another model shape or one holding a class outside the allow-list stops the
+newest is damaged (a file missing, cut short or not matching its sum); a folder of another model shape or one holding a class outside the allow-list stops the
 run instead, since an older folder of the same run would not be any different (shape) or because it means the
 files were altered (class).
 """
@@ -21,6 +25,8 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,8 @@ LATEST = "latest"
 PARTIAL = ".partial"
 DAMAGED = ".damaged"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "checksums.json"  # {"checksum": "crc32", "files": {name: {"size": bytes, "crc32": zlib.crc32}}}
+_CHUNK = 16 * 2**20  # read size of the checks: large enough that zlib.crc32, not Python, sets the pace
 STEP_FOLDER = re.compile(r"step_(\d{8,})")  # exactly what tag_for_step writes: not .partial, not .damaged
 
 
@@ -47,6 +55,33 @@ class CheckpointDamaged(CheckpointError):
     def __init__(self, message: str, folder: Path, cause: str):
         super().__init__(message)
         self.folder, self.cause = folder, cause
+
+
+class DamagedFile(CheckpointError):
+    """A JSON file of ours (a checkpoint's state, an export's config or index) that is not UTF-8 text or not JSON.
+    `why` says what is wrong in a few words ("is not UTF-8 text (byte 0xff at offset 3)")."""
+
+    def __init__(self, path: Path, why: str, remedy: str):
+        super().__init__(f"{path} is damaged: it {why}; {remedy}.")
+        self.path, self.why = path, why
+
+
+def read_json(path: str | Path, remedy: str = "restore it from a copy") -> Any:
+    """The value of a JSON file this package wrote; one that is not UTF-8 or not JSON raises DamagedFile, a
+    sentence naming the file and ending in `remedy`. OSError (a missing file) is the caller's."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        why = f"is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+    except json.JSONDecodeError as err:
+        why = f"is not valid JSON ({err.msg} at line {err.lineno})"
+    raise DamagedFile(path, why, remedy)
+
+
+def _read_pointer(path: Path) -> str:
+    """The folder name a `latest` file holds; bytes that are not UTF-8 come back as U+FFFD, which names no folder."""
+    return path.read_bytes().decode("utf-8", errors="replace").strip()
 
 
 def tag_for_step(step: int) -> str:
@@ -109,7 +144,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -144,7 +179,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text().strip()
+    folder = root / _read_pointer(pointer)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{pointer} names {folder.name!r}, which is not a complete checkpoint folder; "
                               f"point it at one of: {', '.join(p.name for p in _step_folders(root)) or 'none'}.")
@@ -160,7 +195,7 @@ def checkpoint_candidates(out_dir: str | Path) -> list[Path]:
     pointer = root / LATEST
     if not pointer.is_file():
         return folders
-    match = STEP_FOLDER.fullmatch(pointer.read_text().strip())
+    match = STEP_FOLDER.fullmatch(_read_pointer(pointer))
     if match is None:  # not a name a save writes (edited by hand): every step folder, newest first
         return folders
     newest = int(match.group(1))
@@ -181,11 +216,27 @@ def remove_partial_saves(out_dir: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------------- saving
 
 
+class _SummingFile:
+    """The file object torch.save writes a checkpoint file through: it sums the bytes on their way to the disk,
+    so the manifest costs no second read of what was written."""
+
+    def __init__(self, handle):
+        self.handle, self.crc32 = handle, 0
+
+    def write(self, data) -> int:
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 @contextlib.contextmanager
-def _recording_write_failures(engine, failures: list[tuple[str, OSError]]):
+def _recording_write_failures(engine, failures: list[tuple[str, OSError]], written: dict[str, dict[str, int]]):
     """During engine.save_checkpoint: every file DeepSpeed writes goes through a file object we open and fsync
-    (so a failed write keeps its errno, and a renamed folder holds data that reached the disk); a failed write
-    or folder creation is recorded in `failures` instead of raised, and this rank writes nothing more.
+    (so a failed write keeps its errno, and a renamed folder holds data that reached the disk), and its size and
+    CRC-32 are recorded in `written` under its name; a failed write or folder creation is recorded in `failures`
+    instead of raised, and this rank writes nothing more.
 
     Recording instead of raising keeps this rank in step with DeepSpeed's collectives inside the save (its
     final barrier, ZeRO-3 gathers): a rank that left the save early would leave the others waiting there."""
@@ -200,9 +251,11 @@ def _recording_write_failures(engine, failures: list[tuple[str, OSError]]):
             return
         try:
             with open(path, "wb") as handle:
-                torch.save(state_dict, handle, _use_new_zipfile_serialization=self.zipfile_serialization)
+                summing = _SummingFile(handle)
+                torch.save(state_dict, summing, _use_new_zipfile_serialization=self.zipfile_serialization)
                 handle.flush()
                 os.fsync(handle.fileno())
+                written[Path(path).name] = {"size": handle.tell(), "crc32": summing.crc32}
         except RuntimeError as err:  # torch's writer: "[enforce fail at inline_container.cc] unexpected pos"
             cause = _os_error_in(err)
             if cause is None:
@@ -235,7 +288,7 @@ def _recording_write_failures(engine, failures: list[tuple[str, OSError]]):
 
 
 def _save_failed(root: Path, tag: str, path: str | Path, err: OSError) -> _Problem:
-    previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    previous = _read_pointer(root / LATEST) if (root / LATEST).is_file() else None
     return _Problem("write", f"saving checkpoint {tag} in {root} failed: writing {Path(path).name} failed "
                              f"({(err.strerror or str(err)).lower()}); the half-written {tag}{PARTIAL} was removed "
                              + (f"and {root / LATEST} still names {previous}" if previous else
@@ -255,8 +308,18 @@ def _abandon_save(root: Path, partial_tag: str, problem: _Problem) -> Checkpoint
     return CheckpointError(problem.message)
 
 
+def _all_ranks_files(written: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The files every rank wrote, with their sizes and sums (each rank writes its own files)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(written)
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, written)
+    return {name: sums for rank_files in found for name, sums in rank_files.items()}
+
+
 def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Save engine state (weights, optimiser, LR schedule) and `trainer_state` for step `step`, atomically.
+    """Save engine state (weights, optimiser, LR schedule) and `trainer_state` for step `step`, atomically, with
+    the size and CRC-32 of every file in `checksums.json`.
 
     On a failed write on any rank (ENOSPC, EDQUOT, EIO, ...) every rank raises the same CheckpointError; the
     `<tag>.partial` folder is gone and `latest` still names the previous checkpoint."""
@@ -274,18 +337,24 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[
         raise _abandon_save(root, partial_tag, problem)
 
     failures: list[tuple[str, OSError]] = []
-    with _recording_write_failures(engine, failures):
+    written: dict[str, dict[str, int]] = {}
+    with _recording_write_failures(engine, failures, written):
         engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
     problem = _save_failed(root, tag, *failures[0]) if failures else None
     if (problem := _agree(problem)) is not None:
         raise _abandon_save(root, partial_tag, problem)
+    files = _all_ranks_files(written)
 
     final = root / tag
     if _is_rank0():
         writing = root / partial_tag / STATE_FILE
         try:
             # Everything that needs space first; the renames after it do not.
-            _atomic_write_text(writing, json.dumps({**trainer_state, "step": step}, indent=1))
+            state = json.dumps({**trainer_state, "step": step}, indent=1)  # ASCII: json escapes the rest
+            _atomic_write_text(writing, state)
+            files[STATE_FILE] = {"size": len(state), "crc32": zlib.crc32(state.encode())}
+            writing = root / partial_tag / MANIFEST
+            _atomic_write_text(writing, json.dumps({"checksum": "crc32", "files": files}, indent=1))
             writing = root / (LATEST + ".tmp")
             writing.write_text(tag)
             with open(writing, "rb+") as handle:
@@ -367,6 +436,10 @@ def _file_problem(folder: Path, path: Path, err: BaseException) -> _Problem:
     else:
         reason = str(err).split(". ")[0].removeprefix("PytorchStreamReader failed reading zip archive: ")
         cause = f"{path.name} is unreadable ({getattr(err, 'strerror', None) or reason})"
+    return _damage(folder, cause)
+
+
+def _damage(folder: Path, cause: str) -> _Problem:
     return _Problem("damaged", f"checkpoint {folder} is damaged: {cause}; resume from an older checkpoint "
                                "(train.resume=auto picks the newest intact one) or restore the file.", cause)
 
@@ -401,6 +474,15 @@ def _safe_load(path: str | Path, mmap: bool = False, map_location=None):
         raise _UnreadableFile(_file_problem(path.parent, path, err)) from err
 
 
+def load_checkpoint_file(path: str | Path) -> Any:
+    """One DeepSpeed checkpoint file on the host, read as a resume reads it (weights_only, DeepSpeed's classes
+    only); a damaged or refused file raises one CheckpointError sentence naming it."""
+    try:
+        return _safe_load(path, map_location="cpu")
+    except _UnreadableFile as err:
+        raise _damaged(err.problem, Path(path).parent) from None
+
+
 @contextlib.contextmanager
 def _weights_only_deepspeed_loading():
     """Make DeepSpeed's checkpoint loading use `torch.load(weights_only=True)`: no arbitrary unpickling."""
@@ -433,6 +515,88 @@ def _check_file(folder: Path, path: Path) -> _Problem | None:
     except (OSError, ValueError, pickle.UnpicklingError) as err:  # not a torch zip; a garbled pickle stream
         return _file_problem(folder, path, err)
     return _file_problem(folder, path, _UnsafeGlobals(sorted(unsafe))) if unsafe else None
+
+
+def _read_manifest(folder: Path) -> tuple[dict[str, dict[str, int]], _Problem | None]:
+    """name -> {"size", "crc32"} from a checkpoint's checksums.json; {} for a folder saved before it existed."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {}, None
+    try:
+        files = read_json(path)["files"]
+        if all(Path(name).name == name and isinstance(sums.get("size"), int) and isinstance(sums.get("crc32"), int)
+               for name, sums in files.items()):  # names of files in the folder itself, nothing outside it
+            return files, None
+    except DamagedFile as err:
+        return {}, _damage(folder, f"{MANIFEST} {err.why}")
+    except (OSError, TypeError, KeyError, AttributeError):
+        pass
+    return {}, _damage(folder, f"{MANIFEST} is not a checksum manifest (name -> size and crc32)")
+
+
+def _crc32_of_file(path: Path) -> int:
+    crc, buffer = 0, bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while read := handle.readinto(buffer):
+            crc = zlib.crc32(view[:read], crc)
+    return crc
+
+
+def _verify_file(folder: Path, path: Path, saved: dict[str, int] | None) -> _Problem | None:
+    """Read one file whole and compare it with the size and CRC-32 its save recorded; a torch file without them
+    (saved before checksums.json) against the CRC-32 of each record in its zip, which zipfile checks on reading."""
+    try:
+        if saved is None:
+            if path.suffix == ".pt":
+                with zipfile.ZipFile(path) as archive:
+                    for record in archive.infolist():
+                        with archive.open(record) as member:
+                            while member.read(_CHUNK):
+                                pass
+            return None
+        size = path.stat().st_size
+        if size != saved["size"]:
+            return _damage(folder, f"{path.name} is truncated" if size < saved["size"] else
+                           f"{path.name} has {size} bytes, {saved['size']} when it was saved")
+        if _crc32_of_file(path) != saved["crc32"]:
+            return _damage(folder, f"{path.name} does not match the CRC-32 saved in {MANIFEST}")
+    except zipfile.BadZipFile as err:  # "Bad CRC-32 for file 'archive/data/3'", "Bad magic number for file header"
+        return _damage(folder, f"{path.name} is corrupt ({str(err).rstrip('.')})")
+    except OSError as err:
+        return _file_problem(folder, path, err)
+    return None
+
+
+def _verify_share(folder: Path, rank: int, world: int) -> _Problem | None:
+    """This rank's share of the checks of every file a load reads: the `*.pt` files and those checksums.json lists
+    (a missing one included). Each file is checked by one rank, the largest spread first over all ranks."""
+    saved, problem = _read_manifest(folder)
+    if problem is not None:
+        return problem
+
+    def size(name: str) -> int:
+        return saved[name]["size"] if name in saved else (folder / name).stat().st_size
+
+    names = sorted({path.name for path in folder.glob("*.pt")} | set(saved), key=lambda name: (-size(name), name))
+    for name in names[rank::world]:
+        path = folder / name
+        if path.suffix == ".pt" and (problem := _check_file(folder, path)) is not None:
+            return problem  # a class outside the allow-list is named as such, before any sum is compared
+        if (problem := _verify_file(folder, path, saved.get(name))) is not None:
+            return problem
+    return None
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Check every file of a checkpoint folder in this process, as a resume does before loading: raises
+    CheckpointDamaged (missing, cut short, not matching its sum) or CheckpointError (a class outside the allow-list)."""
+    folder = Path(folder)
+    _, problem = _read_state(folder)
+    if problem is None:
+        problem = _verify_share(folder, 0, 1)
+    if problem is not None:
+        raise _damaged(problem, folder)
 
 
 def _shape_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -485,14 +649,12 @@ def _state_dict_mismatch(folder: Path, err: RuntimeError) -> _Problem | None:
 
 
 def _preflight(engine, folder: Path) -> _Problem | None:
-    """This rank's share of the checks made before DeepSpeed loads anything: every `*.pt` file of the folder is
-    checked by one rank (cheap: its zip directory and its pickle's class names), and each rank checks that its
+    """This rank's share of the checks made before DeepSpeed loads anything: every file of the folder is read
+    whole by one rank (its zip directory, its pickle's class names and its CRC-32), and each rank checks that its
     own model-states file exists and holds this model's parameter shapes."""
-    files = sorted(folder.glob("*.pt"))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for path in files[rank::world]:
-        if (problem := _check_file(folder, path)) is not None:
-            return problem
+    if (problem := _verify_share(folder, rank, world)) is not None:
+        return problem
     own = Path(engine._get_ckpt_name(str(folder.parent), folder.name))
     if not own.is_file():
         return _file_problem(folder, own, FileNotFoundError())
@@ -511,11 +673,11 @@ def _read_state(folder: Path) -> tuple[dict[str, Any] | None, _Problem | None]:
         cause = f"it has no {STATE_FILE}"
     else:
         try:
-            return json.loads(state_path.read_text()), None
-        except json.JSONDecodeError as err:
-            cause = f"{STATE_FILE} is not valid JSON ({err.msg} at line {err.lineno})"
+            return read_json(state_path), None
+        except DamagedFile as err:
+            return None, _damage(folder, f"{STATE_FILE} {err.why}")
         except OSError as err:
-            cause = f"{STATE_FILE} is unreadable ({err.strerror})"
+            return None, _damage(folder, f"{STATE_FILE} is unreadable ({err.strerror})")
     return None, _Problem("damaged", f"{folder} is not a usable checkpoint folder: {cause} (expected a folder like "
                                      f"<out_dir>/{CHECKPOINTS}/step_00000100 written by a completed save).", cause)
 
