@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.config import ModelConfig, model_config_from_dict
-from megatron_mixln.train.checkpoint import PARTIAL, CheckpointError, _barrier, _is_rank0
+from megatron_mixln.train.checkpoint import PARTIAL, CheckpointError, _barrier, _is_rank0, read_json
 
 EXPORT_WEIGHTS = "model.safetensors"  # older exports: all weights in one file
 EXPORT_INDEX = "model.safetensors.index.json"  # transformers' SAFE_WEIGHTS_INDEX_NAME: name -> shard file
@@ -179,11 +179,11 @@ def read_export(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 def _export_weight_map(index_path: Path) -> dict[str, str]:
     """The name -> shard file map of an export's `model.safetensors.index.json`."""
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = read_json(index_path, "export the run again")["weight_map"]
         valid = isinstance(weight_map, dict) and all(
             isinstance(file, str) and Path(file).name == file and file.endswith(".safetensors")
             for file in weight_map.values())
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (KeyError, TypeError):
         valid = False
     if not valid:
         raise CheckpointError(f"{index_path} is not a safetensors shard index: it must be JSON with a \"weight_map\" "
@@ -209,9 +209,9 @@ def export_files(folder: str | Path) -> tuple[ModelConfig, list[Path]]:
                               f"with its shards (older exports: {EXPORT_WEIGHTS} or per-stage "
                               "model-00001-of-00002.safetensors).")
     try:
-        raw = json.loads(config_path.read_text())
+        raw = read_json(config_path, "export the run again")
         model_config = model_config_from_dict(raw["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise CheckpointError(f"{config_path} is not a megatron_mixln export config ({err!r}).") from None
     return model_config, files
 
@@ -438,10 +438,10 @@ def read_optimizer_state(folder: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json(path, "export the run again")
         valid = (isinstance(meta.get("states"), list) and isinstance(meta.get("step"), int)
                  and all(isinstance(meta["weight_map"].get(key), dict) for key in meta["states"]))
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+    except (AttributeError, KeyError, TypeError):
         valid = False
     if not valid:
         raise CheckpointError(f"{path} is not an optimiser state index: it must be JSON with \"step\", \"states\" "
@@ -482,6 +482,17 @@ def _create_state(optimizer, base, keys: list[str], step: int) -> None:
             state["step"] = step
 
 
+def _open_shard(path: Path):
+    """A safetensors shard of an export, opened for reading slices; one cut short or garbled is named as damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is damaged: it is not a readable safetensors file ({err}); export the run "
+                              "again.") from None
+
+
 def _tp_slice(piece, param, tp) -> torch.Tensor:
     """This TP rank's part of a full tensor (a safetensors slice: only that part is read)."""
     dim = getattr(param, "partition_dim", None)
@@ -506,7 +517,6 @@ def load_export_into(module: torch.nn.Module, folder: str | Path, model_config: 
     file per stage.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from safetensors import safe_open
 
     folder = Path(folder)
     saved_config, files = export_files(folder)
@@ -514,14 +524,14 @@ def load_export_into(module: torch.nn.Module, folder: str | Path, model_config: 
         if getattr(saved_config, field) != getattr(model_config, field):
             raise CheckpointError(f"{folder} holds a model with {field}={getattr(saved_config, field)!r}, but this run "
                                   f"has model.{field}={getattr(model_config, field)!r}.")
-    step = int(json.loads((folder / EXPORT_CONFIG).read_text()).get("step", 0))
+    step = int(read_json(folder / EXPORT_CONFIG, "export the run again").get("step", 0))
     meta = read_optimizer_state(folder) if optimizer is not None else None
     keys: list[str] = list(meta["states"]) if meta is not None else []
     base = _torch_optimizer(optimizer, module) if meta is not None else None
     if meta is not None and meta.get("optimizer") != type(base).__name__:
         raise CheckpointError(f"{folder} holds the state of a {meta.get('optimizer')} optimiser, but this run's is "
                               f"{type(base).__name__}; set train.optimizer to the exported run's.")
-    handles = {path.name: safe_open(str(path), framework="pt") for path in files}
+    handles = {path.name: _open_shard(path) for path in files}
     where = {name: handle for handle in handles.values() for name in handle.keys()}
     state_files = {key: meta["weight_map"][key] for key in keys if key != MASTER_WEIGHTS}
     for key, weight_map in (meta["weight_map"].items() if meta is not None else ()):
@@ -529,7 +539,7 @@ def load_export_into(module: torch.nn.Module, folder: str | Path, model_config: 
             if Path(file).name != file or not (folder / file).is_file():
                 raise CheckpointError(f"{folder / EXPORT_OPTIMIZER} lists {file}, which is not in {folder}: the "
                                       "export is incomplete; copy the missing shard or export again.")
-            handles.setdefault(file, safe_open(str(folder / file), framework="pt"))
+            handles.setdefault(file, _open_shard(folder / file))
     if meta is not None:
         _create_state(optimizer, base, [key for key in keys if key != MASTER_WEIGHTS], meta["step"])
     masters = meta["weight_map"].get(MASTER_WEIGHTS, {}) if meta is not None else {}

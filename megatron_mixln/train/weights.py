@@ -5,7 +5,6 @@ stage, merged into consolidated names (`checkpoint_weights`), a consolidated exp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ def read_weights(source: str | Path) -> Weights:
         raise CheckpointError(f"{folder} does not exist: pass a run folder, a checkpoint folder or an export folder.")
     if is_export(folder):
         model_config, tensors = read_export(folder)
-        saved = json.loads((folder / EXPORT_CONFIG).read_text())
+        saved = ckpt.read_json(folder / EXPORT_CONFIG, "export the run again")
         return Weights(model_config, tensors, saved.get("step"), saved.get("data"), saved.get("run_config"), folder)
     if is_hf_folder(folder):
         return read_hf_weights(folder)
@@ -53,7 +52,8 @@ def read_weights(source: str | Path) -> Weights:
             return read_weights(Path(source) / "export")  # a run folder whose checkpoints are gone
         raise CheckpointError(f"{folder} is neither a run folder with checkpoints, a checkpoint folder (no "
                               f"{ckpt.STATE_FILE}) nor an export folder (no {EXPORT_CONFIG} with a model).")
-    state = json.loads(state_path.read_text())
+    ckpt.verify_checkpoint(folder)  # every file read whole against its saved CRC-32 before any is used
+    state = ckpt.read_json(state_path)
     run_config = config_from_dict(state["config"])
     tensors = checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
     return Weights(run_config.model, tensors, state.get("step"), state.get("data"), state["config"], folder)
@@ -62,11 +62,10 @@ def read_weights(source: str | Path) -> Weights:
 def is_export(folder: Path) -> bool:
     """A consolidated export: config.json holding our "model" section (a transformers config.json has none) next
     to safetensors weights (a run folder's config.json has the section too, but its weights are in checkpoints)."""
-    try:
-        raw = json.loads((folder / EXPORT_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
+    if not (folder / EXPORT_CONFIG).is_file() or not any(folder.glob("model*.safetensors")):
         return False
-    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and any(folder.glob("model*.safetensors"))
+    raw = ckpt.read_json(folder / EXPORT_CONFIG, "export the run again")  # a damaged export is said as such
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,10 +91,7 @@ def _weights_only_loads():
 def _load_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint in {path.parent} is incomplete.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged or foreign file
-        raise CheckpointError(f"{path} cannot be read as a DeepSpeed checkpoint file ({err}).") from None
+    return ckpt.load_checkpoint_file(path)
 
 
 def _pipeline_shard(folder: Path, tp_rank: int, num_layers: int) -> dict[str, torch.Tensor]:
@@ -132,7 +128,10 @@ def _zero3_shard(folder: Path, tp_rank: int, tp: int, dtype: torch.dtype) -> dic
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             try:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-            except (FileNotFoundError, ValueError, pickle.UnpicklingError) as err:  # the last: weights_only refused it
+            except pickle.UnpicklingError:  # weights_only refused a class; torch's text would advise unsafe loading
+                raise CheckpointError(f"{folder} was refused: one of its files holds a class outside the allow-list "
+                                      "of tensors and DeepSpeed's own classes; restore it from a trusted copy.") from None
+            except (FileNotFoundError, ValueError) as err:
                 raise CheckpointError(f"{folder} is not a complete, readable ZeRO-3 checkpoint ({err}).") from None
     return {name: value.detach().to(dtype) for name, value in state.items()}  # plain tensors, not Parameters
 
