@@ -1,18 +1,21 @@
-"""Damaged run folders, as a cluster leaves them: a checkpoint file cut short or rotten, a full disk during a save,
-a class smuggled into a checkpoint, a checkpoint of another model shape, a torn metrics line. Each ends in one
-sentence naming the folder, the file and the cause; train.resume=auto falls back past a damaged checkpoint and
-continues exactly as an undamaged run would."""
+"""Damaged run folders, as a cluster leaves them: a checkpoint file cut short, rotten or with a flipped bit, a state
+or export file that is not UTF-8 JSON, a full disk during a save, a class smuggled into a checkpoint, a checkpoint
+of another model shape, a torn metrics line. Each ends in one sentence naming the folder, the file and the cause;
+train.resume=auto falls back past a damaged checkpoint and continues exactly as an undamaged run would."""
 import errno
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_mixln import cli
 from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import export
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import DISCARDED_FILE, METRICS_FILE, discard_metrics_after, read_metrics
 from training_runs import MaliciousPickle, module_state, run_processes, tiny, tmpfs
@@ -34,6 +37,24 @@ def straight(cache, tmp_path_factory):
             runs[zero] = train(load_config(None, tiny(cache, out, f"parallel.zero_stage={zero}"))).losses
         return runs[zero]
     return losses
+
+
+ZERO1 = ("parallel.zero_stage=1", "train.save_every=1", "train.keep_checkpoints=4")
+OPTIMISER_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def saved_run(cache, tmp_path_factory):
+    """A ZeRO-1 run stopped after step 4 (train.stop_after_step): checkpoints of steps 1-4 and its export. Tests
+    damage a copy (`copy_of`)."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    train(load_config(None, tiny(cache, out, *ZERO1, "train.stop_after_step=4")))
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 def one_sentence(message: str) -> bool:
@@ -58,6 +79,23 @@ def truncate(path: Path, fraction: float = 0.6) -> None:
     os.truncate(path, int(path.stat().st_size * fraction))
 
 
+def flip_a_bit_in_a_tensor(path: Path) -> None:
+    """One bit of the largest tensor's bytes flipped (a bad disk, a bad copy): the file stays a valid torch file."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(record.header_offset + 26)  # the local header: 30 bytes, then the name and the extra field
+        name_length, extra_length = int.from_bytes(handle.read(2), "little"), int.from_bytes(handle.read(2), "little")
+        handle.seek(record.header_offset + 30 + name_length + extra_length + record.file_size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte ^ 0x10]))
+
+
+def not_utf8(path: Path) -> None:
+    path.write_bytes(b"\xff\xfe" + path.read_bytes())  # a UTF-16 byte order mark: an editor's re-save
+
+
 def rot_a_tensor_record(path: Path) -> None:
     """A bad sector in the middle of a file: the local header of its largest tensor record is zeroed. Its zip
     directory and pickle are intact, so only reading the tensors (the real load) finds it."""
@@ -72,30 +110,29 @@ def rot_a_tensor_record(path: Path) -> None:
 
 
 def test_truncated_shard_in_latest_falls_back_to_the_newest_intact_checkpoint_and_continues_exactly(
-        cache, tmp_path, straight, capsys):
-    out = tmp_path / "run"
-    train(load_config(None, tiny(cache, out, "parallel.zero_stage=1", "train.save_every=2",
-                                 "train.stop_after_step=4")))
-    shard = step_folder(out, 4) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    truncate(shard)  # the node died while the file system was still flushing it
+        cache, tmp_path, saved_run, straight, capsys):
+    out = copy_of(saved_run, tmp_path)
+    truncate(step_folder(out, 4) / OPTIMISER_FILE)  # the node died while the file system was still flushing it
     capsys.readouterr()
-    resumed = train(load_config(None, tiny(cache, out, "parallel.zero_stage=1", "train.save_every=2")))
+    resumed = train(load_config(None, tiny(cache, out, *ZERO1)))
     printed = capsys.readouterr().out
     assert ("checkpoint step_00000004 is damaged (zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated); "
-            "resuming from step_00000002 instead") in printed
-    assert sorted(resumed.losses) == [3, 4, 5, 6]
-    assert all(resumed.losses[s] == straight(1)[s] for s in (3, 4, 5, 6))
+            "resuming from step_00000003 instead") in printed
+    assert sorted(resumed.losses) == [4, 5, 6]
+    assert all(resumed.losses[s] == straight(1)[s] for s in (4, 5, 6))
     # The damaged folder is kept for inspection under a name no resume or pruning takes for a checkpoint.
     assert (out / ckpt.CHECKPOINTS / "step_00000004.damaged").is_dir()
     assert ckpt.latest_checkpoint(out).name == "step_00000006"
 
 
-def test_a_load_that_fails_half_way_is_overwritten_whole_by_the_older_checkpoint(cache, tmp_path):
+def test_a_load_that_fails_half_way_is_overwritten_whole_by_the_older_checkpoint(cache, tmp_path, saved_run,
+                                                                                 monkeypatch):
     """ZeRO-1: DeepSpeed loads weights and LR schedule from the model-states file, then fails on the rotten
-    optimiser shard; the fallback must leave nothing of that half-load behind."""
-    out = tmp_path / "run"
-    train(load_config(None, tiny(cache, out, "parallel.zero_stage=1", "train.save_every=2", "train.steps=4")))
-    rot_a_tensor_record(step_folder(out, 4) / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    optimiser shard (a read error after the files were checked); the fallback must leave nothing of that
+    half-load behind."""
+    out = copy_of(saved_run, tmp_path)
+    rot_a_tensor_record(step_folder(out, 4) / OPTIMISER_FILE)
+    monkeypatch.setattr(ckpt, "_verify_share", lambda folder, rank, world: None)  # what the checks would find
     overrides = ("parallel.zero_stage=1",)
 
     half = build_engine(cache, tmp_path / "a", *overrides)
@@ -108,11 +145,11 @@ def test_a_load_that_fails_half_way_is_overwritten_whole_by_the_older_checkpoint
 
     fallen_back = build_engine(cache, tmp_path / "b", *overrides)
     folder, state = ckpt.load_latest_intact(fallen_back, out)
-    assert folder.name == "step_00000002" and state["step"] == 2
+    assert folder.name == "step_00000003" and state["step"] == 3
     direct = build_engine(cache, tmp_path / "c", *overrides)
-    ckpt.load_checkpoint(direct, step_folder(out, 2))
+    ckpt.load_checkpoint(direct, step_folder(out, 3))
     assert_same_training_state(fallen_back, direct)
-    ckpt.load_checkpoint(half, step_folder(out, 2))  # the same, step by step, on the engine seen half-loaded
+    ckpt.load_checkpoint(half, step_folder(out, 3))  # the same, step by step, on the engine seen half-loaded
     assert_same_training_state(half, direct)
 
 
@@ -156,6 +193,107 @@ def test_latest_naming_a_missing_folder_and_no_intact_checkpoint_at_all(cache, t
 def test_a_fresh_run_folder_has_nothing_to_resume(cache, tmp_path):
     assert ckpt.load_latest_intact(build_engine(cache, tmp_path / "x"), tmp_path / "empty") is None
 
+
+
+# ----------------------------------------------------------------------------------------- checksums, damaged JSON
+
+
+def test_a_flipped_bit_torch_cannot_see_and_a_state_file_that_is_not_utf8_are_passed_over_by_resume_auto(
+        cache, tmp_path, saved_run, straight, capsys):
+    """Step 4's trainer_state.json is not UTF-8, a bit of step 3's optimiser shard and one of step 2's model
+    weights are flipped: resume=auto passes over all three and continues from step 1 exactly."""
+    out = copy_of(saved_run, tmp_path)
+    not_utf8(step_folder(out, 4) / ckpt.STATE_FILE)
+    for step, name in ((3, OPTIMISER_FILE), (2, MODEL_FILE)):
+        flip_a_bit_in_a_tensor(step_folder(out, step) / name)
+        ckpt.load_checkpoint_file(step_folder(out, step) / name)  # torch itself loads it without a word
+    capsys.readouterr()
+    resumed = train(load_config(None, tiny(cache, out, *ZERO1)))
+    printed = capsys.readouterr().out
+    assert ("checkpoint step_00000004 is damaged (trainer_state.json is not UTF-8 text (byte 0xff at offset 0)); "
+            f"step_00000003 is damaged ({OPTIMISER_FILE} does not match the CRC-32 saved in checksums.json); "
+            f"step_00000002 is damaged ({MODEL_FILE} does not match the CRC-32 saved in checksums.json); "
+            "resuming from step_00000001 instead") in printed
+    assert sorted(resumed.losses) == [2, 3, 4, 5, 6]
+    assert all(resumed.losses[s] == straight(1)[s] for s in (2, 3, 4, 5, 6))
+
+
+@pytest.mark.parametrize("damage", ["state-not-utf8", "model-bit", "optimiser-bit"])
+def test_a_damaged_checkpoint_named_explicitly_is_refused_by_mixln_train_and_mixln_export(
+        cache, tmp_path, saved_run, damage, capsys):
+    out = copy_of(saved_run, tmp_path)
+    folder = step_folder(out, 4)
+    name = {"state-not-utf8": ckpt.STATE_FILE, "model-bit": MODEL_FILE, "optimiser-bit": OPTIMISER_FILE}[damage]
+    not_utf8(folder / name) if damage == "state-not-utf8" else flip_a_bit_in_a_tensor(folder / name)
+
+    with pytest.raises(ckpt.CheckpointDamaged) as caught:
+        train(load_config(None, tiny(cache, tmp_path / "new", *ZERO1, f"train.resume={folder}")))
+    message = str(caught.value)
+    assert one_sentence(message) and f"checkpoint {folder} is damaged: {name} " in message
+    for source in (folder, out):  # the checkpoint itself, and the run folder whose `latest` names it
+        capsys.readouterr()
+        assert cli._run(cli._export, [str(source), str(tmp_path / "exported")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"error: checkpoint {folder} is damaged: {name} " in error
+        assert not (tmp_path / "exported").exists()
+
+
+def test_a_checkpoint_saved_before_checksums_json_loads_and_its_zip_crcs_still_catch_a_flipped_bit(
+        cache, tmp_path, saved_run):
+    out = copy_of(saved_run, tmp_path)
+    for manifest in out.glob(f"{ckpt.CHECKPOINTS}/*/{ckpt.MANIFEST}"):
+        manifest.unlink()
+    flip_a_bit_in_a_tensor(step_folder(out, 4) / OPTIMISER_FILE)
+    with pytest.raises(ckpt.CheckpointDamaged) as caught:
+        ckpt.verify_checkpoint(step_folder(out, 4))
+    assert one_sentence(str(caught.value)) and f"{OPTIMISER_FILE} is corrupt (Bad CRC-32 for file" in str(caught.value)
+
+    engine = build_engine(cache, tmp_path / "x", "parallel.zero_stage=1")
+    folder, state = ckpt.load_latest_intact(engine, out)
+    assert folder.name == "step_00000003" and state["step"] == 3
+    assert all(torch.equal(v, module_state(folder)[k]) for k, v in engine.module.state_dict().items())
+
+
+def test_json_files_that_are_not_utf8_or_not_json_are_named_as_damaged(tmp_path, saved_run):
+    out = copy_of(saved_run, tmp_path)
+    exported = out / "export"
+    readers = {export.EXPORT_CONFIG: export.export_files, export.EXPORT_INDEX: export.export_files,
+               export.EXPORT_OPTIMIZER: export.read_optimizer_state}
+    for name, reader in readers.items():
+        original = (exported / name).read_bytes()
+        for damaged, why in ((b"\xff" + original, "is not UTF-8 text (byte 0xff at offset 0)"),
+                             (original[:-5], "is not valid JSON")):
+            (exported / name).write_bytes(damaged)
+            with pytest.raises(ckpt.DamagedFile) as caught:
+                reader(exported)
+            assert one_sentence(str(caught.value)) and f"{exported / name} is damaged: it {why}" in str(caught.value)
+        (exported / name).write_bytes(original)
+    not_utf8(out / ckpt.CHECKPOINTS / ckpt.LATEST)  # names no folder: every step folder is a candidate
+    assert [p.name for p in ckpt.checkpoint_candidates(out)] == [f"step_0000000{s}" for s in (4, 3, 2, 1)]
+
+
+def test_a_truncated_optimiser_shard_of_an_export_is_named_when_resumed_from(cache, tmp_path, saved_run):
+    out = copy_of(saved_run, tmp_path)
+    shard = next((out / "export").glob("exp_avg_sq-*.safetensors"))
+    truncate(shard)
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        train(load_config(None, tiny(cache, tmp_path / "moved", *ZERO1, f"train.resume={out / 'export'}")))
+    assert one_sentence(str(caught.value)) and f"{shard} is damaged: it is not a readable safetensors file" in str(
+        caught.value)
+
+
+def test_mixln_export_refuses_a_smuggled_class_without_passing_on_torchs_advice(tmp_path, saved_run, capsys):
+    out = copy_of(saved_run, tmp_path)
+    path = step_folder(out, 4) / MODEL_FILE
+    state = ckpt.load_checkpoint_file(path)
+    state["payload"] = MaliciousPickle()
+    torch.save(state, path)
+    assert cli._run(cli._export, [str(out), str(tmp_path / "exported")]) == 2
+    error = capsys.readouterr().err
+    assert not MaliciousPickle.ran and error.count("\n") == 1, error
+    assert f"checkpoint {step_folder(out, 4)} was refused: {MODEL_FILE} holds " in error
+    assert "training_runs.MaliciousPickle (Unsupported global)" in error
+    assert "weights_only" not in error
 
 
 @pytest.mark.parametrize("older_too", [False, True], ids=["latest", "every-folder"])
