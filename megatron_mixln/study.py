@@ -20,9 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_mixln.output_folder import OutputFolderError, OutputKind, check_output_folder
+
 PLACEMENTS = ("pre", "post", "mix", "lns", "peri")
 EMBED_INITS = {"default": "false", "scaled": "true"}  # model.scaled_embed_init
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# A finished study holds study.json; one stopped part-way (it resumes) holds the runs it began.
+STUDY_OUTPUT = OutputKind("study", (("study.json",), ("runs",)))
 # Two-sided 5 % points of Student's t by degrees of freedom: |Welch t| above the one for 2 (seeds - 1) degrees
 # of freedom is called outside the seed-to-seed spread (4 for two groups of three seeds: 2.78).
 T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
@@ -170,7 +174,10 @@ def _norms_at(records: list[dict], step: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mixln-study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="study folder (runs, figures, report.md, study.json)")
+    parser.add_argument("out", type=Path, help="study folder (runs, figures, report.md, study.json): a new or empty "
+                                               "one, or an earlier study to resume")
+    parser.add_argument("--force", action="store_true",
+                        help="write into OUT even when it holds other files (never when it holds the --config file)")
     parser.add_argument("--config", default="configs/study/deep_narrow.yaml", help="the runs' config")
     parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS))
     parser.add_argument("--inits", nargs="+", default=list(EMBED_INITS), choices=list(EMBED_INITS))
@@ -187,6 +194,11 @@ def main(argv=None) -> int:
 
     from megatron_mixln.study_report import analyse_and_report
 
+    try:
+        check_output_folder(args.out, STUDY_OUTPUT, [args.config], args.force)
+    except OutputFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     runs = grid(args.out, args.placements, args.inits, args.seeds)
     statuses = train_grid(runs, args.config, args.overrides, args.jobs)
     sweep = (run_sweep(args.out, args.config, args.overrides, args.sweep_placements or args.placements,

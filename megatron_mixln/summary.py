@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_mixln.output_folder import OutputFolderError, check_output_file
+
 FINISHED, NO_METRICS = "finished", "no metrics"
 
 
@@ -137,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         "One markdown table of training runs (final train loss, eval loss and perplexity, status), sorted by "
         "eval perplexity; e.g. the placements that slurm/compare.sbatch trained."))
     parser.add_argument("runs", nargs="+", help="run folders (train.out_dir of each run)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH (a file outside the runs)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        try:
+            check_output_file(args.json, args.runs)  # a run's own files (metrics.jsonl, config.json) are never written
+        except OutputFolderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     rows = sorted((read_run(folder) for folder in args.runs), key=_sort_key)
     print(markdown_table(rows))
     if args.json:  # JSON has no NaN / inf: written as strings, as in metrics.jsonl

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_mixln.config import ConfigError, ModelConfig
+from megatron_mixln.output_folder import OutputKind, atomic_folder, check_output_folder
 
 HF_MODELING = Path(__file__).with_name("hf_modeling")
 MODELING_FILES = ("configuration_mixln.py", "modeling_mixln.py")
@@ -38,6 +38,7 @@ FUNCTION_FIELDS = ("norm_placement", "rms_norm_eps", "rope_theta")
 # Text both tokenizers must encode to the same ids before an export carries transformers' one.
 TOKENIZER_PROBE = "Mix-LN puts Post-LN in the first layers, Pre-LN in the rest: 25% of 24 = 6.\n  Ünïcödé, 東京."
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # older LLaMA checkpoints save RoPE's buffer; we compute it
+HF_OUTPUT = OutputKind("Hugging Face export", (("config.json", "generation_config.json"),))  # save_pretrained's
 RUN_RECORD = "mixln_run"  # config.json key of an --hf export: the step, data metadata and run config
 
 
@@ -122,26 +123,22 @@ def to_hf_model(config: ModelConfig, state_dict, data_meta: dict | None = None, 
 
 
 def save_hf_pretrained(config: ModelConfig, state_dict, out, tokenizer=None, data_meta: dict | None = None,
-                       step: int | None = None, run_config: dict | None = None) -> Path:
+                       step: int | None = None, run_config: dict | None = None, force: bool = False) -> Path:
     """Write a transformers folder, atomically: a Pre-LN model as LlamaForCausalLM, any other placement with the
     shipped modeling files (loaded with trust_remote_code=True); with `tokenizer` (a transformers tokenizer) also
     its files, so AutoTokenizer.from_pretrained(out) works. config.json keeps the run's record under RUN_RECORD
-    (what a consolidated export keeps besides the weights), so mixln-eval finds the run's held-out data."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    (what a consolidated export keeps besides the weights), so mixln-eval finds the run's held-out data. An `out`
+    that is not an earlier Hugging Face export is replaced only with `force`."""
     model = to_hf_model(config, state_dict, data_meta, meta_device=True)
     setattr(model.config, RUN_RECORD, {"step": step, "data": data_meta, "run_config": run_config})
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if config.norm_placement != "pre":
-        for name in MODELING_FILES:
-            shutil.copyfile(HF_MODELING / name, tmp / name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    with atomic_folder(out, HF_OUTPUT, force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if config.norm_placement != "pre":
+            for name in MODELING_FILES:
+                shutil.copyfile(HF_MODELING / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +229,7 @@ class HFExport:
     tokenizer_problem: str | None  # why the folder has no tokenizer; None when it has one
 
 
-def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None) -> HFExport:
+def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None, force: bool = False) -> HFExport:
     """Write the model of a run folder, checkpoint or consolidated export as a transformers folder, with its
     tokenizer (the run's, found through its data metadata, or `tokenizer`: a spec as data.tokenizer takes).
 
@@ -242,10 +239,12 @@ def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None)
     """
     from megatron_mixln.train.weights import read_weights
 
+    inputs = [source] + ([tokenizer] if tokenizer is not None and Path(tokenizer).exists() else [])
+    check_output_folder(out, HF_OUTPUT, inputs, force)  # before the weights are read: a refusal comes at once
     weights = read_weights(source)
     hf_tok, problem = hf_tokenizer(weights.data_meta, tokenizer, weights.model_config.vocab_size)
     save_hf_pretrained(weights.model_config, weights.tensors, out, hf_tok, weights.data_meta, weights.step,
-                       weights.run_config)
+                       weights.run_config, force)
     if problem is not None:
         warnings.warn(f"{out} has no tokenizer: {problem}; add one with --tokenizer SPEC (mixln-export) or "
                       "tokenizer.save_pretrained.", stacklevel=2)
@@ -451,29 +450,29 @@ def _source_names(tensors: HFTensors, model_config: ModelConfig, folder: Path, k
     return names
 
 
-def import_hf(folder: str | Path, out: str | Path) -> tuple[Path, ModelConfig, str]:
+def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> tuple[Path, ModelConfig, str]:
     """Write a transformers LLaMA folder (or one of our HF exports) as a consolidated export: per-unit shards
-    under our names, one unit in memory at a time. Returns (out, its ModelConfig, the source's kind)."""
+    under our names, one unit in memory at a time (an `out` that is not an earlier export is replaced only with
+    `force`). Returns (out, its ModelConfig, the source's kind)."""
     from megatron_mixln.train import export
 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise _checkpoint_error(f"{folder} does not exist: pass a Hugging Face model folder (config.json + weights).")
+    check_output_folder(out, export.EXPORT_OUTPUT, [folder], force)
     model_config, kind = read_source_config(folder)
     if kind == "export":
         raise _checkpoint_error(f"{folder} is already a consolidated export: use it as it is (model.init_from or "
                                 "train.resume).")
     tensors = HFTensors(folder)
     names = _source_names(tensors, model_config, folder, kind)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = export._UnitWriter(tmp, model_config.num_layers)
-    for name in sorted(names, key=lambda name: export.export_unit(name, model_config.num_layers)):
-        writer.add(name, tensors.piece(names[name])[:])  # the writer writes and frees a unit when the next begins
-    writer.close()
     extra = {"step": 0, "imported_from": {"folder": str(folder.resolve()), "kind": kind}}
-    export._publish_export(tmp, out, model_config, extra, writer.index)
+    with atomic_folder(out, export.EXPORT_OUTPUT, force) as tmp:
+        writer = export._UnitWriter(tmp, model_config.num_layers)
+        for name in sorted(names, key=lambda name: export.export_unit(name, model_config.num_layers)):
+            writer.add(name, tensors.piece(names[name])[:])  # the writer writes and frees a unit when the next begins
+        writer.close()
+        export._finish_export(tmp, model_config, extra, writer.index)
     return out, model_config, kind
 
 

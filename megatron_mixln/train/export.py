@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.config import ModelConfig, model_config_from_dict
+from megatron_mixln.output_folder import OutputKind, atomic_folder, publish_folder, temporary_folder
 from megatron_mixln.train.checkpoint import PARTIAL, CheckpointError, _barrier, _is_rank0, read_json
 
 EXPORT_WEIGHTS = "model.safetensors"  # older exports: all weights in one file
@@ -40,6 +40,7 @@ EXPORT_INDEX = "model.safetensors.index.json"  # transformers' SAFE_WEIGHTS_INDE
 EXPORT_CONFIG = "config.json"
 EXPORT_OPTIMIZER = "optimizer_state.json"  # the optimiser's step, LR-schedule position, state name -> shard file
 MASTER_WEIGHTS = "fp32"  # the state name of fp32 master weights (as in DeepSpeed's universal checkpoint)
+EXPORT_OUTPUT = OutputKind("consolidated export", ((EXPORT_INDEX, EXPORT_CONFIG),))  # replaced without --force
 
 
 def export_unit(name: str, num_layers: int) -> int:
@@ -112,20 +113,17 @@ def _return_freed_host_memory() -> None:
 
 
 def export_consolidated(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, out: str | Path,
-                        extra: dict[str, Any] | None = None) -> Path:
+                        extra: dict[str, Any] | None = None, force: bool = False) -> Path:
     """Write per-unit safetensors shards (HF LLaMA names, docs/method.md#parameter-names), their index and
-    `config.json` into `out`, atomically."""
-    out = Path(out)
-    tmp = out.with_name(out.name + PARTIAL)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = _UnitWriter(tmp, model_config.num_layers)
-    # A stable sort: any state-dict order works, and names keep their order inside a unit.
-    for name, tensor in sorted(state_dict.items(), key=lambda item: export_unit(item[0], model_config.num_layers)):
-        writer.add(name, tensor)
-    writer.close()
-    _publish_export(tmp, out, model_config, extra, writer.index)
-    return out
+    `config.json` into `out`, atomically (an `out` that is not an earlier export is replaced only with `force`)."""
+    with atomic_folder(out, EXPORT_OUTPUT, force) as tmp:
+        writer = _UnitWriter(tmp, model_config.num_layers)
+        # A stable sort: any state-dict order works, and names keep their order inside a unit.
+        for name, tensor in sorted(state_dict.items(), key=lambda item: export_unit(item[0], model_config.num_layers)):
+            writer.add(name, tensor)
+        writer.close()
+        _finish_export(tmp, model_config, extra, writer.index)
+    return Path(out)
 
 
 def _check_complete(tmp: Path, model_config: ModelConfig, index: dict[str, tuple[str, int]], prefix: str) -> None:
@@ -137,11 +135,11 @@ def _check_complete(tmp: Path, model_config: ModelConfig, index: dict[str, tuple
                            f"(and {sorted(written - expected)} were not expected).")
 
 
-def _publish_export(tmp: Path, out: Path, model_config: ModelConfig, extra: dict[str, Any] | None,
-                    index: dict[str, tuple[str, int]], optimizer: dict[str, Any] | None = None,
-                    state_index: dict[str, dict[str, tuple[str, int]]] | None = None) -> None:
+def _finish_export(tmp: Path, model_config: ModelConfig, extra: dict[str, Any] | None,
+                   index: dict[str, tuple[str, int]], optimizer: dict[str, Any] | None = None,
+                   state_index: dict[str, dict[str, tuple[str, int]]] | None = None) -> None:
     """Write the shard index, config.json and (with `optimizer`, the optimiser's scalars) optimizer_state.json
-    into the finished temporary folder, then move it into place whole."""
+    into the temporary folder once every shard is in it."""
     from megatron_mixln.model.norms import norm_placement
 
     _check_complete(tmp, model_config, index, "model")
@@ -156,9 +154,6 @@ def _publish_export(tmp: Path, out: Path, model_config: ModelConfig, extra: dict
     placements = [norm_placement(i, model_config.num_layers, model_config) for i in range(model_config.num_layers)]
     config = {"model": vars(model_config).copy(), "layer_placements": placements, **(extra or {})}
     (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def read_export(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -365,46 +360,48 @@ def export_from_module(module: torch.nn.Module, model_config: ModelConfig, layou
     into place whole.
     """
     out = Path(out)
-    tmp = out.with_name(out.name + PARTIAL)
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp = temporary_folder(out) if _is_rank0() else out.with_name(out.name + PARTIAL)
     _barrier()
-    keys = _state_keys(optimizer, module) if optimizer is not None else []
-    writes = layout.dp_rank == 0 and layout.tensor_parallel.rank == 0
-    writer = _UnitWriter(tmp, model_config.num_layers) if writes else None
-    state_writers = {key: _UnitWriter(tmp, model_config.num_layers, key) for key in keys} if writes else {}
-    states = full_optimizer_states(module, model_config, layout, optimizer, keys) if keys else None
-    unit = None
-    for name, value in full_named_parameters(module, model_config, layout):
+    try:
+        keys = _state_keys(optimizer, module) if optimizer is not None else []
+        writes = layout.dp_rank == 0 and layout.tensor_parallel.rank == 0
+        writer = _UnitWriter(tmp, model_config.num_layers) if writes else None
+        state_writers = {key: _UnitWriter(tmp, model_config.num_layers, key) for key in keys} if writes else {}
+        states = full_optimizer_states(module, model_config, layout, optimizer, keys) if keys else None
+        unit = None
+        for name, value in full_named_parameters(module, model_config, layout):
+            if writer is not None:
+                writer.add(name, value)  # the first tensor of a unit writes and frees the previous unit
+            del value  # a non-writer's copy is freed here, before the next parameter is gathered
+            if states is not None:
+                state_name, values = next(states)
+                assert state_name == name, (state_name, name)  # both walk the module's parameters in order
+                for key, state_writer in state_writers.items():
+                    state_writer.add(name, values.pop(key))
+                del values  # as `value`: a non-writer's copies are freed before the next parameter is gathered
+            if export_unit(name, model_config.num_layers) != unit:
+                unit = export_unit(name, model_config.num_layers)
+                _return_freed_host_memory()
+        index, state_index = {}, {}
         if writer is not None:
-            writer.add(name, value)  # the first tensor of a unit writes and frees the previous unit
-        del value  # a non-writer's copy is freed here, before the next parameter is gathered
-        if states is not None:
-            state_name, values = next(states)
-            assert state_name == name, (state_name, name)  # both walk the module's parameters in order
+            writer.close()
+            index = writer.index
             for key, state_writer in state_writers.items():
-                state_writer.add(name, values.pop(key))
-            del values  # as `value`: a non-writer's copies are freed before the next parameter is gathered
-        if export_unit(name, model_config.num_layers) != unit:
-            unit = export_unit(name, model_config.num_layers)
-            _return_freed_host_memory()
-    index, state_index = {}, {}
-    if writer is not None:
-        writer.close()
-        index = writer.index
-        for key, state_writer in state_writers.items():
-            state_writer.close()
-            state_index[key] = state_writer.index
-    if dist.is_initialized():  # also the barrier: rank 0 hears from every writer after its last shard is closed
-        parts = [None] * dist.get_world_size() if _is_rank0() else None
-        dist.gather_object((index, state_index), parts, dst=0)
-        index = {name: entry for part, _ in (parts or []) for name, entry in part.items()}
-        state_index = {key: {name: entry for _, part in (parts or []) for name, entry in part.get(key, {}).items()}
-                       for key in keys}
-    if _is_rank0():
-        scalars = _optimizer_scalars(optimizer, module, scheduler, keys) if optimizer is not None else None
-        _publish_export(tmp, out, model_config, extra, index, scalars, state_index)
+                state_writer.close()
+                state_index[key] = state_writer.index
+        if dist.is_initialized():  # also the barrier: rank 0 hears from every writer after its last shard is closed
+            parts = [None] * dist.get_world_size() if _is_rank0() else None
+            dist.gather_object((index, state_index), parts, dst=0)
+            index = {name: entry for part, _ in (parts or []) for name, entry in part.items()}
+            state_index = {key: {name: entry for _, part in (parts or []) for name, entry in part.get(key, {}).items()}
+                           for key in keys}
+        if _is_rank0():
+            scalars = _optimizer_scalars(optimizer, module, scheduler, keys) if optimizer is not None else None
+            _finish_export(tmp, model_config, extra, index, scalars, state_index)
+            publish_folder(tmp, out, EXPORT_OUTPUT, option=None)  # the run's own export: any earlier one is replaced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves no half-written folder behind
+        raise
     _barrier()
     return out
 

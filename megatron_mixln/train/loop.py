@@ -252,6 +252,7 @@ def train(config: Config) -> TrainResult:
     """
     from megatron_mixln.data import is_preparer, open_datasets
     from megatron_mixln.parallel.launch import discover_launch_env
+    from megatron_mixln.train.memory import check_model_fits, machine_memory
     from megatron_mixln.train.run_lock import RunLock, check_out_dir
 
     tcfg = config.train
@@ -261,6 +262,8 @@ def train(config: Config) -> TrainResult:
     # in parallel); the others wait on the file system, so no collective timeout can hit them.
     launch = discover_launch_env()
     is_main = launch.rank == 0
+    # A model that cannot fit is refused before hours of data preparation and before the allocator's traceback.
+    check_model_fits(config, launch.world_size, launch.local_world_size or 1, *machine_memory(launch.local_rank))
     with writing("preparing the data", config.data.cache_dir, "set data.cache_dir to another folder"):
         meta, train_data, eval_data = open_datasets(
             config, preparer=is_preparer(config, launch.rank, launch.local_rank), progress=is_main and tcfg.progress_bar)
