@@ -282,3 +282,33 @@ def test_a_full_cache_dir_is_named_in_one_sentence(tmp_path):
             train(load_config(None, tiny(disk / "cache", tmp_path / "run")))
     assert str(caught.value) == (f"preparing the data failed: {disk / 'cache'}: no space left on device; free space "
                                  "there, or set data.cache_dir to another folder.")
+
+
+# ----------------------------------------------------------------------------------------- a model that cannot fit
+
+
+def test_an_absurd_vocab_size_is_refused_before_the_data_or_the_allocator(tmp_path):
+    config = load_config(None, tiny(tmp_path / "cache", tmp_path / "run", "model.vocab_size=100000000000"))
+    with pytest.raises(ConfigError) as caught:
+        train(config)
+    message = str(caught.value)
+    assert one_sentence(message) and message.startswith("model.vocab_size=100000000000 is invalid here: the model's")
+    assert "in host memory" in message and "--dry-run shows the plan" in message
+    assert not (tmp_path / "cache").exists()  # refused before preparing any data
+
+
+def test_the_memory_check_names_the_field_that_makes_the_model_large_and_follows_the_layout():
+    from megatron_mixln.train.memory import check_model_fits, dry_run_summary
+
+    GiB = 2**30
+    check_model_fits(load_config(None, tiny("c", "o")), 1, 1, None, 16 * GiB)  # the tiny model fits a laptop
+    seven_b = load_config("configs/llama_7b.yaml", ["parallel.zero_stage=1", "train.global_batch_size=64",
+                                                    "train.micro_batch_size=1"])
+    with pytest.raises(ConfigError, match=r"model\.intermediate_size=11008 is invalid here: .* in GPU memory "):
+        check_model_fits(seven_b, 1, 1, 80 * GiB, 1024 * GiB)  # one GPU: 18 bytes per parameter
+    check_model_fits(seven_b, 64, 8, 80 * GiB, 1024 * GiB)  # ZeRO-1 over 64 GPUs splits the optimizer states
+    wide = load_config(None, tiny("c", "o", "model.hidden_size=65536", "model.num_heads=2"))
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=65536 is invalid here: .* for 2 processes"):
+        check_model_fits(wide, 2, 2, None, 64 * GiB)
+    need = sum(dry_run_summary(wide, 2, 2)["bytes"][key] for key in ("parameters", "gradients", "optimizer_gpu"))
+    check_model_fits(wide, 2, 2, None, 2 * need)  # the bound is the dry run's: exactly enough passes

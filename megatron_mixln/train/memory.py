@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_mixln.config import Config, ModelConfig
+from megatron_mixln.config import Config, ConfigError, ModelConfig
 from megatron_mixln.parallel.launch import LaunchError, data_parallel_size
 
 GIB = 2**30
@@ -256,6 +256,47 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
         "working_memory": working,
         "deepspeed": deepspeed_estimate,
     }
+
+
+def check_model_fits(config: Config, world_size: int, ranks_per_host: int, device_bytes: int | None,
+                     host_bytes: int) -> None:
+    """Before anything is allocated: refuse, in one ConfigError sentence naming the model field that makes it
+    large, a model whose weights, gradients and optimizer states (the dry run's arithmetic, for this launch) do
+    not fit one GPU's memory (`device_bytes`; None on a CPU run) or this host's (`host_bytes`, shared by
+    `ranks_per_host` processes). Activations and buffers come on top, so passing promises nothing; this only
+    turns a certain allocator failure into a sentence."""
+    s = dry_run_summary(config, world_size, gpus_per_node=world_size)
+    b = s["bytes"]
+    states = b["parameters"] + b["gradients"] + b["optimizer_gpu"]
+    if device_bytes is not None:
+        need, have, where = states, device_bytes, "GPU"
+        if need <= have:  # on a GPU, the host holds only offloaded optimizer states
+            need, have, where = b["optimizer_cpu"] * ranks_per_host, host_bytes, "host"
+    else:
+        need, have, where = (states + b["optimizer_cpu"]) * ranks_per_host, host_bytes, "host"
+    if need <= have:
+        return
+    m, layers = config.model, s["total"] - s["embedding"] - s["head"]
+    attention = 4 * m.num_layers * m.hidden_size**2
+    culprit = max([("vocab_size", s["embedding"] + s["head"]), ("hidden_size", attention),
+                   ("intermediate_size", layers - attention)], key=lambda pair: pair[1])[0]
+    raise ConfigError(
+        f"model.{culprit}={getattr(m, culprit)!r} is invalid here: the model's {s['total']:,} parameters need "
+        f"{_gib(need).strip()} of weights, gradients and optimizer states in {where} memory"
+        f"{' for ' + str(ranks_per_host) + ' processes' if where == 'host' and ranks_per_host > 1 else ''} "
+        f"(ZeRO-{s['zero_stage']}, {s['precision']}, tp {s['tp']} x pp {s['pp']} x dp {s['dp']}; --dry-run shows "
+        f"the plan) and this machine has {_gib(have).strip()}; expected a model that fits, or a layout that splits "
+        "it (parallel.tp, parallel.pp, parallel.zero_stage).")
+
+
+def machine_memory(local_rank: int) -> tuple[int | None, int]:
+    """(this rank's GPU memory in bytes, or None without CUDA; the host's memory in bytes)."""
+    import psutil
+
+    device = None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory
+    return device, psutil.virtual_memory().total
 
 
 def _activation_summary(config: Config, tp: int, pp: int, dp: int, bounds: list[int], stage_params: list[int]
