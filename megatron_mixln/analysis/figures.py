@@ -221,7 +221,7 @@ def plot_gradient_profiles(analyses):
         ax.grid(alpha=0.3, which="both")
     fig.legend(handles=[lines[id(a)] for a in shown], loc="outside lower center", ncols=min(len(shown), 4),
                fontsize=8)
-    fig.suptitle("gradient norm of each layer by depth, at steps spread over training")
+    fig.suptitle("gradient norm of each layer by depth")
     return fig, notes + depth_notes
 
 
@@ -254,7 +254,7 @@ def plot_gradient_maps(analyses):
         ax.set_title(a.label, fontsize=9)
     if mesh is not None and norm is not None:
         fig.colorbar(mesh, ax=axes, label="gradient L2 norm of the layer", shrink=0.9)
-    fig.suptitle("gradient norm of each layer over training (ticks on logged steps)")
+    fig.suptitle("gradient norm by layer and logged step")
     return fig, []
 
 
