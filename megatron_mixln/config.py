@@ -126,7 +126,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off (the official scripts); the paper's README uses 1.0
     precision: str = "fp32"  # fp32 | bf16 (bf16 keeps fp32 master weights)
-    seed: int = 42
+    seed: int = 42  # in [0, 2**63): the data order and every parameter's initialisation follow it
     out_dir: str = "runs/default"
     log_every: int = 1
     layer_grad_norm_every: int = 50  # per-layer gradient norms into metrics.jsonl; 0 = never
