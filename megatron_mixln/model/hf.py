@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 import sys
 import tempfile
@@ -268,11 +269,10 @@ def read_source_config(folder: str | Path) -> tuple[ModelConfig, str]:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise _checkpoint_error(f"{folder} is not a Hugging Face model folder or an export: it has no config.json.")
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise _checkpoint_error(f"{folder / 'config.json'} is not valid JSON ({err}).") from None
+    from megatron_mixln.train.checkpoint import read_json  # not UTF-8 or not JSON: one sentence naming it
     from megatron_mixln.train.weights import is_export
+
+    raw = read_json(folder / "config.json", "copy the folder again")
 
     if is_export(folder):
         from megatron_mixln.train.export import export_files
@@ -381,11 +381,13 @@ class HFTensors:
         from safetensors import safe_open
         from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+        from megatron_mixln.train.checkpoint import read_json
+
         self.folder = folder = Path(folder)
         self.where: dict[str, Any] = {}
         for index_name, single in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
             if (folder / index_name).is_file():
-                files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+                files = sorted(set(read_json(folder / index_name, "copy the folder again")["weight_map"].values()))
             elif (folder / single).is_file():
                 files = [single]
             else:
@@ -402,7 +404,10 @@ class HFTensors:
                     try:
                         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                     except Exception as err:  # noqa: BLE001 - torch raises several types for a foreign file
-                        raise _checkpoint_error(f"{path} cannot be read with weights_only=True ({err}).") from None
+                        # A refused class: torch's message would advise weights_only=False, which runs its code.
+                        reason = ("it holds a class outside the allow-list of tensors" if
+                                  isinstance(err, pickle.UnpicklingError) else err)
+                        raise _checkpoint_error(f"{path} cannot be read with weights_only=True ({reason}).") from None
                     self.where.update({name: (None, tensor) for name, tensor in state.items()})
             return
         raise _checkpoint_error(f"{folder} holds no weights: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} "
