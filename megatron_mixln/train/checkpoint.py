@@ -3,19 +3,19 @@
 Layout under `<out_dir>/checkpoints/`: one folder per saved step (`step_00000100/`) and a `latest` file
 naming the newest complete one. A save writes `<tag>.partial/`, renames it to `<tag>/` once every rank
 has finished, and only then rewrites `latest`; a run killed during a save leaves the previous
-checkpoint and `latest` untouched. Each rank sums the files it writes as they are written (CRC-32), and rank 0
-writes every file's size and sum to `checksums.json` in the folder before the rename. A save that fails (a full disk, a quota) removes its `<tag>.partial/` at
-once and raises one CheckpointError sentence on every rank.
+checkpoint and `latest` untouched. Each rank sums the files it writes while writing them (CRC-32), and rank 0
+writes every file's size and sum to `checksums.json` before the rename. A save that fails (a full disk, a
+quota) removes its `<tag>.partial/` at once and raises one CheckpointError sentence on every rank.
 
-Loading first reads every file of the folder back against `checksums.json` (each rank a share; a folder from
-before the manifest: against the CRC-32 torch's zip format stores for each record), so a flipped bit is found
-before anything is loaded. Loading is collective: every rank reaches the same verdict on a folder (an
-all-reduce of a per-rank flag)
-before DeepSpeed touches the engine and again after it, so one rank's truncated shard cannot send the ranks
-different ways. `load_latest_intact` (train.resume=auto) falls back to the newest intact folder when the
-newest is damaged (a file missing, cut short or not matching its sum); a folder of another model shape or one holding a class outside the allow-list stops the
-run instead, since an older folder of the same run would not be any different (shape) or because it means the
-files were altered (class).
+Loading first reads every file of the folder back against `checksums.json`, each rank a share (a folder saved
+before it: against the CRC-32 torch's zip format stores for each record), so a flipped bit is found before
+anything is loaded. Loading is collective: every rank reaches the same verdict on a folder (an all-reduce of
+a per-rank flag) before DeepSpeed touches the engine and again after it, so one rank's truncated shard cannot
+send the ranks different ways. `load_latest_intact` (train.resume=auto) falls back to the newest intact folder
+when the newest is damaged (a file missing, cut short or not matching its sum, a state file that is not UTF-8
+JSON); a folder of another model shape or one holding a class outside the allow-list stops the run instead,
+since an older folder of the same run would not be any different (shape) or because it means the files were
+altered (class).
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def _zero3_shard(folder: Path, tp_rank: int, tp: int, dtype: torch.dtype) -> dic
                 state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
             except pickle.UnpicklingError:  # weights_only refused a class; torch's text would advise unsafe loading
                 raise CheckpointError(f"{folder} was refused: one of its files holds a class outside the allow-list "
-                                      "of tensors and DeepSpeed's own classes; restore it from a trusted copy.") from None
+                                      "of tensors and DeepSpeed's classes; restore it from a trusted copy.") from None
             except (FileNotFoundError, ValueError) as err:
                 raise CheckpointError(f"{folder} is not a complete, readable ZeRO-3 checkpoint ({err}).") from None
     return {name: value.detach().to(dtype) for name, value in state.items()}  # plain tensors, not Parameters
