@@ -265,8 +265,8 @@ def train(config: Config) -> TrainResult:
     # A model that cannot fit is refused before hours of data preparation and before the allocator's traceback.
     check_model_fits(config, launch.world_size, launch.local_world_size or 1, *machine_memory(launch.local_rank))
     with writing("preparing the data", config.data.cache_dir, "set data.cache_dir to another folder"):
-        meta, train_data, eval_data = open_datasets(
-            config, preparer=is_preparer(config, launch.rank, launch.local_rank), progress=is_main and tcfg.progress_bar)
+        preparer = is_preparer(config, launch.rank, launch.local_rank)
+        meta, train_data, eval_data = open_datasets(config, preparer=preparer, progress=is_main and tcfg.progress_bar)
     if meta["max_token_id"] >= config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is invalid: the tokenised data holds token id "
                           f"{meta['max_token_id']}, so expected at least {meta['max_token_id'] + 1}.")
