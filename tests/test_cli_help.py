@@ -16,8 +16,8 @@ COMMANDS = {  # command line (before --help): options its help must list
     "mixln-train": ["config", "overrides", "--dry-run", "--world-size", "--gpus-per-node"],
     "mixln-prepare": ["config", "overrides"],
     "mixln-eval": ["export", "overrides"],
-    "mixln-export": ["checkpoint", "out", "--hf", "--tokenizer"],
-    "mixln-import": ["hf_folder", "out"],
+    "mixln-export": ["checkpoint", "out", "--force", "--hf", "--tokenizer"],
+    "mixln-import": ["hf_folder", "out", "--force"],
     "mixln-bench": ["NAME", "hf:", "kernels:", "train:", "parallel:", "export-memory:", "tokenize:"],
     "mixln-bench hf": ["--presets", "--rounds", "--warmup"],
     "mixln-bench kernels": ["--ops", "--tokens", "--dtype", "--providers", "--compile-report"],
@@ -26,8 +26,8 @@ COMMANDS = {  # command line (before --help): options its help must list
     "mixln-bench tokenize": ["--num-proc", "--tokenizer", "--source", "--shards", "--repeat"],
     "mixln-bench export-memory": ["--config", "--nproc", "--only"],
     "mixln-compare": ["runs", "--json"],
-    "mixln-analyze": ["runs", "--out", "--data", "--sequences", "--steps", "--device"],
-    "mixln-study": ["out", "--placements", "--inits", "--seeds", "--jobs", "--sweep-lrs", "overrides"],
+    "mixln-analyze": ["runs", "--out", "--force", "--data", "--sequences", "--steps", "--device"],
+    "mixln-study": ["out", "--force", "--placements", "--inits", "--seeds", "--jobs", "--sweep-lrs", "overrides"],
 }
 
 
