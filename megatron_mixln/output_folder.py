@@ -43,8 +43,8 @@ def _refuse_non_folder(path: Path, kind: OutputKind) -> None:
         raise OutputFolderError(f"{path} {where}: pass a new folder, an empty one or an earlier {kind.name}.")
 
 
-def _refuse_inputs(path: Path, inputs: Iterable[str | Path]) -> None:
-    """Never overridable: writing `path` would delete or change what the command reads."""
+def _refuse_inputs(path: Path, inputs: Iterable[str | Path], option: str | None) -> None:
+    """Never overridable (not even by `option`): writing `path` would delete or change what the command reads."""
     target = path.resolve()
     for source in inputs:
         read = Path(source).resolve()
@@ -52,7 +52,8 @@ def _refuse_inputs(path: Path, inputs: Iterable[str | Path]) -> None:
                     else "is inside" if target.is_relative_to(read) else None)
         if relation is not None:
             raise OutputFolderError(f"{path} {relation} the input {source}: writing there could destroy what the "
-                                    f"command reads, so pass a path outside it ({FORCE} does not override this).")
+                                    "command reads, so pass a path outside it"
+                                    + (f" ({option} does not override this)." if option else "."))
 
 
 def check_output_folder(out: str | Path, kind: OutputKind, inputs: Iterable[str | Path] = (), force: bool = False,
@@ -62,7 +63,7 @@ def check_output_folder(out: str | Path, kind: OutputKind, inputs: Iterable[str 
     never overrides this). Otherwise an OutputFolderError naming the folder and, where it helps, `option`."""
     out = Path(out)
     _refuse_non_folder(out, kind)
-    _refuse_inputs(out, inputs)
+    _refuse_inputs(out, inputs, option)
     if not out.exists() or force or kind.is_earlier_output(out):
         return out
     others = sorted(entry.name for entry in out.iterdir())
@@ -115,5 +116,5 @@ def check_output_file(path: str | Path, inputs: Iterable[str | Path] = ()) -> Pa
     path = Path(path)
     if path.is_dir():
         raise OutputFolderError(f"{path} is a folder: pass a file path to write.")
-    _refuse_inputs(path, inputs)
+    _refuse_inputs(path, inputs, None)
     return path
