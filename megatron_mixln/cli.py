@@ -304,7 +304,8 @@ def _analyze_parser() -> argparse.ArgumentParser:
         "the held-out loss with each layer removed, gradient norm by depth and the loss curves, as PNG figures, "
         "analysis.json and report.md; several runs are overlaid in each figure."))
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="a run folder (its export, else its latest checkpoint), an export or a checkpoint folder")
+                        help="a run folder (its export, else its latest checkpoint), an export folder (mixln-export, "
+                             "with or without --hf) or a checkpoint folder")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder for the figures, analysis.json, report.md: a new or empty one, or an earlier "
                              "analysis (replaced whole)")

@@ -264,6 +264,26 @@ def analysed(runs):
     return analysis.analyse([runs["pre"], runs["mix"], runs["post6"]], sequences=1, device="cpu", progress=False)
 
 
+def test_an_hf_export_measures_what_its_run_folder_does(runs, analysed, tmp_path):
+    from megatron_mixln.model.hf import RUN_RECORD, export_hf
+
+    hf = export_hf(runs["mix"], tmp_path / "hf").out  # what `mixln-export RUN OUT --hf` writes
+    [from_hf] = analysis.analyse([hf], sequences=1, device="cpu", progress=False)
+    [from_run] = [a for a in analysed if a.run.name == "mix"]
+    run = from_hf.run
+    assert (run.kind, run.step, run.run_dir, run.label) == ("hf export", 6, runs["mix"], from_run.label)
+    assert from_hf.held_out.describe() == from_run.held_out.describe()  # the run's own held-out text, via mixln_run
+    # The same fp32 weights through another reader: the measures agree to rounding.
+    np.testing.assert_allclose(from_hf.angular, from_run.angular, rtol=0, atol=1e-6)
+    assert [e["loss"] for e in from_hf.removal] == pytest.approx([e["loss"] for e in from_run.removal], rel=1e-6)
+    assert from_hf.removal[0]["full_loss"] == pytest.approx(from_run.removal[0]["full_loss"], rel=1e-6)
+    # A transformers folder without the run's record (a LLaMA from elsewhere) has no held-out data to name.
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != RUN_RECORD}))
+    with pytest.raises(CheckpointError, match=r"hf keeps no run config \(the run's data and sequence length\)"):
+        analysis.find_run(hf)
+
+
 @pytest.fixture
 def figure():
     """Calls a figures.plot_* function, draws its figure (tick labels exist only then) and closes it afterwards."""
@@ -396,8 +416,8 @@ def test_post_ln_layers_are_hatched_exactly_where_norm_placement_says(analysed, 
     assert expected(analysed[1]) == [True, True, False, False] and not any(expected(analysed[0]))
 
 
-@pytest.mark.parametrize("case", ["missing run", "empty data", "unlogged step", "no gpu", "bad steps",
-                                  "label count"])
+@pytest.mark.parametrize("case", ["missing run", "not a run", "empty data", "unlogged step", "no gpu",
+                                  "bad steps", "label count"])
 def test_bad_inputs_are_one_error_line_and_leave_the_output_alone(runs, tmp_path, case):
     if case == "no gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -406,7 +426,10 @@ def test_bad_inputs_are_one_error_line_and_leave_the_output_alone(runs, tmp_path
     (out / "keep.txt").write_text("earlier work")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "config.json").write_text('{"lr": 0.001}')  # a config.json, but of no model
     args = {"missing run": [runs["pre"], tmp_path / "no_such_run"],
+            "not a run": [runs["pre"], tmp_path / "notes"],
             "empty data": [runs["pre"], "--data", empty],
             "unlogged step": [runs["pre"], runs["mix"], "--steps", "2,60"],
             "no gpu": [runs["pre"], "--device", "cuda"],
@@ -418,7 +441,10 @@ def test_bad_inputs_are_one_error_line_and_leave_the_output_alone(runs, tmp_path
         assert "is not a comma-separated list of steps" in proc.stderr
     else:
         [line] = error_lines(proc.stderr)
-        expected = {"missing run": "no_such_run does not exist", "empty data": "empty.txt' is empty",
+        expected = {"missing run": "no_such_run does not exist",
+                    "not a run": "notes is not a run folder, an export folder (mixln-export, with or without --hf) "
+                                 "or a checkpoint folder",
+                    "empty data": "empty.txt' is empty",
                     "unlogged step": "no per-layer gradient norms at step 60", "no gpu": "no CUDA device",
                     "label count": "--labels 'Pre-LN baseline' is invalid: expected 2 non-empty labels"}[case]
         assert expected in line and line.count(". ") == 0, line

@@ -2,7 +2,7 @@
 
     from megatron_mixln import analysis
 
-    run = analysis.find_run("runs/tiny_mix")           # a run folder, an export folder or a checkpoint folder
+    run = analysis.find_run("runs/tiny_mix")           # a run folder, an export (--hf too) or a checkpoint folder
     model = run.load_model("cpu")                        # the unsplit model, whatever layout trained it
     text = analysis.held_out(run, sequences=64)          # the run's own eval split (or data="file.jsonl")
     D = analysis.angular_distances(model, text.batches)  # [L, L]: D[l, n - 1] = d(l, n); D[:, 0] the n = 1 profile

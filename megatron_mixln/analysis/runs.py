@@ -1,9 +1,8 @@
-"""Finding what to analyse: a run folder, an export or a checkpoint, its model, and its held-out text."""
+"""Finding what to analyse: a run folder, an export (--hf too) or a checkpoint, its model, and its held-out text."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,11 @@ import torch
 
 from megatron_mixln.config import Config, ConfigError, ModelConfig, config_from_dict
 from megatron_mixln.data.errors import DataError
+from megatron_mixln.model.hf import is_hf_folder
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.metrics import METRICS_FILE
-from megatron_mixln.train.weights import checkpoint_weights, is_export
+from megatron_mixln.train.weights import is_export, read_weights, run_record
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels) as data.sampling.collate returns them
 ALL = "all"  # HeldOut.split of a local --data source: every document of it
@@ -50,9 +50,9 @@ def run_label(config: Config) -> str:
 
 @dataclass
 class Run:
-    """One model to analyse: the weights folder read (`kind` "export" or "checkpoint"), the run's full config, the
-    step the weights are from, the run folder holding metrics.jsonl (None when it is not found) and the
-    prepared-data record saved with the weights (None for older exports)."""
+    """One model to analyse: the weights folder read (`kind` "export", "hf export" or "checkpoint"), the run's full
+    config, the step the weights are from, the run folder holding metrics.jsonl (None when it is not found) and
+    the prepared-data record saved with the weights (None for older exports)."""
 
     path: Path  # as given
     weights: Path
@@ -80,19 +80,10 @@ class Run:
     def load_model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         """The unsplit model with these weights, in eval mode. fp32 by default: a bf16 run's weights are exact in
         fp32, and cosines near 1 need the precision (arccos magnifies rounding near 0 distance)."""
-        from megatron_mixln.model import MixLNForCausalLM
-
-        if self.kind == "export":
-            model = export.load_exported_model(self.weights, device=device)
-        else:
-            # checkpoint_weights merges TP shards, pipeline layer files and ZeRO-3 partitions into consolidated
-            # names, so a checkpoint of any layout loads as the unsplit model, as an export does.
-            weights = checkpoint_weights(self.weights, self.config)
-            model_config = dataclasses.replace(self.config.model, kernels="auto")  # see load_exported_model
-            with torch.device("meta"):
-                model = MixLNForCausalLM(model_config)
-            model.load_state_dict(weights, strict=True, assign=True)
-            model = model.to(device=device)
+        # read_weights merges a checkpoint's TP shards, pipeline layer files and ZeRO-3 partitions into
+        # consolidated names, so a checkpoint of any layout loads as the unsplit model, as an export does.
+        weights = read_weights(self.weights)
+        model = export.model_with_weights(weights.model_config, weights.tensors, self.weights, device)
         return model.to(dtype=dtype).eval()
 
 
@@ -107,77 +98,69 @@ def _run_dir_near(folder: Path, config: Config, *candidates: Path) -> Path | Non
 
 def find_run(path: str | Path) -> Run:
     """The weights and config behind `path`: a run folder (its export, else its latest checkpoint), an export
-    folder, or a checkpoint folder. One CheckpointError sentence when it is none of them."""
+    folder (mixln-export, with or without --hf), or a checkpoint folder. One CheckpointError sentence when it is
+    none of them."""
     path = Path(path)
-    expected = (f"expected a run folder (a train.out_dir), an export folder or a checkpoint folder "
-                f"(<run>/{ckpt.CHECKPOINTS}/step_N)")
+    expected = (f"expected a run folder (a train.out_dir), an export folder (mixln-export, with or without --hf) or "
+                f"a checkpoint folder (<run>/{ckpt.CHECKPOINTS}/step_N)")
     if not path.is_dir():
         raise ckpt.CheckpointError(f"{path} {'is a file' if path.exists() else 'does not exist'}: {expected}.")
     if is_export(path / "export"):
-        run = _from_export(path / "export", path)
+        run = _from_weights(path / "export", "export", path)
         newest = _latest_checkpoint_step(path)
         if newest is not None and run.step is not None and newest > run.step:
             # A run resumed after train.stop_after_step keeps its old export until it finishes.
             run.notes.append(f"{run.name}: its export is from step {run.step} but its latest checkpoint is from step "
                              f"{newest}; the export is analysed (name the checkpoint folder to analyse that one).")
     elif is_export(path):
-        run = _from_export(path, path.parent)
+        run = _from_weights(path, "export", path.parent)
+    elif is_hf_folder(path):
+        run = _from_weights(path, "hf export", path.parent)
     elif (path / ckpt.STATE_FILE).is_file():
-        run = _from_checkpoint(path, path)
+        run = _from_weights(path, "checkpoint", path)
     elif (path / ckpt.CHECKPOINTS).is_dir() or (path / METRICS_FILE).is_file():
         latest = ckpt.latest_checkpoint(path)
         if latest is None:
             raise ckpt.CheckpointError(f"{path} holds neither an export nor a complete checkpoint to analyse: "
                                        "let the run finish (or stop it with train.stop_after_step), then try again.")
-        run = _from_checkpoint(latest, path)
+        run = _from_weights(latest, "checkpoint", path)
     else:
-        raise ckpt.CheckpointError(f"{path} is not a run folder, an export folder or a checkpoint folder: it holds "
-                                   f"no export/, no {ckpt.CHECKPOINTS}/, no {export.EXPORT_INDEX} and no "
+        raise ckpt.CheckpointError(f"{path} is not a run folder, an export folder (mixln-export, with or without "
+                                   f"--hf) or a checkpoint folder: it holds no export/, no {ckpt.CHECKPOINTS}/, no "
+                                   f"{export.EXPORT_INDEX}, no config.json naming a model_type and no "
                                    f"{ckpt.STATE_FILE}.")
     run.path = path
     return run
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
-    with contextlib.suppress(ckpt.CheckpointError, OSError, ValueError, KeyError, TypeError):
+    with contextlib.suppress(ckpt.CheckpointError, OSError, ValueError, TypeError):
         folder = ckpt.latest_checkpoint(run_dir)
         if folder is not None:
-            return int(json.loads((folder / ckpt.STATE_FILE).read_text())["step"])
+            return int(run_record(folder).step)
     return None  # no checkpoint, or one this note cannot read: the export is what there is to analyse
 
 
-def _from_export(folder: Path, around: Path) -> Run:
-    config_path = folder / export.EXPORT_CONFIG
-    try:
-        saved = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, OSError) as err:
-        raise ckpt.CheckpointError(f"{config_path} is not readable JSON ({err}).") from None
-    if not isinstance(saved, dict) or saved.get("run_config") is None:
-        raise ckpt.CheckpointError(f"{folder} holds no run_config (its data and sequence length): export it with "
-                                   "mixln-train or mixln-export.")
-    config = config_from_dict(saved["run_config"], source=str(config_path))
-    run_dir = _run_dir_near(folder, config, around)
-    return Run(path=folder, weights=folder, kind="export", config=config, step=saved.get("step"), run_dir=run_dir,
-               data_meta=saved.get("data"), name=(run_dir or around).name)
-
-
-def _from_checkpoint(folder: Path, around: Path) -> Run:
-    state_path = folder / ckpt.STATE_FILE
-    try:
-        state = json.loads(state_path.read_text())
-        raw = state["config"]
-    except (json.JSONDecodeError, OSError, KeyError, TypeError) as err:
-        raise ckpt.CheckpointError(f"{state_path} is not a readable trainer state with the run's config "
-                                   f"({err!r}).") from None
-    config = config_from_dict(raw, source=str(state_path))
-    # A checkpoint folder given on its own sits in <run>/checkpoints/.
-    run_dir = _run_dir_near(folder, config, around, folder.parent.parent)
-    step = state.get("step")
-    name = (run_dir or folder).name
-    if around == folder:  # a checkpoint chosen by hand: its step is part of what is being compared
-        name = f"{name}@step_{step}"
-    return Run(path=folder, weights=folder, kind="checkpoint", config=config, step=step, run_dir=run_dir,
-               data_meta=state.get("data"), name=name)
+def _from_weights(folder: Path, kind: str, around: Path) -> Run:
+    """The Run of the weights in `folder` (of `kind`), found around `around` (the folder named, or its parent): the
+    config and data record are the ones saved with the weights (run_record), as mixln-eval reads them."""
+    step, data_meta, raw = run_record(folder)
+    if not isinstance(raw, dict):
+        raise ckpt.CheckpointError(f"{folder} keeps no run config (the run's data and sequence length): analyse a "
+                                   "run, checkpoint or export that mixln-train, mixln-export or mixln-export --hf "
+                                   "wrote.")
+    checkpoint = kind == "checkpoint"
+    config = config_from_dict(raw, source=str(folder / (ckpt.STATE_FILE if checkpoint else export.EXPORT_CONFIG)))
+    if checkpoint:  # a checkpoint folder given on its own sits in <run>/checkpoints/
+        run_dir = _run_dir_near(folder, config, around, folder.parent.parent)
+        name = (run_dir or folder).name
+        if around == folder:  # a checkpoint chosen by hand: its step is part of what is being compared
+            name = f"{name}@step_{step}"
+    else:
+        run_dir = _run_dir_near(folder, config, around)
+        name = (run_dir or around).name
+    return Run(path=folder, weights=folder, kind=kind, config=config, step=step, run_dir=run_dir,
+               data_meta=data_meta, name=name)
 
 
 # ------------------------------------------------------------------------------------------------ held-out text

@@ -299,15 +299,14 @@ def is_hf_folder(folder: Path) -> bool:
 def read_hf_weights(folder: str | Path):
     """A transformers LLaMA folder (or one of our --hf exports) as `train.weights.Weights`: its model, its tensors
     under our names and, for an --hf export, the run's record (RUN_RECORD in config.json)."""
-    from megatron_mixln.train.weights import Weights
+    from megatron_mixln.train.weights import Weights, run_record
 
     folder = Path(folder)
     model_config, kind = read_source_config(folder)
     tensors = HFTensors(folder)
     names = _source_names(tensors, model_config, folder, kind)
-    record = json.loads((folder / "config.json").read_text()).get(RUN_RECORD) or {}
     return Weights(model_config, {name: tensors.piece(source)[:] for name, source in names.items()},
-                   record.get("step"), record.get("data"), record.get("run_config"), folder)
+                   *run_record(folder), folder)
 
 
 def _llama_model_config(folder: Path) -> ModelConfig:

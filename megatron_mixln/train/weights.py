@@ -9,12 +9,12 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from megatron_mixln.config import ModelConfig, config_from_dict
-from megatron_mixln.model.hf import is_hf_folder, read_hf_weights
+from megatron_mixln.model.hf import RUN_RECORD, is_hf_folder, read_hf_weights
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.checkpoint import CheckpointError, deepspeed_checkpoint_globals
 from megatron_mixln.train.export import EXPORT_CONFIG, read_export
@@ -40,8 +40,7 @@ def read_weights(source: str | Path) -> Weights:
         raise CheckpointError(f"{folder} does not exist: pass a run folder, a checkpoint folder or an export folder.")
     if is_export(folder):
         model_config, tensors = read_export(folder)
-        saved = ckpt.read_json(folder / EXPORT_CONFIG, "export the run again")
-        return Weights(model_config, tensors, saved.get("step"), saved.get("data"), saved.get("run_config"), folder)
+        return Weights(model_config, tensors, *run_record(folder), folder)
     if is_hf_folder(folder):
         return read_hf_weights(folder)
     if (folder / ckpt.CHECKPOINTS).is_dir():
@@ -53,10 +52,32 @@ def read_weights(source: str | Path) -> Weights:
         raise CheckpointError(f"{folder} is neither a run folder with checkpoints, a checkpoint folder (no "
                               f"{ckpt.STATE_FILE}) nor an export folder (no {EXPORT_CONFIG} with a model).")
     ckpt.verify_checkpoint(folder)  # every file read whole against its saved CRC-32 before any is used
-    state = ckpt.read_json(state_path)
-    run_config = config_from_dict(state["config"])
+    record = run_record(folder)
+    run_config = config_from_dict(record.run_config)
     tensors = checkpoint_weights(folder, run_config)  # merged over TP, PP and ZeRO partitions
-    return Weights(run_config.model, tensors, state.get("step"), state.get("data"), state["config"], folder)
+    return Weights(run_config.model, tensors, *record, folder)
+
+
+class RunRecord(NamedTuple):
+    """What a weights folder keeps of the run that made it (None where it keeps nothing), in Weights' order."""
+
+    step: int | None
+    data_meta: dict | None
+    run_config: dict | None
+
+
+def run_record(folder: Path) -> RunRecord:
+    """The run's record next to the weights in `folder`, without reading a tensor: an export's config.json, an
+    --hf export's config.json (under RUN_RECORD; a LLaMA from elsewhere has none) or a checkpoint's
+    trainer_state.json (its "config")."""
+    if is_export(folder):
+        saved = ckpt.read_json(folder / EXPORT_CONFIG, "export the run again")
+    elif is_hf_folder(folder):
+        saved = ckpt.read_json(folder / "config.json", "export the run again").get(RUN_RECORD) or {}
+    else:
+        state = ckpt.read_json(folder / ckpt.STATE_FILE)
+        saved = {**state, "run_config": state.get("config")}
+    return RunRecord(saved.get("step"), saved.get("data"), saved.get("run_config"))
 
 
 def is_export(folder: Path) -> bool:
