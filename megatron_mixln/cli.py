@@ -371,10 +371,12 @@ def _bench(argv) -> int:
 
 
 def _standalone_module(name: str):
-    """Module `name` executed from its file without importing its package (its own imports must be light)."""
-    package, _, leaf = name.rpartition(".")
-    folder = importlib.util.find_spec(package).submodule_search_locations[0]  # imports the package's parent only
-    spec = importlib.util.spec_from_file_location(f"_mixln_standalone_{leaf}", Path(folder) / f"{leaf}.py")
+    """Module `name` of megatron_mixln.kernels executed from its file without importing the package (which defines
+    every Triton kernel); its own imports must be light."""
+    from megatron_mixln import KERNELS_FOLDER
+
+    leaf = name.removeprefix("megatron_mixln.kernels.")
+    spec = importlib.util.spec_from_file_location(f"_mixln_standalone_{leaf}", Path(KERNELS_FOLDER) / f"{leaf}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

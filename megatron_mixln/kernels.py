@@ -10,11 +10,9 @@ treats a bare one as absent). In an installed wheel the modules sit in `megatron
 The `*_reference` functions are the plain-PyTorch definitions the kernels match (the model's torch path). On CPU
 the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1 before importing this package.
 """
-import os as _os
+from megatron_mixln import KERNELS_FOLDER
 
-_HERE = _os.path.dirname(_os.path.abspath(__file__))
-__path__ = [folder for folder in (_os.path.join(_HERE, "kernels"), _os.path.join(_os.path.dirname(_HERE), "kernels"))
-            if _os.path.isfile(_os.path.join(folder, "rms_norm.py"))][:1]
+__path__ = [KERNELS_FOLDER]  # what makes this module a package: its submodules are the folder's files
 
 from megatron_mixln.kernels.rms_norm import (  # noqa: E402  (after __path__, which makes these importable)
     add_rms_norm,

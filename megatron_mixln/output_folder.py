@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +23,15 @@ class OutputFolderError(ValueError):
 @dataclass(frozen=True)
 class OutputKind:
     """What a command writes: its name in messages, and the files that mark an earlier output of the kind (a
-    folder holding every file of one of `marks`)."""
+    folder holding every file of one of `marks`, and passing `claims` where files of that name are common)."""
 
     name: str
     marks: tuple[tuple[str, ...], ...]
+    claims: Callable[[Path], bool] | None = None
 
     def is_earlier_output(self, folder: Path) -> bool:
-        return any(all((folder / name).exists() for name in files) for files in self.marks)
+        return (any(all((folder / name).exists() for name in files) for files in self.marks)
+                and (self.claims is None or self.claims(folder)))
 
 
 def _refuse_non_folder(path: Path, kind: OutputKind) -> None:

@@ -2,6 +2,7 @@
 case, then each command on a tiny trained run, every file of its input and of the refused folder hashed before and
 after."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -134,6 +135,18 @@ def test_each_command_recognises_its_own_earlier_output_and_not_the_others(train
     assert HF_OUTPUT.is_earlier_output(hf) and not HF_OUTPUT.is_earlier_output(run / "export")
     for kind in (EXPORT_OUTPUT, HF_OUTPUT, ANALYSIS_OUTPUT, study.STUDY_OUTPUT):
         assert not kind.is_earlier_output(run)  # a run folder is nobody's output to replace
+
+
+def test_a_downloaded_transformers_model_is_not_taken_for_an_earlier_hf_export(trained, tmp_path):
+    # The same two files as an --hf export, but no run record in config.json: writing there needs --force.
+    download = tmp_path / "llama"
+    shutil.copytree(trained[1], download)
+    config = json.loads((download / "config.json").read_text())
+    config.pop("mixln_run")
+    (download / "config.json").write_text(json.dumps(config))
+    assert not HF_OUTPUT.is_earlier_output(download)
+    assert "--force" in refusal(lambda: check_output_folder(download, HF_OUTPUT))
+    assert check_output_folder(download, HF_OUTPUT, force=True) == download
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,8 +39,18 @@ FUNCTION_FIELDS = ("norm_placement", "rms_norm_eps", "rope_theta")
 # Text both tokenizers must encode to the same ids before an export carries transformers' one.
 TOKENIZER_PROBE = "Mix-LN puts Post-LN in the first layers, Pre-LN in the rest: 25% of 24 = 6.\n  Ünïcödé, 東京."
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # older LLaMA checkpoints save RoPE's buffer; we compute it
-HF_OUTPUT = OutputKind("Hugging Face export", (("config.json", "generation_config.json"),))  # save_pretrained's
 RUN_RECORD = "mixln_run"  # config.json key of an --hf export: the step, data metadata and run config
+
+
+def _holds_run_record(folder: Path) -> bool:
+    """Whether config.json is an --hf export's: a model downloaded from the hub has the same two files."""
+    try:
+        return RUN_RECORD in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+HF_OUTPUT = OutputKind("Hugging Face export", (("config.json", "generation_config.json"),), _holds_run_record)
 
 
 # ------------------------------------------------------------------------------------------------
