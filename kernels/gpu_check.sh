@@ -26,7 +26,9 @@ if ! "$PY" -c "import megatron_mixln.kernels" 2>/dev/null; then
   PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONPATH
   if ! "$PY" -c "import megatron_mixln.kernels"; then
-    echo "gpu_check: cannot import megatron_mixln.kernels; install the package with: $PY -m pip install --no-deps -e ."
+    # No index on an offline GPU machine: no build isolation (it would fetch setuptools), no dependencies.
+    echo "gpu_check: cannot import megatron_mixln.kernels from $(pwd); run this from the repository root, or install" \
+         "the package with: $PY -m pip install --no-deps --no-build-isolation --no-index -e ."
     exit 1
   fi
 fi
