@@ -22,17 +22,28 @@ _GPU_NORM_TILE = 2048
 _GPU_ELEMENTWISE_BLOCK = 1024
 
 
+# Test-only switch (MIXLN_TEST_GPU_NAN=1, read when this module is imported; tests set the attribute instead):
+# under the interpreter, every NaN reaching a bf16 rounding becomes 0x7FFFFFFF, the NaN a GPU's fp32
+# arithmetic makes (inf * 0, inf - inf), where numpy makes 0xFFC00000. Never set it on a GPU.
+GPU_NAN_IN_INTERPRETER = tl.constexpr(os.environ.get("MIXLN_TEST_GPU_NAN", "") == "1")
+
+
 @triton.jit
 def round_to_bf16(x):
     """fp32 -> the nearest bfloat16 value (ties to even), still held in fp32.
 
     The GPU's cast already rounds to nearest even, but Triton's CPU interpreter truncates fp32 -> bf16;
-    doing the rounding in integer bits gives the same answer on both (it costs a few integer ops per
-    element in a memory-bound kernel). Inf and NaN pass through.
+    doing the rounding in integer bits gives the same answer on both (it costs a few integer ops and one
+    select per element in a memory-bound kernel). Finite values that round past bf16's largest become inf,
+    inf stays inf, and a NaN stays a NaN of the same sign, quieted: the rounding add alone would carry a
+    NaN's low bits into its exponent and sign (the GPU's NaN 0x7FFFFFFF would become -0.0).
     """
     bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    bits = bits & 0xFFFF0000
+    if GPU_NAN_IN_INTERPRETER:
+        bits = tl.where(x != x, 0x7FFFFFFF, bits)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    bits = tl.where(is_nan, bits | 0x00400000, rounded) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
 
 

@@ -16,6 +16,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from megatron_mixln.kernels import (
     add_rms_norm,
@@ -29,7 +31,8 @@ from megatron_mixln.kernels import (
     swiglu_forward,
     swiglu_reference,
 )
-from megatron_mixln.kernels._common import elementwise_launch, norm_launch, persistent_programs
+from megatron_mixln.kernels import _common
+from megatron_mixln.kernels._common import elementwise_launch, norm_launch, persistent_programs, round_to_bf16
 
 DEVICE = torch.device(os.environ.get("MIXLN_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -451,6 +454,117 @@ def test_swiglu_extreme_gates_stay_finite(rand):
     assert_matches(y, y64, torch.float32, "y", rand.seed)
     assert_matches(gate.grad, dg64, torch.float32, "dgate", rand.seed)
     assert_matches(up.grad, du64, torch.float32, "dup", rand.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NaN and inf: kept by the bf16 rounding, and by every kernel as by the reference
+
+
+@triton.jit
+def _round_to_bf16_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(Y + offsets, round_to_bf16(tl.load(X + offsets, mask=mask)), mask=mask)
+
+
+# fp32 bit patterns: the GPU's arithmetic NaN 0x7FFFFFFF and its negative, signalling and quiet NaNs of both
+# signs, +-inf, values that round past bf16's largest (to +-inf) and just below it, bf16's largest, +-0, ties
+# to even, normal and subnormal values.
+ROUNDING_PATTERNS = [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFF800001, 0x7FC00000, 0xFFC00000, 0x7F800000,
+                     0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x7F7F0000, 0xFF7F0000, 0x00000000,
+                     0x80000000, 0x3F800000, 0x3F808000, 0x3F818000, 0xBF80C000, 0x40490FDB, 0x00000001,
+                     0x00008000, 0x80018000, 0x007FFFFF, 0x807F8000]
+
+
+def test_round_to_bf16_matches_torch_and_keeps_nan_and_inf():
+    bits = torch.tensor(ROUNDING_PATTERNS, dtype=torch.int64).to(torch.int32)  # wraps to the same 32 bits
+    x = bits.view(torch.float32).to(DEVICE)
+    out = torch.empty_like(x)
+    _round_to_bf16_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    out, x = out.cpu(), x.cpu()
+    expected = x.to(torch.bfloat16).float()
+    as_hex = lambda t: [f"{b & 0xFFFFFFFF:08X}" for b in t.view(torch.int32).tolist()]  # noqa: E731
+    nan = torch.isnan(x)
+    assert torch.equal(torch.isnan(expected), nan) and nan.sum() == 6
+    assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32)), \
+        list(zip(as_hex(x[~nan]), as_hex(out[~nan]), as_hex(expected[~nan])))
+    # A NaN stays a quiet NaN of its sign (torch's CPU cast makes every NaN 0xFFFF, so the sign is the input's).
+    out_bits = out[nan].view(torch.int32)
+    assert torch.isnan(out[nan]).all() and torch.equal(torch.signbit(out[nan]), torch.signbit(x[nan])), \
+        list(zip(as_hex(x[nan]), as_hex(out[nan])))
+    assert ((out_bits & 0x00400000) != 0).all() and ((out_bits & 0xFFFF) == 0).all(), as_hex(out[nan])
+
+
+@pytest.fixture
+def gpu_nan_bits(monkeypatch):
+    """NaNs made by the kernels' fp32 arithmetic carry the GPU's bits (0x7FFFFFFF), not numpy's (0xFFC00000)."""
+    if DEVICE.type == "cpu":  # on a GPU they already do
+        monkeypatch.setattr(_common, "GPU_NAN_IN_INTERPRETER", tl.constexpr(True))
+
+
+def assert_non_finite_like(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, seed: int) -> None:
+    """NaN, +inf and -inf where the float64 reference has them; elsewhere as `assert_matches`."""
+    out64, ref64 = out.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
+    for name, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert torch.equal(where(out64), where(ref64)), (f"{what}: {name} at {where(out64).nonzero().tolist()}, "
+                                                         f"reference at {where(ref64).nonzero().tolist()} [seed {seed}]")
+    finite = torch.isfinite(ref64)
+    assert_matches(out64[finite], ref64[finite], dtype, what, seed)
+
+
+def with_inf(t: torch.Tensor, *where: tuple[int, int, float]) -> torch.Tensor:
+    t = t.clone()
+    for row, col, value in where:
+        t[row, col] = value
+    return t.requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_of_rows_holding_inf_is_non_finite_like_the_reference(dtype, rand, gpu_nan_bits):
+    x = with_inf(rand.normal((4, 40), dtype), (1, 5, math.inf), (2, 7, -math.inf))
+    w = rand.weight(40, dtype).requires_grad_(True)
+    dy = rand.normal((4, 40), dtype)
+    y = rms_norm(x, w, EPS)
+    y.backward(dy)
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    y64 = rms_norm_reference(x64, w64, EPS)
+    y64.backward(dy.to("cpu", torch.float64))
+    assert y64.isnan().any() and x64.grad.isnan().any() and w64.grad.isnan().any()
+    assert_non_finite_like(y, y64, dtype, "y", rand.seed)
+    assert_non_finite_like(x.grad, x64.grad, dtype, "dx", rand.seed)
+    assert_non_finite_like(w.grad, w64.grad, dtype, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_of_rows_holding_inf_is_non_finite_like_the_reference(dtype, rand, gpu_nan_bits):
+    x = with_inf(rand.normal((4, 40), dtype), (1, 5, math.inf))
+    r = with_inf(rand.normal((4, 40), dtype), (2, 7, -math.inf))
+    w = rand.weight(40, dtype).requires_grad_(True)
+    g_n, g_s = rand.normal((4, 40), dtype), rand.normal((4, 40), dtype)
+    normed, summed = add_rms_norm(x, r, w, EPS)
+    torch.autograd.backward([normed, summed], [g_n, g_s])
+    y64, summed_ref, d_sum, dw64 = _add_rms_norm_float64(x, r, w, g_n, g_s)
+    assert y64.isnan().any() and d_sum.isnan().any() and dw64.isnan().any()
+    assert_non_finite_like(summed, summed_ref, dtype, "summed", rand.seed)
+    assert_non_finite_like(normed, y64, dtype, "normed", rand.seed)
+    assert_non_finite_like(x.grad, d_sum, dtype, "dx", rand.seed)
+    assert_non_finite_like(r.grad, d_sum, dtype, "dresidual", rand.seed)
+    assert_non_finite_like(w.grad, dw64, dtype, "dw", rand.seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_of_inf_is_non_finite_like_the_reference(dtype, rand, gpu_nan_bits):
+    # silu(+inf) = inf, silu(-inf) = -inf * 0 = NaN, and the gate gradient at +inf is 1 + inf * 0 = NaN.
+    gate = with_inf(rand.normal((4, 40), dtype), (0, 3, math.inf), (1, 4, -math.inf))
+    up = with_inf(rand.normal((4, 40), dtype), (2, 5, -math.inf))
+    dy = rand.normal((4, 40), dtype)
+    y = swiglu(gate, up)
+    y.backward(dy)
+    y64, dg64, du64 = _swiglu_float64(gate, up, dy)
+    assert y64.isnan().any() and dg64.isnan().any() and du64.isnan().any()
+    assert_non_finite_like(y, y64, dtype, "y", rand.seed)
+    assert_non_finite_like(gate.grad, dg64, dtype, "dgate", rand.seed)
+    assert_non_finite_like(up.grad, du64, dtype, "dup", rand.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
