@@ -29,22 +29,27 @@ GPU_NAN_IN_INTERPRETER = tl.constexpr(os.environ.get("MIXLN_TEST_GPU_NAN", "") =
 
 
 @triton.jit
-def round_to_bf16(x):
-    """fp32 -> the nearest bfloat16 value (ties to even), still held in fp32.
+def bf16_bits(x):
+    """fp32 -> the nearest bfloat16 value (ties to even), as the upper 16 of 32 bits (the lower 16 are zero).
 
     The GPU's cast already rounds to nearest even, but Triton's CPU interpreter truncates fp32 -> bf16;
     doing the rounding in integer bits gives the same answer on both (it costs a few integer ops and one
     select per element in a memory-bound kernel). Finite values that round past bf16's largest become inf,
     inf stays inf, and a NaN stays a NaN of the same sign, quieted: the rounding add alone would carry a
-    NaN's low bits into its exponent and sign (the GPU's NaN 0x7FFFFFFF would become -0.0).
+    NaN's low bits into its exponent and sign (the GPU's arithmetic NaN 0x7FFFFFFF would become -0.0).
     """
     bits = x.to(tl.uint32, bitcast=True)
     if GPU_NAN_IN_INTERPRETER:
         bits = tl.where(x != x, 0x7FFFFFFF, bits)
     rounded = bits + 0x7FFF + ((bits >> 16) & 1)
     is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    bits = tl.where(is_nan, bits | 0x00400000, rounded) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(is_nan, bits | 0x00400000, rounded) & 0xFFFF0000
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> the nearest bfloat16 value (ties to even, NaN and inf kept), still held in fp32."""
+    return bf16_bits(x).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -61,8 +66,8 @@ def round_to(x, DTYPE: tl.constexpr):
 @triton.jit
 def cast_for_store(x, DTYPE: tl.constexpr):
     """fp32 `x` cast to `DTYPE` for a store, rounding to nearest even on the GPU and in the interpreter alike."""
-    if DTYPE == tl.bfloat16:
-        return round_to_bf16(x).to(tl.bfloat16)
+    if DTYPE == tl.bfloat16:  # by bits: exact, and a NaN keeps its sign whatever the GPU's cast does with it
+        return (bf16_bits(x) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
 

@@ -32,7 +32,8 @@ from megatron_mixln.kernels import (
     swiglu_reference,
 )
 from megatron_mixln.kernels import _common
-from megatron_mixln.kernels._common import elementwise_launch, norm_launch, persistent_programs, round_to_bf16
+from megatron_mixln.kernels._common import cast_for_store, elementwise_launch, norm_launch, persistent_programs, \
+    round_to_bf16
 
 DEVICE = torch.device(os.environ.get("MIXLN_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -461,10 +462,12 @@ def test_swiglu_extreme_gates_stay_finite(rand):
 
 
 @triton.jit
-def _round_to_bf16_kernel(X, Y, n, BLOCK: tl.constexpr):
+def _round_to_bf16_kernel(X, Y, Y_BF16, n, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     mask = offsets < n
-    tl.store(Y + offsets, round_to_bf16(tl.load(X + offsets, mask=mask)), mask=mask)
+    x = tl.load(X + offsets, mask=mask)
+    tl.store(Y + offsets, round_to_bf16(x), mask=mask)
+    tl.store(Y_BF16 + offsets, cast_for_store(x, Y_BF16.dtype.element_ty), mask=mask)
 
 
 # fp32 bit patterns: the GPU's arithmetic NaN 0x7FFFFFFF and its negative, signalling and quiet NaNs of both
@@ -479,9 +482,10 @@ ROUNDING_PATTERNS = [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFF800001, 0x7FC00000,
 def test_round_to_bf16_matches_torch_and_keeps_nan_and_inf():
     bits = torch.tensor(ROUNDING_PATTERNS, dtype=torch.int64).to(torch.int32)  # wraps to the same 32 bits
     x = bits.view(torch.float32).to(DEVICE)
-    out = torch.empty_like(x)
-    _round_to_bf16_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
-    out, x = out.cpu(), x.cpu()
+    out, stored = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _round_to_bf16_kernel[(1,)](x, out, stored, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    out, stored, x = out.cpu(), stored.cpu(), x.cpu()
+    assert torch.equal(stored.float().view(torch.int32), out.view(torch.int32)), "a store rounds as round_to_bf16"
     expected = x.to(torch.bfloat16).float()
     as_hex = lambda t: [f"{b & 0xFFFFFFFF:08X}" for b in t.view(torch.int32).tolist()]  # noqa: E731
     nan = torch.isnan(x)

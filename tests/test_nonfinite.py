@@ -108,6 +108,45 @@ def test_pipeline_skip_gives_the_weights_of_a_run_without_that_batch(precision, 
         max_relative_difference(weights, expected)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_an_inf_activation_in_bf16_makes_the_loss_non_finite_and_the_step_skipped(kernels, cache, tmp_path,
+                                                                                  monkeypatch):
+    # One token's embedding overflows at step 3. The fused kernels' NaNs then carry the GPU's bits (the
+    # interpreter's are numpy's), which a bit-level bf16 rounding once turned into zeros: a finite loss.
+    import triton.language as tl
+
+    from megatron_mixln.kernels import _common
+    from megatron_mixln.model.llama import Embedding
+    from megatron_mixln.train import step as step_module
+
+    monkeypatch.setattr(_common, "GPU_NAN_IN_INTERPRETER", tl.constexpr(True))
+    training = {"step": 0}
+    real_train_step, real_embed = step_module.StepEngine.train_step, Embedding.forward
+
+    def train_step_knowing_the_step(self, step, *args, **kwargs):
+        training["step"] = step
+        try:
+            return real_train_step(self, step, *args, **kwargs)
+        finally:
+            training["step"] = 0
+
+    def embed_with_an_overflow(self, input_ids):
+        hidden = real_embed(self, input_ids)
+        if training["step"] == BAD_STEP:
+            hidden = hidden.clone()
+            hidden[..., 0, 0] = math.inf
+        return hidden
+
+    monkeypatch.setattr(step_module.StepEngine, "train_step", train_step_knowing_the_step)
+    monkeypatch.setattr(Embedding, "forward", embed_with_an_overflow)
+    out = tmp_path / "run"
+    result = train(load_config(None, tiny(cache, out, *layout_overrides("bf16", 1), f"model.kernels={kernels}",
+                                          "train.on_nonfinite=skip", f"train.stop_after_step={BAD_STEP}")))
+    assert result.skipped_steps == [BAD_STEP] and sorted(result.losses) == [1, 2]
+    record = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("step") == BAD_STEP and "loss" in r)
+    assert not math.isfinite(float(record["loss"])) and record["skipped"] is True  # written as a string
+
+
 def test_updates_skipped_in_a_row_stop_the_run_and_never_save_non_finite_weights(cache, tmp_path):
     # lr 1e6: step 1 blows the weights up (finite), every later gradient is NaN.
     out = tmp_path / "run"
