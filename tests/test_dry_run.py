@@ -181,7 +181,7 @@ def test_zero3_working_memory_lines_are_the_config_buckets_times_their_element_b
     assert lines["reduce bucket"]["bytes"] == zero.reduce_bucket_size * 4  # communication_data_type fp32
     assert lines["CUDA context"]["bytes"] == CUDA_CONTEXT_BYTES
     assert s["working_memory"]["bytes"] == (zero.max_live_parameters * 2 + zero.reduce_bucket_size * 4
-                                            + CUDA_CONTEXT_BYTES)
+                                            + CUDA_CONTEXT_BYTES + lines["update-norm change"]["bytes"])
     fp32 = working_lines(summary(world=64, train__precision="fp32"))
     assert fp32["live parameters"]["bytes"] == zero.max_live_parameters * 4
     assert fp32["reduce bucket"]["bytes"] == zero.reduce_bucket_size * 4
@@ -224,7 +224,8 @@ def test_a_change_of_stage3_max_live_parameters_changes_the_plan_by_exactly_its_
 def test_7b_plan_at_64_gpus_exceeds_zero3_buffers():
     s = summary(world=64)
     zero = zero_settings()
-    buffers = zero.max_live_parameters * 2 + zero.reduce_bucket_size * 4 + CUDA_CONTEXT_BYTES
+    buffers = (zero.max_live_parameters * 2 + zero.reduce_bucket_size * 4 + CUDA_CONTEXT_BYTES
+               + working_lines(s)["update-norm change"]["bytes"])
     # The buffers alone exceed model states + activations (2.5 GiB), all the plan used to count.
     assert buffers > s["bytes"]["gpu_total_with_activations"]
     assert s["bytes"]["gpu_total_with_working_memory"] == s["bytes"]["gpu_total_with_activations"] + buffers
@@ -232,6 +233,28 @@ def test_7b_plan_at_64_gpus_exceeds_zero3_buffers():
     text = dry_run_report(load_config(ROOT / "configs/llama_7b.yaml", []), 64, 8)
     [total_line] = [line for line in text.splitlines() if line.endswith("activations + working memory")]
     assert float(total_line.split()[2]) == round(s["bytes"]["gpu_total_with_working_memory"] / GIB, 2)
+
+
+def test_update_norms_plan_a_host_copy_of_the_weights_and_one_weight_change_on_the_gpu():
+    vocab, hidden = 32000, 4096  # the 7B's largest weight: the embedding (and the head)
+    s = summary(world=64, parallel__zero_stage=3)  # layer_grad_norm_every 50 (the default)
+    change = working_lines(s)["update-norm change"]
+    assert (change["elements"], change["element_bytes"]) == (-(-vocab * hidden // 64), 2 + 4)  # bf16 up, fp32
+    assert s["bytes"]["update_norm_host"] == s["bytes"]["parameters"] == s["total"] * 2 / 64
+    assert s["bytes"]["update_norm_host_per_node"] == 8 * s["bytes"]["update_norm_host"]
+    tp2 = working_lines(summary(world=8, parallel__tp=2, parallel__zero_stage=1, train__precision="fp32"))
+    assert tp2["update-norm change"]["bytes"] == vocab * hidden // 2 * 4
+    off = summary(world=64, parallel__zero_stage=3, train__layer_grad_norm_every=0)
+    assert "update-norm change" not in working_lines(off) and off["bytes"]["update_norm_host"] == 0
+    assert (s["bytes"]["gpu_total_with_working_memory"] - off["bytes"]["gpu_total_with_working_memory"]
+            == change["bytes"])
+    text = dry_run_report(load_config(ROOT / "configs/llama_7b.yaml", ["parallel.zero_stage=3"]), 64, 8)
+    [line] = [line for line in text.splitlines() if "update-norm change" in line]
+    assert line.split()[2:6] == [f"{change['bytes'] / 2**20:.2f}", "MiB", "2,048,000", "x"], line
+    assert (f"CPU (per-layer update norms, every 50 steps) {s['bytes']['update_norm_host'] / GIB:.2f} GiB per rank"
+            in text)
+    assert "CPU (per-layer update norms" not in dry_run_report(
+        load_config(ROOT / "configs/llama_7b.yaml", ["train.layer_grad_norm_every=0"]), 64, 8)
 
 
 def test_report_names_every_quantity():

@@ -142,7 +142,7 @@ CUDA_CONTEXT_BYTES = GIB
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def working_memory(ds_config: dict, rank_params: int, pp: int) -> dict:
+def working_memory(ds_config: dict, rank_params: int, pp: int, update_norm_elements: int = 0) -> dict:
     """ZeRO's working buffers on one GPU, from the DeepSpeed config our engine builds (train/engine.py,
     deepspeed_config) with DeepSpeed 0.19.8's defaults where it sets nothing (deepspeed/runtime/zero/config.py,
     DeepSpeedZeroConfig: reduce_bucket_size and allgather_bucket_size 5e8, stage3_prefetch_bucket_size 5e7,
@@ -159,6 +159,9 @@ def working_memory(ds_config: dict, rank_params: int, pp: int) -> dict:
     - ZeRO-0, and ZeRO-1 in bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer,
       engine.py _do_optimizer_sanity_check): the engine all-reduces flattened fp32 gradient copies in buckets of
       MEMORY_OPT_ALLREDUCE_SIZE elements (engine.py, allreduce_gradients), a constant the config cannot change.
+    - Per-layer update norms (train/step.py, squared_change), every train.layer_grad_norm_every steps:
+      `update_norm_elements`, the largest weight share, uploaded from its host copy in the weights' dtype and
+      widened to fp32 (0: norms off, no line).
     Each line: name, bytes, elements, bytes per element, the setting and where its value comes from, and whether
     it adds to the total.
     """
@@ -201,6 +204,9 @@ def working_memory(ds_config: dict, rank_params: int, pp: int) -> dict:
     if zero.stage in (1, 2):
         lines.append(line("allgather bucket", zero.allgather_bucket_size, weight_b, setting("allgather_bucket_size"),
                           allocated=False))
+    if update_norm_elements:
+        lines.append(line("update-norm change", update_norm_elements, weight_b + 4 if bf16 else 4,
+                          "the largest weight share, uploaded and widened to fp32 (train.layer_grad_norm_every)"))
     lines.append(line("CUDA context", CUDA_CONTEXT_BYTES, 1, "typical size (CUDA, PyTorch's kernels, NCCL)"))
     return {"lines": lines, "bytes": sum(entry["bytes"] for entry in lines if entry["counted"])}
 
@@ -232,10 +238,15 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
     weights, grads, optim = _state_bytes(params, config.train.precision, zero, dp)
     optim_gpu, optim_cpu = (0.0, optim) if parallel.offload_optimizer else (optim, 0.0)
     activations = _activation_summary(config, tp, pp, dp, bounds, stages)
-    working = working_memory(deepspeed_config(config, dp), params, pp)  # the config training hands DeepSpeed
-
     largest_split, largest_replicated = counts["largest_module"]
     largest_layer = max(largest_split // tp, largest_replicated)
+    norms_every = config.train.layer_grad_norm_every
+    # Per-layer update norms (train/step.py): on their steps, a host copy of the rank's weights (ZeRO-3: its
+    # partition) in their dtype, freed after the step; on the device one weight share's change at a time.
+    update_norm_host = weights if norms_every else 0.0
+    largest_share = (-(-largest_layer // dp) if zero >= 3 else largest_layer) if norms_every else 0
+    working = working_memory(deepspeed_config(config, dp), params, pp, largest_share)  # the config training uses
+
     # DeepSpeed's estimators know no TP/PP: give them what one data-parallel group shards (the largest stage's
     # per-TP-rank parameters) over its dp ranks. With tp = pp = 1 this is exactly their intended use.
     ds_nodes = nodes if dp % nodes == 0 and dp >= nodes else 1
@@ -247,7 +258,9 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
         "gpus_per_node": per_node, "precision": config.train.precision,
         "offload_optimizer": parallel.offload_optimizer, "stage_boundaries": bounds, "stage_params": stages,
         "largest_stage": largest_stage, "rank_params": params, "largest_layer_params": largest_layer,
+        "layer_grad_norm_every": norms_every,
         "bytes": {"parameters": weights, "gradients": grads, "optimizer_gpu": optim_gpu, "optimizer_cpu": optim_cpu,
+                  "update_norm_host": update_norm_host, "update_norm_host_per_node": update_norm_host * per_node,
                   "gpu_total": weights + grads + optim_gpu, "cpu_per_node": optim_cpu * per_node,
                   "activations": activations["bytes"], "gpu_total_with_activations": activations["gpu_total"],
                   "working_memory": working["bytes"],
@@ -394,6 +407,10 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
     if s["offload_optimizer"]:
         lines.append(f"  CPU (offloaded optimizer states) {_gib(b['optimizer_cpu']).strip()} per rank, "
                      f"{_gib(b['cpu_per_node']).strip()} per node")
+    if b["update_norm_host"]:
+        lines.append(f"  CPU (per-layer update norms, every {s['layer_grad_norm_every']} steps) "
+                     f"{_gib(b['update_norm_host']).strip()} per rank, {_gib(b['update_norm_host_per_node']).strip()} "
+                     f"per node: a copy of the rank's weights, {weight_b} B/param, during those steps")
     lines += _activation_lines(s)
     lines += _working_memory_lines(s)
     ds = s["deepspeed"]

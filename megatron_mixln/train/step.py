@@ -234,19 +234,30 @@ class StepEngine:
         squares = self._squared_norms(self._counted_gradients(safe_get_full_grad)).double().cpu()
         return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.tolist())}
 
+    def _counted_local_weights(self):
+        """(slot, this rank's share of the weight) for each parameter this rank counts in the model-wide norms:
+        the whole tensor, or its ZeRO-3 partition."""
+        slot = {key: i for i, key in enumerate(self.layer_keys)}
+        for name, param in self.module.named_parameters():
+            if counts_here(param):
+                yield slot[layer_norm_key(self.name_of(name))], getattr(param, "ds_tensor", param).detach()
+
     def _local_weights(self) -> list[torch.Tensor]:
-        """A copy of this rank's share of every weight: the whole tensor, or its ZeRO-3 partition."""
-        return [getattr(p, "ds_tensor", p).detach().to(self.device, dtype=torch.float32, copy=True)
-                for p in self.module.parameters()]
+        """A host copy of every counted weight share, in its own dtype (no rounding): the GPU holds nothing extra.
+        Pageable, not pinned: PyTorch's pinned-memory cache would round each tensor up to a power of two and keep
+        it for the rest of the run, where this memory is exactly the weights' size and is freed after the step.
+        The copies are synchronous, so each has landed before the update can write its weight."""
+        return [weight.to("cpu", copy=True) for _, weight in self._counted_local_weights()]
 
     def _read_update_norms(self, before: list[torch.Tensor]) -> dict[str, float]:
         """Per-layer L2 norm of what the update changed (how far each layer moved), counted like the
-        gradient norms; ZeRO-3 partitions are summed over the data-parallel group."""
-        change = {id(p): getattr(p, "ds_tensor", p).detach().float() - old
-                  for p, old in zip(self.module.parameters(), before)}
-        zero3 = any(hasattr(p, "ds_tensor") for p in self.module.parameters())
-        squares = self._squared_norms(self._counted_gradients(lambda p: change[id(p)]))
-        if zero3:  # each DP rank holds a different partition of every parameter
+        gradient norms; ZeRO-3 partitions are summed over the data-parallel group. Each weight's change is made
+        on the device one tensor at a time from its host copy, so at most one tensor's change is alive."""
+        squares = torch.zeros(len(self.layer_keys), dtype=torch.float32, device=self.device)
+        for (slot, weight), old in zip(self._counted_local_weights(), before):
+            squares[slot] += squared_change(old, weight, self.device)
+        self.all_reduce(squares, group=self.layout.model_parallel_group)
+        if any(hasattr(p, "ds_tensor") for p in self.module.parameters()):  # ZeRO-3: each DP rank its partition
             self.all_reduce(squares, group=self.layout.dp_group)
         return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.double().cpu().tolist())}
 
@@ -345,6 +356,16 @@ class PipelineSteps(StepEngine):
         # eval_batch averages the loss sums over micro-batches and DP ranks and broadcasts it to every stage.
         mean = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
         return mean.float() * (len(batches) * self.layout.dp)
+
+
+def squared_change(old: torch.Tensor, new: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """||new - old||^2 in fp32 on `device` (`old` a host copy of `new` before the update), as a device scalar.
+    The copy goes up in its own dtype (a dtype change inside the copy would widen it on the host first) and is
+    widened on the device, where the fp32 difference is made in place. That, one tensor's upload and its fp32
+    form, is all the device memory it takes, freed on return. |old - new| is |new - old| exactly."""
+    change = old.to(device).float()
+    change.sub_(new)  # computed in fp32 whatever new's dtype (type promotion), no rounding before the norm
+    return torch.linalg.vector_norm(change, dtype=torch.float32).square()
 
 
 def make_step_engine(engine, config: Config, layout) -> StepEngine:
