@@ -258,3 +258,50 @@ def test_the_fused_optimizer_makes_the_default_implementations_update(name):
             optimizer.step()
     for a, b in zip(fused_params, plain_params):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_per_tensor_optimizer_updates_a_flat_partition_bit_for_bit_as_per_parameter_tensors():
+    """What exact moves between ZeRO stages rely on: build_optimizer's default on a CPU-only host (the per-tensor
+    implementation) updates ZeRO's flat fp32 partition exactly as the same tensors one by one."""
+    from megatron_mixln.train.optim import build_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (33,), (129, 3)]  # sizes off the CPU vector width: tails in both
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    tensors = [torch.nn.Parameter(t.clone()) for t in start]
+    flat = torch.nn.Parameter(torch.cat([t.flatten() for t in start]))
+    by_tensor = build_optimizer(tensors, "adamw", 1e-2, (0.9, 0.95), 1e-8, 0.1)
+    by_partition = build_optimizer([flat], "adamw", 1e-2, (0.9, 0.95), 1e-8, 0.1)
+    assert by_tensor.defaults["fused"] is None and not torch.cuda.is_available()
+    for _ in range(5):
+        grads = [torch.randn(shape, generator=generator) for shape in shapes]
+        for param, grad in zip(tensors, grads):
+            param.grad = grad.clone()
+        flat.grad = torch.cat([grad.flatten() for grad in grads])
+        by_tensor.step()
+        by_partition.step()
+    assert torch.equal(torch.cat([t.detach().flatten() for t in tensors]), flat.detach())
+
+
+def test_a_fused_optimizer_runs_the_fused_cpu_kernel_on_partitions_moved_to_the_host(monkeypatch):
+    """CPU optimiser offload on a GPU host: build_optimizer asked for fused there, and DeepSpeed 0.19.8 puts its
+    fp32 partitions in host memory as the group's params (zero/stage_1_and_2.py, `param_group['params'] =
+    [single_partition_of_fp32_groups[i]]`; stage3.py `_optimizer_step` alike): the step is torch's fused CPU kernel."""
+    from megatron_mixln.train.optim import build_optimizer
+
+    calls = []
+    fused_adamw = torch._fused_adamw_
+
+    def counting(params, *args, **kwargs):
+        calls.append({p.device.type for p in params})
+        return fused_adamw(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counting)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(4, 3))], "adamw", 1e-2, (0.9, 0.95), 1e-8, 0.1,
+                                fused=True)
+    partition = torch.nn.Parameter(torch.randn(12))  # what DeepSpeed hands over: one flat fp32 host tensor
+    optimizer.param_groups[0]["params"] = [partition]
+    partition.grad = torch.randn(12)
+    before = partition.detach().clone()
+    optimizer.step()
+    assert calls == [{"cpu"}] and not torch.equal(partition.detach(), before)

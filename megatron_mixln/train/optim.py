@@ -48,10 +48,16 @@ class SGD(GuardedStep, torch.optim.SGD):
 
 def build_optimizer(params, name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                     fused: bool | None = None):
-    """`fused` (default: on a GPU): PyTorch's fused Adam/AdamW, one kernel for all of a group's tensors where the
-    for-each implementation launches several per tensor; the same update. A CPU keeps the per-tensor
-    implementation, whose arithmetic is bit for bit the same on per-parameter tensors and on ZeRO's flat partitions
-    (the fused CPU kernel's vector tails are not), which exact moves between ZeRO stages rely on."""
+    """`fused` (default: on a GPU host): PyTorch's fused Adam/AdamW, one kernel for all of a group's tensors where
+    the for-each implementation launches several per tensor; the same update up to rounding. The group keeps the
+    choice wherever its tensors live: with parallel.offload_optimizer, DeepSpeed 0.19.8 steps this optimiser on its
+    fp32 partitions in host memory (zero/stage_1_and_2.py and zero/stage3.py, `_optimizer_step`), so on a GPU host
+    they run torch's fused CPU kernel (multithreaded, one pass; the per-tensor path would make partition-sized
+    temporaries in host memory). A CPU-only host keeps the per-tensor implementation, offloaded or not, whose
+    arithmetic is bit for bit the same on per-parameter tensors and on ZeRO's flat partitions: the exact moves
+    between ZeRO stages, which the tests check on CPU, rely on that. The fused kernels promise no such thing (the
+    CPU kernel's vector tails round differently from its vector body, so an element's last bit can depend on where
+    a partition starts): on a GPU host, moves between layouts, and offload on or off, agree to fp32 rounding."""
     if name == "sgd":
         return SGD(params, lr=lr, weight_decay=weight_decay)
     cls = {"adam": Adam, "adamw": AdamW}[name]
