@@ -57,14 +57,16 @@ def mixln_train(nproc: int, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def run_ok(nproc, out, *overrides):
-    """(losses, grad norms, per-layer grad norms, exported weights) of a run that must succeed."""
+    """(losses, grad norms, per-layer grad norms, exported weights, per-layer update norms) of a run that must
+    succeed."""
     proc = mixln_train(nproc, *overrides, f"train.out_dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return ({r["step"]: r["loss"] for r in steps}, {r["step"]: r["grad_norm"] for r in steps},
             {r["step"]: r["layer_grad_norms"] for r in steps if "layer_grad_norms" in r},
-            read_export(Path(out) / "export")[1])
+            read_export(Path(out) / "export")[1],
+            {r["step"]: r["layer_update_norms"] for r in steps if "layer_update_norms" in r})
 
 
 def rel(a, b):
@@ -103,9 +105,10 @@ def initial_weights(name: str) -> dict[str, torch.Tensor]:
 
 def assert_same_run(name: str, run, reference) -> None:
     """A layout's run of RUNS / PLACEMENT_RUNS entry `name` against the single-process one: losses, gradient norms
-    (global and per layer) and, for SGD, what the three updates changed."""
-    losses, norms, layer_norms, weights = run
-    ref_losses, ref_norms, ref_layer_norms, ref_weights = reference
+    (global and per layer) and, for SGD, what the three updates changed (per tensor, and per layer as the run
+    logged it)."""
+    losses, norms, layer_norms, weights, update_norms = run
+    ref_losses, ref_norms, ref_layer_norms, ref_weights, ref_update_norms = reference
     assert sorted(losses) == sorted(layer_norms) == [1, 2, 3]
     for step in (1, 2, 3):
         assert rel(losses[step], ref_losses[step]) < 1e-5, (name, step)
@@ -125,6 +128,14 @@ def assert_same_run(name: str, run, reference) -> None:
     for key, ref_update in ref_updates.items():
         err = (torch.linalg.vector_norm(updates[key] - ref_update) / scale).item()
         assert err < 1e-5, (name, key, err)
+    # The per-layer update norms each step logged (train/step.py, from this rank's share of every weight, summed
+    # over TP, PP and ZeRO-3 ranks), relative to the step's largest for the same reason.
+    assert sorted(update_norms) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert update_norms[step].keys() == ref_update_norms[step].keys()
+        scale = max(ref_update_norms[step].values())
+        for key, value in ref_update_norms[step].items():
+            assert abs(update_norms[step][key] - value) / scale < 1e-5, (name, step, key)
 
 
 @pytest.mark.slow
