@@ -123,10 +123,11 @@ def test_mixln_export_refuses_pickles_and_names_a_missing_file(cache, tmp_path, 
         state = torch.load(optim, weights_only=True)
     state["payload"] = MaliciousPickle()
     torch.save(state, optim)
-    # zero_to_fp32 asks torch.load for weights_only=False; the export makes it weights_only anyway.
+    # zero_to_fp32 asks torch.load for weights_only=False; the export checks every file weights_only first.
     assert cli._run(cli._export, [str(out), str(tmp_path / "x")]) == 2
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert not MaliciousPickle.ran and str(folder) in line and "readable ZeRO-3 checkpoint" in line
+    assert not MaliciousPickle.ran and f"checkpoint {folder} was refused: {optim.name} holds" in line
+    assert "weights_only=False" not in line and not (tmp_path / "x").exists()
 
     out = tmp_path / "zero0"
     run(1, tiny(cache, out, "train.stop_after_step=2"), tmp_path)
