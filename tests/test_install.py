@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,12 @@ def _pins() -> dict[str, str]:
 
 @pytest.mark.skipif(os.environ.get("MIXLN_UNLOCKED") == "1", reason="make test-latest: the newest releases, unpinned")
 def test_the_venv_holds_the_tested_set_of_versions():
+    # The venv's own site-packages only: once something imported setuptools (as here, and as the suite's inductor
+    # tests do), sys.path also holds its _vendor folder, whose bundled copies (packaging, ...) are not installed.
+    import setuptools  # noqa: F401
+    site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version.split("+")[0]
-                 for d in importlib.metadata.distributions()}
+                 for d in importlib.metadata.distributions(path=sorted(site))}
     installed.pop("megatron-mixln", None)
     pins = _pins()
     wrong = {name: (installed.get(name), version) for name, version in pins.items() if installed.get(name) != version}
