@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/mixln-train configs/tiny.yaml train.out_dir=runs/demo
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=15 tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
