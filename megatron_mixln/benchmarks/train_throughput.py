@@ -4,8 +4,12 @@ For each model x placement x kernels backend x execution (eager, or each decoder
 (the plain projection + cross-entropy, or the chunked fused one) it trains a few steps on random tokens and
 prints tokens/s, step time, peak memory (device and host) and MFU: tokens/s x model FLOPs per token
 (megatron_mixln/train/flops.py, docs/performance.md) over the device's peak, which is measured here (a large
-dense matmul in the training precision) and, for known GPUs, also taken from the datasheet. All cases run in one process, one after the other, so their ratios compare
-like with like; the JSON is rewritten after every case, so a run cut short keeps what it measured. After the
+dense matmul in the training precision) and, for known GPUs, also taken from the datasheet. All cases run in one
+process, one after the other, so their ratios compare like with like, in the order of `plan_groups`: the pairs of
+the targets first (Mix-LN beside Pre-LN, triton beside torch), one model build serving every kernels backend and
+LM head of a placement; each row is printed and the JSON rewritten as it lands, so a run cut short (by `--budget-s`
+or a kill) keeps the highest-priority ratios measured so far. With parallel.offload_optimizer a case whose
+host-memory plan (train/memory.py, offload_host_plan) exceeds the host's available memory is listed, not run. After the
 table come the memory the fused cross-entropy saved and the issue's targets as measured ratios (Mix-LN against
 Pre-LN step time, triton against torch, compile + triton against compile alone, MFU).
 Run: `mixln-bench train [--models 130m 1b] [--json out.json] [key=value ...]`.
@@ -85,43 +89,140 @@ def case_config(model: str, placement: str, kernels: str, overrides: list[str], 
     return config
 
 
-def run_case(config, steps: int, warmup: int, device) -> dict:
-    """Train `warmup + steps` steps on random tokens; the median step time of the last `steps`."""
+def plan_groups(models: list[str], placements: list[str], kernels: list[str], executions: list[str],
+                losses: list[str]) -> list[dict]:
+    """The measurement plan, in the order that fills the issue's targets first (a run cut anywhere keeps the
+    highest-priority ratios): groups of cases that share one model build, {"model", "placement", "execution",
+    "variants": [(kernels, loss), ...]}.
+
+    - One build serves every kernels backend and LM head of its (model, placement, execution): they are attributes
+      switched on the built model (`apply_variant`). Its variants run first-loss-first, so the first group alone
+      gives the first placement's MFU and the kernels ratio (triton vs torch), then the other losses (the fused
+      loss's memory saving).
+    - The placements of one model and execution follow each other (Mix-LN / Pre-LN with the first group).
+    - Executions snake through the placements (mix, pre | pre, mix | ...): the last placement of one execution is
+      the first of the next, so its model is compiled in place instead of built again (`plan_builds`).
+    """
+    variants = [(k, losses[0]) for k in kernels] + [(k, loss) for loss in losses[1:] for k in kernels]
+    groups = []
+    for model in models:
+        for i, execution in enumerate(executions):
+            for placement in (placements if i % 2 == 0 else placements[::-1]):
+                groups.append({"model": model, "placement": placement, "execution": execution,
+                               "variants": list(variants)})
+    return groups
+
+
+def plan_cases(groups: list[dict]) -> list[tuple]:
+    """The cases of `plan_groups` in measurement order, as (model, placement, kernels, execution, loss)."""
+    return [(g["model"], g["placement"], k, g["execution"], loss) for g in groups for k, loss in g["variants"]]
+
+
+def apply_variant(model, kernels: str, loss: str) -> None:
+    """Switch a built model to another kernels backend and LM head: the attributes each module reads in its forward
+    (norms and MLPs: `kernels`, model/norms.py and model/layers.py; the LM head: `fused`, model/llama.py)."""
+    from megatron_mixln.model import ops
+    from megatron_mixln.model.llama import VocabParallelLMHead
+
+    ops.check_backend(kernels)
+    for module in model.modules():
+        if isinstance(getattr(module, "kernels", None), str):
+            module.kernels = kernels
+        if isinstance(module, VocabParallelLMHead):
+            module.fused = loss == "fused"
+
+
+def apply_execution(model, execution: str) -> None:
+    """Compile each decoder layer in place (train.compile), or give it back its eager forward."""
+    from megatron_mixln.model.llama import DecoderLayer, compile_decoder_layers
+
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    compiled = all("forward" in layer.__dict__ for layer in layers)
+    if execution == "compile" and not compiled:
+        compile_decoder_layers(model)
+    elif execution == "eager":
+        for layer in layers:
+            layer.__dict__.pop("forward", None)  # the instance's compiled forward hides the class's
+
+
+class Build:
+    """One model and DeepSpeed engine, kept while consecutive cases can share it."""
+
+    def __init__(self, config, device):
+        import torch
+
+        from megatron_mixln.train.engine import build_engine, build_layout, build_training_model
+        from megatron_mixln.train.step import make_step_engine
+
+        start = time.perf_counter()
+        self.layout = build_layout(config)
+        self.model = build_training_model(config, self.layout)
+        self.engine, _, _ = build_engine(self.model, config, self.layout)
+        self.steps_engine = make_step_engine(self.engine, config, self.layout)
+        _sync(device)
+        self.seconds = time.perf_counter() - start
+        self.generator = torch.Generator().manual_seed(0)
+
+    def close(self, device) -> None:
+        import torch
+
+        del self.steps_engine, self.engine, self.model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_case(build: Build, config, steps: int, warmup: int, device) -> dict:
+    """Train `warmup + steps` steps on random tokens on `build`; the median step time of the last `steps`.
+
+    The peak device memory is that of the timed steps (reset after the warm-up), so every case of a shared build
+    is measured alike: the first one's warm-up also creates the optimizer states, which the others find there.
+    The weights carry on from the previous case's steps; a step's time and memory do not depend on their values.
+    """
     import torch
 
-    from megatron_mixln.train.engine import build_engine, build_layout, build_training_model
     from megatron_mixln.train.flops import training_flops_per_token
-    from megatron_mixln.train.step import make_step_engine
 
-    layout = build_layout(config)
-    model = build_training_model(config, layout)
-    engine, _, _ = build_engine(model, config, layout)
-    steps_engine = make_step_engine(engine, config, layout)
     batch, seq = config.train.micro_batch_size, config.data.seq_len
-    generator = torch.Generator().manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(warmup + steps):
-        ids = torch.randint(0, config.model.vocab_size, (batch, seq + 1), generator=generator)
+        if step == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, config.model.vocab_size, (batch, seq + 1), generator=build.generator)
         _sync(device)
         start = time.perf_counter()
-        steps_engine.train_step(step, [(ids[:, :-1], ids[:, 1:])], batch * seq)
+        build.steps_engine.train_step(step, [(ids[:, :-1], ids[:, 1:])], batch * seq)
         _sync(device)
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times[warmup:])
     host_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB; monotonic
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else host_peak_gb
-    del steps_engine, engine, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     tokens_per_second = batch * seq / step_time
     flops_per_token = training_flops_per_token(config.model, seq)
     return {"tokens_per_second": tokens_per_second, "step_seconds": step_time, "peak_memory_gb": peak_gb,
             "host_peak_memory_gb": host_peak_gb, "first_step_seconds": times[0],
             "model_flops_per_token": flops_per_token, "achieved_flops": tokens_per_second * flops_per_token,
             "batch": batch, "seq_len": seq, "precision": config.train.precision}
+
+
+def host_memory_refusal(config, on_gpu: bool) -> tuple[dict, str | None]:
+    """With parallel.offload_optimizer: the host-memory plan (train/memory.py, offload_host_plan) against what this
+    host has available now; returns (figures for the row, the reason not to run, or None)."""
+    import psutil
+
+    from megatron_mixln.train.memory import offload_host_plan
+
+    if not config.parallel.offload_optimizer:
+        return {}, None
+    plan = offload_host_plan(config, gpu_host=on_gpu)
+    available = psutil.virtual_memory().available
+    figures = {"host_plan_gib": plan["bytes"] / 2**30, "host_plan_peak_gib": plan["peak"] / 2**30,
+               "host_available_gib": available / 2**30, "host_total_gib": psutil.virtual_memory().total / 2**30}
+    if plan["peak"] <= 0.95 * available:
+        return figures, None
+    return figures, (f"not run: DeepSpeed's offloaded optimizer needs {plan['bytes'] / 2**30:.1f} GiB of host memory "
+                     f"({plan['bytes_per_param']:.1f} B/param; {plan['peak'] / 2**30:.1f} GiB at its peak while pinning), "
+                     f"this host has {available / 2**30:.1f} GiB available of {figures['host_total_gib']:.1f} GiB")
 
 
 AXES = ("model", "placement", "kernels", "execution", "loss")
@@ -166,11 +267,23 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def row_line(row: dict, sheet: float | None) -> str:
+    """One row of the table (or the reason a case did not run)."""
+    head = f"| {row['model']} | {row['placement']} | {row['kernels']} | {row['execution']} | {row['loss']} |"
+    if row.get("not_run"):
+        return f"{head} {row['not_run']} |"
+    return (f"{head} {row['batch']} x {row['seq_len']} | {row['tokens_per_second']:,.0f} | "
+            f"{row['step_seconds'] * 1e3:.1f} | {row['peak_memory_gb']:.2f} | {row['host_peak_memory_gb']:.1f} | "
+            f"{row['mfu']:.1%} |" + (f" {row['mfu_datasheet']:.1%} |" if sheet else "")
+            + (f" {row['build']} |" if "build" in row else ""))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mixln-bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", help=f"{', '.join(MODELS)} or config files (default: 71m 130m 250m 1b "
                         "on a GPU, tiny on a CPU)")
-    parser.add_argument("--placements", nargs="+", default=["pre", "mix"])
+    parser.add_argument("--placements", nargs="+", default=["pre", "mix"],
+                        help="norm placements; the first is measured first (default: pre mix)")
     parser.add_argument("--kernels", nargs="+",
                         help="kernels backends (default: torch triton on a GPU, torch on a CPU)")
     parser.add_argument("--executions", nargs="+", choices=["eager", "compile"],
@@ -179,10 +292,14 @@ def main(argv=None) -> int:
                         help="LM head + loss: unfused and/or the chunked fused cross-entropy (default: fused)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3; compile happens there)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no build whose estimated cost (the last build's seconds and cases) would end "
+                             "past this many seconds from the start; the cases left are listed")
     parser.add_argument("--json", type=Path, help="also write every figure here (rewritten after every case)")
     parser.add_argument("overrides", nargs="*",
                         help="section.field=value for every case, e.g. train.micro_batch_size=8")
     args = parser.parse_intermixed_args(argv)
+    started = time.perf_counter()
     import torch  # after parsing: --help and usage errors need no torch
 
     from megatron_mixln.train.engine import init_distributed
@@ -203,33 +320,68 @@ def main(argv=None) -> int:
           + (f" (datasheet {sheet / 1e12:.0f})" if sheet else "")
           + ("" if on_gpu else "; a CPU run of a small configuration, not a GPU figure; peak GB is the process's "
              "RSS high-water mark so far"))
-    rows = []
+    groups = plan_groups(models, args.placements, kernels, executions, args.losses)
+    rows, notes = [], []
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps({"device": name, "measured_peak_flops": peak, "datasheet_peak_flops": sheet,
-                                             "rows": rows}, indent=1) + "\n")
+                                             "rows": rows, "notes": notes}, indent=1) + "\n")
 
     print("| model | placement | kernels | execution | LM head | batch x seq | tokens/s | step ms | peak GB | host GB |"
-          " MFU (measured peak) |" + (" MFU (datasheet) |" if sheet else ""))
-    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else ""))
-    for model, placement, backend, execution, loss in itertools.product(models, args.placements, kernels, executions,
-                                                                         args.losses):
-        config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
-        row = {"model": model, "placement": placement, "kernels": backend, "execution": execution, "loss": loss,
-               **run_case(config, args.steps, args.warmup, device)}
-        row["mfu"] = row["achieved_flops"] / peak
-        row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
-        rows.append(row)
-        save()
-        print(f"| {model} | {placement} | {backend} | {execution} | {loss} | {row['batch']} x {row['seq_len']} | "
-              f"{row['tokens_per_second']:,.0f} | {row['step_seconds'] * 1e3:.1f} | {row['peak_memory_gb']:.2f} | "
-              f"{row['host_peak_memory_gb']:.1f} | {row['mfu']:.1%} |"
-              + (f" {row['mfu_datasheet']:.1%} |" if sheet else ""), flush=True)
-    for title, lines in (("memory saved by the fused cross-entropy", memory_saved(rows) if on_gpu else []),
-                         ("targets (ratios measured in this run)", targets(rows))):
+          " MFU (measured peak) |" + (" MFU (datasheet) |" if sheet else "") + " build |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else "") + "---|")
+    build = None  # the model kept for the next group
+    build_s, case_s = None, 0.0  # the last build's seconds, the longest case's (compiles included)
+    for index, group in enumerate(groups):
+        cases = [(group["model"], group["placement"], k, group["execution"], loss) for k, loss in group["variants"]]
+        configs = [case_config(m, p, k, args.overrides, on_gpu, e, loss) for m, p, k, e, loss in cases]
+        key = (group["model"], group["placement"])
+        shared = (build is not None and build.key == key
+                  and configs[0].parallel.zero_stage < 3)  # ZeRO-3 compiles only before deepspeed.initialize
+        estimate = (0.0 if shared else build_s or 0.0) + len(cases) * case_s
+        if args.budget_s is not None and rows and time.perf_counter() - started + estimate > args.budget_s:
+            left = plan_cases(groups[index:])
+            notes.append(f"time budget of {args.budget_s:.0f} s: {len(left)} cases not measured: "
+                         + ", ".join(" ".join(case) for case in left))
+            break
+        figures, refusal = host_memory_refusal(configs[0], on_gpu)
+        if refusal:
+            for case in cases:
+                rows.append({**dict(zip(AXES, case)), **figures, "not_run": refusal})
+                print(row_line(rows[-1], sheet), flush=True)
+            save()
+            continue
+        if not shared:
+            if build is not None:
+                build.close(device)
+            build = None
+            build = Build(configs[0], device)
+            build.key, build_s = key, build.seconds
+            how = f"built in {build.seconds:.0f} s"
+        else:
+            how = "reused"
+        apply_execution(build.model, group["execution"])
+        for case, config in zip(cases, configs):
+            case_start = time.perf_counter()
+            apply_variant(build.model, config.model.kernels, case[4])
+            row = {**dict(zip(AXES, case)), **run_case(build, config, args.steps, args.warmup, device), **figures,
+                   "build": how, "build_seconds": build.seconds if how != "reused" else 0.0}
+            row["mfu"] = row["achieved_flops"] / peak
+            row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
+            rows.append(row)
+            save()
+            print(row_line(row, sheet), flush=True)
+            case_s = max(case_s, time.perf_counter() - case_start)
+            how = "reused"
+    if build is not None:
+        build.close(device)
+    save()
+    measured = [row for row in rows if not row.get("not_run")]
+    for title, lines in (("memory saved by the fused cross-entropy", memory_saved(measured) if on_gpu else []),
+                         ("targets (ratios measured in this run)", targets(measured)), ("notes", notes)):
         if lines:
-            print(f"\n{title}:\n" + "\n".join(lines))
+            print(f"\n{title}:\n" + "\n".join(lines if title != "notes" else [f"- {n}" for n in lines]))
     return 0
 
 

@@ -211,6 +211,76 @@ def working_memory(ds_config: dict, rank_params: int, pp: int, update_norm_eleme
     return {"lines": lines, "bytes": sum(entry["bytes"] for entry in lines if entry["counted"])}
 
 
+def _pinned(nbytes: int) -> int:
+    """What a pinned host tensor of `nbytes` takes: PyTorch's CachingHostAllocator (ATen/core/CachingHostAllocator.h,
+    no pinned_max_round_threshold set) rounds every pinned allocation up to a power of two."""
+    return 1 << (int(nbytes) - 1).bit_length() if nbytes > 1 else int(nbytes)
+
+
+def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True) -> dict:
+    """Host memory DeepSpeed 0.19.8 allocates for one rank's offloaded optimizer (parallel.offload_optimizer), buffer
+    by buffer, as its ZeRO code allocates them for the config train/engine.py builds (offload_optimizer
+    {"device": "cpu"}: pin_memory is DeepSpeed's default, true; torch's Adam, whose two fp32 moments appear at the
+    first step). Pinned buffers exist only on a GPU host (`gpu_host`), rounded up to a power of two (`_pinned`);
+    `transient` is the largest pageable buffer alive while its pinned copy is made (tensor.pin_memory() copies).
+
+    - ZeRO-3 (zero/stage3.py): per sub-group of stage3 sub_group_size (1e9) elements, the fp32 master partition
+      (_create_fp32_partitions, pageable) and its fp32 gradient (initialize_optimizer_states, pinned); one flat
+      gradient partition of every parameter in the gradient-accumulation dtype (_setup_for_real_optimizer,
+      grad_partitions_flat_buffer, pinned): 4 + 4 + 4 B/param in fp32 accumulation, before the moments.
+    - ZeRO-1/2 (zero/stage_1_and_2.py): per parameter group, the fp32 master partition (pinned), a copy of the
+      partition in the weights' dtype (param_buffer_of_bit16_for_cpu_offload_groups, pinned) and the fp32
+      gradient partition (initialize_optimizer_states, pinned): 4 + 2 (bf16) + 4 B/param before the moments.
+    Returns {"lines": [(name, bytes, setting)], "bytes": steady total, "transient": bytes, "peak": both}; empty
+    lines without offload.
+    """
+    parallel = config.parallel
+    if not parallel.offload_optimizer:
+        return {"lines": [], "bytes": 0, "transient": 0, "peak": 0}
+    from megatron_mixln.model.llama import MixLNForCausalLM
+
+    with torch.device("meta"):
+        model = MixLNForCausalLM(config.model)
+    shares = [-(-p.numel() // dp) for p in model.parameters()]  # this rank's partition of each parameter
+    total = sum(shares)
+    bf16 = config.train.precision == "bf16"
+    weight_b, accum_b = (2 if bf16 else 4), 4  # train/engine.py accumulates gradients in fp32
+    moments = 0 if config.train.optimizer == "sgd" else 8  # Adam/AdamW: exp_avg and exp_avg_sq in fp32
+
+    def pinned(nbytes):
+        return _pinned(nbytes) if gpu_host else nbytes
+
+    if parallel.zero_stage == 3:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        limit = DeepSpeedZeroConfig().sub_group_size
+        groups, current = [], 0
+        for share in shares:  # DeepSpeed's _create_fp16_sub_groups: close a sub-group once it reaches the limit
+            current += share
+            if current >= limit:
+                groups.append(current)
+                current = 0
+        groups += [current] if current else []
+        lines = [("fp32 master partitions", 4 * total, f"{len(groups)} sub-groups of stage3 sub_group_size "
+                  f"{limit:.0e}, pageable"),
+                 ("fp32 gradients", sum(pinned(4 * g) for g in groups), "one per sub-group"
+                  + (", pinned" if gpu_host else "")),
+                 ("flat gradient partition", pinned(accum_b * total), "grad_accum_dtype fp32, all parameters"
+                  + (", pinned" if gpu_host else ""))]
+        transient = accum_b * total if gpu_host else 0
+    else:
+        lines = [("fp32 master partition", pinned(4 * total), "pinned" if gpu_host else "pageable"),
+                 (f"{'bf16' if bf16 else 'fp32'} weight copy", pinned(weight_b * total),
+                  "param_buffer_of_bit16_for_cpu_offload_groups" + (", pinned" if gpu_host else "")),
+                 ("fp32 gradient partition", pinned(4 * total), "pinned" if gpu_host else "pageable")]
+        transient = 4 * total if gpu_host else 0
+    lines.append(("Adam moments", moments * total, f"train.optimizer={config.train.optimizer}, torch's, "
+                  "created at the first step"))
+    steady = sum(nbytes for _, nbytes, _ in lines)
+    return {"lines": lines, "bytes": steady, "transient": transient, "peak": steady + transient,
+            "bytes_per_param": steady / total}
+
+
 def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> dict:
     """Parameter counts, per-rank bytes of parameters, gradients and optimizer states, and activations; see
     dry_run_report."""
