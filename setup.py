@@ -47,6 +47,7 @@ setup(
             "mixln-compare=megatron_mixln.summary:main",
             "mixln-analyze=megatron_mixln.cli:analyze_main",
             "mixln-study=megatron_mixln.study:console_main",
+            "mixln-preflight=megatron_mixln.cli:preflight_main",
         ]
     },
 )

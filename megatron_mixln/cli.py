@@ -1,5 +1,5 @@
 """Console entry points: mixln-train, mixln-prepare, mixln-eval, mixln-export, mixln-import, mixln-bench,
-mixln-analyze.
+mixln-analyze, mixln-preflight.
 
 Every command parses its arguments before importing torch, DeepSpeed, transformers or datasets (seconds each on a
 cold cluster file system), so `--help` and usage errors answer at once.
@@ -348,6 +348,47 @@ def _analyze(argv) -> int:
     return 0
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {'integer' if kind is int else 'number'}")
+        return value
+    return parse
+
+
+def _preflight_parser() -> argparse.ArgumentParser:
+    parser = _config_parser("mixln-preflight", (
+        "Check a machine or an allocation before a run, under the same launcher and config as mixln-train: each "
+        "rank's device, all-reduce bus bandwidth, the Triton kernels, train.out_dir (shared, free space, write "
+        "speed), data.cache_dir (shared), and a few steps of the tiny config in this layout against one process. "
+        "Prints a table (ok / WARN / FAIL per line); exit 1 when a line says FAIL (docs/preflight.md)."))
+    parser.add_argument("--tiny", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"), metavar="YAML",
+                        help="the small config the layout check trains (default: the repository's configs/tiny.yaml)")
+    parser.add_argument("--steps", type=_positive(int), default=3, help="training steps of that check (default 3)")
+    parser.add_argument("--message-mib", type=_positive(float), metavar="MIB",
+                        help="all-reduce message size (default 256 MiB on GPUs, 16 on CPU)")
+    parser.add_argument("--write-mib", type=_positive(float), metavar="MIB",
+                        help="what each host writes to time train.out_dir (default 1024 MiB on GPUs, 64 on CPU)")
+    parser.add_argument("--min-busbw", type=float, default=0.0, metavar="GBPS",
+                        help="WARN when an all-reduce's bus bandwidth is below this, in GB/s (default 0: report only)")
+    return parser
+
+
+def _preflight(argv) -> int:
+    args = _preflight_parser().parse_intermixed_args(argv)
+    from megatron_mixln.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    _select_accelerator()
+    from megatron_mixln.preflight import run
+
+    return run(config, args.tiny, args.steps, args.message_mib, args.write_mib, args.min_busbw)
+
+
 def _bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixln-bench", description="Benchmarks (scripts that print a table); "
                                      "`mixln-bench NAME --help` lists a benchmark's own options.")
@@ -408,3 +449,7 @@ def bench_main() -> None:
 
 def analyze_main() -> None:
     sys.exit(_run(_analyze, sys.argv[1:]))
+
+
+def preflight_main() -> None:
+    sys.exit(_run(_preflight, sys.argv[1:]))
