@@ -49,8 +49,12 @@ def test_compile_and_loss_axes_one_row_each_and_the_targets_as_ratios(tmp_path, 
                  "--executions", "eager", "compile", "--losses", "unfused", "fused", cwd=request.config.rootpath)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["placement"], r["execution"], r["loss"]) for r in rows] == [
-        (p, e, loss) for p in ("mix", "pre") for e in ("eager", "compile") for loss in ("unfused", "fused")]
+    # plan_groups' order: Mix-LN then Pre-LN eager, then compiled snaking back (Pre-LN's model compiled in place)
+    assert [(r["placement"], r["execution"], r["loss"], r["build"].split()[0]) for r in rows] == [
+        ("mix", "eager", "unfused", "built"), ("mix", "eager", "fused", "reused"),
+        ("pre", "eager", "unfused", "built"), ("pre", "eager", "fused", "reused"),
+        ("pre", "compile", "unfused", "reused"), ("pre", "compile", "fused", "reused"),
+        ("mix", "compile", "unfused", "built"), ("mix", "compile", "fused", "reused")]
     by_case = {(r["placement"], r["execution"], r["loss"]): r for r in rows}
     for execution in ("eager", "compile"):
         for loss in ("unfused", "fused"):
@@ -76,3 +80,102 @@ def test_targets_and_memory_lines_compare_the_right_cases():
     assert not any("unfused" in line and "Pre-LN" in line for line in lines)  # no Pre-LN unfused case to compare
     assert memory_saved(rows) == ["- 1b mix triton compile: fused cross-entropy peak 10.00 GB vs 12.50 GB unfused, "
                                   "2.50 GB saved"]
+
+
+def test_plan_measures_each_targets_pair_before_any_secondary_case():
+    from megatron_mixln.benchmarks.train_throughput import plan_cases, plan_groups
+
+    groups = plan_groups(["1b", "130m"], ["mix", "pre"], ["triton", "torch"], ["eager", "compile"], ["fused", "unfused"])
+    cases = plan_cases(groups)
+    assert len(cases) == len(set(cases)) == 2 * 2 * 2 * 2 * 2  # every case once
+    # One build per (model, placement, execution), the placements of an execution together, snaking through them.
+    assert [(g["model"], g["placement"], g["execution"]) for g in groups] == [
+        (m, p, e) for m in ("1b", "130m") for e, ps in (("eager", ("mix", "pre")), ("compile", ("pre", "mix")))
+        for p in ps]
+    # Inside a build: every backend with the first LM head (the kernels ratio) before the other heads.
+    assert groups[0]["variants"] == [("triton", "fused"), ("torch", "fused"), ("triton", "unfused"),
+                                     ("torch", "unfused")]
+    position = {case: i for i, case in enumerate(cases)}
+    base = ("1b", "mix", "triton", "eager", "fused")
+    pairs = {"Mix-LN / Pre-LN": ("1b", "pre", "triton", "eager", "fused"),
+             "triton / torch eager": ("1b", "mix", "torch", "eager", "fused"),
+             "fused loss memory": ("1b", "mix", "triton", "eager", "unfused")}
+    assert position[base] == 0
+    last_target = max(position[case] for case in pairs.values())
+    # Only the other backend's unfused head (a secondary case of the same build) may come before the last pair.
+    assert [c for c in cases[:last_target] if c != base and c not in pairs.values()] == [
+        ("1b", "mix", "torch", "eager", "unfused")]
+    # The compiled kernels pair (triton vs torch) comes on the first compiled build, before the other model.
+    compiled = [i for i, c in enumerate(cases) if c[3] == "compile" and c[0] == "1b" and c[4] == "fused"]
+    assert cases[compiled[0]][2:] != cases[compiled[1]][2:] and compiled[1] - compiled[0] == 1
+    assert compiled[1] < min(i for i, c in enumerate(cases) if c[0] == "130m")
+
+
+def test_switching_a_built_model_matches_a_model_built_that_way(request):
+    """apply_variant sets every module that reads the kernels backend or the LM head as a fresh build would."""
+    from megatron_mixln.benchmarks.train_throughput import apply_execution, apply_variant
+    from megatron_mixln.model.llama import MixLNForCausalLM
+
+    def settings(model):
+        return [(name, getattr(m, "kernels", None), getattr(m, "fused", None)) for name, m in model.named_modules()]
+
+    small = load_config(request.config.rootpath / "configs/tiny.yaml", SMALL).model
+    model = MixLNForCausalLM(small)  # torch kernels, unfused head
+    small.kernels, small.fused_cross_entropy = "triton", True
+    want = settings(MixLNForCausalLM(small))
+    assert settings(model) != want
+    apply_variant(model, "triton", "fused")
+    assert settings(model) == want
+    apply_execution(model, "compile")
+    layers = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(layers) == small.num_layers
+    apply_execution(model, "eager")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_offload_host_plan_counts_the_buffers_deepspeed_allocates(stage, request):
+    """The host-memory plan the 7B step is decided on (train/memory.py, offload_host_plan) against the host tensors
+    DeepSpeed 0.19.8 holds for an offloaded optimizer after a step, counted tensor by tensor (CPU: nothing pinned)."""
+    import torch
+
+    from megatron_mixln.benchmarks.train_throughput import Build, case_config, run_case
+    from megatron_mixln.train.engine import init_distributed
+    from megatron_mixln.train.memory import offload_host_plan
+
+    root = request.config.rootpath
+    config = case_config(str(root / "configs/tiny.yaml"), "mix", "torch", SMALL + [
+        f"parallel.zero_stage={stage}", "parallel.offload_optimizer=true"], on_gpu=False)
+    init_distributed()
+    build = Build(config, torch.device("cpu"))
+    run_case(build, config, steps=1, warmup=0, device=torch.device("cpu"))
+    zero = build.engine.optimizer
+    if stage == 3:
+        masters = zero.fp32_partitioned_groups_flat
+        held = [*masters, *(m.grad for m in masters), zero.grad_partitions_flat_buffer]
+    else:
+        masters = zero.single_partition_of_fp32_groups
+        held = [*masters, *(m.grad for m in masters), *zero.param_buffer_of_bit16_for_cpu_offload_groups]
+    held += [state[key] for m in masters for state in [zero.optimizer.state[m]] for key in ("exp_avg", "exp_avg_sq")]
+    assert all(t.device.type == "cpu" for t in held)
+    plan = offload_host_plan(config, gpu_host=False)
+    assert plan["bytes"] == sum(t.numel() * t.element_size() for t in held)
+    assert plan["transient"] == 0
+    build.close(torch.device("cpu"))
+
+
+def test_an_offload_case_beyond_the_hosts_memory_is_listed_not_run(tmp_path, request, monkeypatch, capsys):
+    import psutil
+
+    from megatron_mixln.benchmarks import train_throughput
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=2**20))
+    monkeypatch.chdir(request.config.rootpath)
+    out = tmp_path / "bench.json"
+    assert train_throughput.main(["--placements", "mix", "--steps", "1", "--warmup", "0", "--json", str(out), *SMALL,
+                                  "parallel.zero_stage=3", "parallel.offload_optimizer=true"]) == 0
+    row, = json.loads(out.read_text())["rows"]
+    assert row["not_run"].startswith("not run: DeepSpeed's offloaded optimizer needs ")
+    assert row["host_available_gib"] == 2**20 / 2**30 and row["host_plan_gib"] > row["host_available_gib"]
+    assert "| tiny | mix | torch | eager | fused | not run: " in capsys.readouterr().out
