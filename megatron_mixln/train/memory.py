@@ -222,7 +222,8 @@ def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True) -> dic
     by buffer, as its ZeRO code allocates them for the config train/engine.py builds (offload_optimizer
     {"device": "cpu"}: pin_memory is DeepSpeed's default, true; torch's Adam, whose two fp32 moments appear at the
     first step). Pinned buffers exist only on a GPU host (`gpu_host`), rounded up to a power of two (`_pinned`);
-    `transient` is the largest pageable buffer alive while its pinned copy is made (tensor.pin_memory() copies).
+    `transient` is the largest pageable buffer alive while its pinned copy is made (tensor.pin_memory() copies),
+    at the engine's start, before the first step creates the moments; `peak` is the larger of the two moments.
 
     - ZeRO-3 (zero/stage3.py): per sub-group of stage3 sub_group_size (1e9) elements, the fp32 master partition
       (_create_fp32_partitions, pageable) and its fp32 gradient (initialize_optimizer_states, pinned); one flat
@@ -274,10 +275,12 @@ def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True) -> dic
                   "param_buffer_of_bit16_for_cpu_offload_groups" + (", pinned" if gpu_host else "")),
                  ("fp32 gradient partition", pinned(4 * total), "pinned" if gpu_host else "pageable")]
         transient = 4 * total if gpu_host else 0
-    lines.append(("Adam moments", moments * total, f"train.optimizer={config.train.optimizer}, torch's, "
+    lines.append(("optimizer moments", moments * total, f"train.optimizer={config.train.optimizer}, torch's, "
                   "created at the first step"))
     steady = sum(nbytes for _, nbytes, _ in lines)
-    return {"lines": lines, "bytes": steady, "transient": transient, "peak": steady + transient,
+    # The pageable original lives while its pinned copy is made, at the engine's start, before the moments exist.
+    peak = max(steady, steady - moments * total + transient)
+    return {"lines": lines, "bytes": steady, "transient": transient, "peak": peak,
             "bytes_per_param": steady / total}
 
 
@@ -353,8 +356,8 @@ def check_model_fits(config: Config, world_size: int, ranks_per_host: int, devic
     states = b["parameters"] + b["gradients"] + b["optimizer_gpu"]
     if device_bytes is not None:
         need, have, where = states, device_bytes, "GPU"
-        if need <= have:  # on a GPU, the host holds only offloaded optimizer states
-            need, have, where = b["optimizer_cpu"] * ranks_per_host, host_bytes, "host"
+        if need <= have:  # on a GPU, the host holds only the offloaded optimizer's buffers (pinned, rounded)
+            need, have, where = offload_host_plan(config, s["dp"])["peak"] * ranks_per_host, host_bytes, "host"
     else:
         need, have, where = (states + b["optimizer_cpu"]) * ranks_per_host, host_bytes, "host"
     if need <= have:
@@ -477,6 +480,11 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
     if s["offload_optimizer"]:
         lines.append(f"  CPU (offloaded optimizer states) {_gib(b['optimizer_cpu']).strip()} per rank, "
                      f"{_gib(b['cpu_per_node']).strip()} per node")
+        host = offload_host_plan(config, dp)
+        lines.append(f"  CPU (what DeepSpeed 0.19.8 allocates for it on a GPU host) {_gib(host['bytes']).strip()} per "
+                     f"rank, {host['bytes_per_param']:.1f} B/param: "
+                     + ", ".join(f"{name} {_gib(nbytes).strip()}" for name, nbytes, _ in host["lines"])
+                     + f" (pinned buffers rounded up to powers of two); {_gib(host['peak']).strip()} at its peak")
     if b["update_norm_host"]:
         lines.append(f"  CPU (per-layer update norms, every {s['layer_grad_norm_every']} steps) "
                      f"{_gib(b['update_norm_host']).strip()} per rank, {_gib(b['update_norm_host_per_node']).strip()} "
