@@ -671,13 +671,13 @@ def _quiet_training(tiny: Config) -> dict:
 def compare_runs(layout: dict, reference: dict) -> tuple[float, str | None]:
     """(worst relative difference over every step's loss and gradient norm, what differs or None)."""
     worst = 0.0
-    for key in ("losses", "grad_norms"):
+    for key, name in (("losses", "loss"), ("grad_norms", "gradient norm")):
         a, b = {int(k): v for k, v in layout[key].items()}, {int(k): v for k, v in reference[key].items()}
         if a.keys() != b.keys():
-            return math.inf, f"{key} of steps {sorted(a)} vs the reference's {sorted(b)}"
+            return math.inf, f"{name} of steps {sorted(a)} vs the reference's {sorted(b)}"
         for step in a:
             if not (math.isfinite(a[step]) and math.isfinite(b[step])):
-                return math.inf, f"step {step}: {key[:-1]} {a[step]} vs {b[step]}"
+                return math.inf, f"step {step}: {name} {a[step]} vs {b[step]}"
             worst = max(worst, abs(a[step] - b[step]) / max(abs(b[step]), 1e-30))
     return worst, None
 
@@ -766,7 +766,10 @@ def run(config: Config, tiny: str, steps: int, message_mib: float | None, write_
         min_busbw: float) -> int:
     """Every check, in order; the table on rank 0; 1 when a row says FAIL."""
     env = discover_launch_env()
-    data_parallel_size(env.world_size, config.parallel.tp, config.parallel.pp)  # a bad layout: one line, exit 2
+    from megatron_mixln.train.engine import gradient_accumulation_steps
+
+    # A layout or batch this launch cannot train: one line and exit 2 on every rank, as mixln-train would.
+    gradient_accumulation_steps(config, data_parallel_size(env.world_size, config.parallel.tp, config.parallel.pp))
     if not Path(tiny).is_file():
         raise ConfigError(f"--tiny {tiny!r} does not exist: pass the tiny config (configs/tiny.yaml in the "
                           "repository).")
