@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -252,6 +253,7 @@ def _hand_launch(rank: int, port: int) -> LaunchEnv:
 def said(monkeypatch):
     """The waiting lines wait_for_ranks prints; rank 0's store server is closed after the test."""
     monkeypatch.setattr(launch, "_rendezvous_server", None)
+    monkeypatch.setattr(launch, "_met", None)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     lines = []
     return lines, lambda line, flush: lines.append(line)
@@ -299,10 +301,17 @@ def test_a_taken_master_port_stops_rank_0_at_once_in_one_sentence(said, taken_po
                               "process that holds it.")
 
 
-def test_under_torchrun_master_port_is_the_agents_store_and_no_error(said, taken_port, monkeypatch):
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun's agent holds MASTER_PORT on purpose
-    launch.wait_for_ranks(_hand_launch(0, taken_port), timeout_minutes=10, say=said[1])
+def test_under_torchrun_the_ranks_meet_in_the_agents_store_and_rank_0_opens_none(said, monkeypatch):
+    import torch.distributed as dist
+
+    port = launch.free_port()
+    agent = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # torchrun's agent's store
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda rank: launch.wait_for_ranks(_hand_launch(rank, port), 0.05, said[1]), (0, 1)))
     assert said[0] == [] and launch._rendezvous_server is None
+    assert agent.add("mixln_rendezvous/job7//joined", 0) == 2  # this launch's keys, apart from a restart's
 
 
 def test_hand_launched_mixln_train_without_its_second_rank_exits_2_after_the_startup_timeout(tmp_path):
@@ -329,6 +338,109 @@ def test_startup_timeout_outside_a_week_is_a_config_error(minutes):
         load_config(None, [f"parallel.startup_timeout_minutes={minutes}"])
     assert str(err.value) == (f"parallel.startup_timeout_minutes={float(minutes)!r} is invalid: expected a positive "
                               "number of minutes, at most a week.")
+
+
+# --- start-up bounded by the data: a node rebuilding its cache beside one whose cache exists ------------------------
+
+def _meet_both(port: int, minutes: float, prepares, say) -> list:
+    """meet_ranks for ranks 0 and 1 in two threads; each rank's result, or the exception it raised."""
+    def one(rank):
+        try:
+            return launch.meet_ranks(_hand_launch(rank, port), minutes, prepares[rank], say)
+        except Exception as err:  # noqa: BLE001  the test asserts on it
+            return err
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, (0, 1)))
+
+
+def test_a_rank_whose_data_takes_longer_than_the_startup_timeout_is_waited_for(said):
+    lines, say = said
+    port, started = launch.free_port(), time.monotonic()
+    results = _meet_both(port, 0.02, [lambda: "cache found", lambda: time.sleep(4) or "cache rebuilt"], say)
+    assert results == ["cache found", "cache rebuilt"]  # 4 s of preparing against a 1.2 s startup timeout
+    assert time.monotonic() - started >= 4
+    assert "waiting for rank 1 of 2 to prepare their data (timeout 1.2 s)" in lines
+
+
+def test_a_rank_whose_data_fails_stops_every_rank_with_its_error(said):
+    from megatron_mixln.data import DataError
+
+    def bad_source():
+        time.sleep(0.5)
+        raise DataError("data.source=/nope.jsonl is invalid: the file does not exist.")
+
+    started = time.monotonic()
+    results = _meet_both(launch.free_port(), 10, [lambda: "ready", bad_source], said[1])
+    assert time.monotonic() - started < 5  # at once, not after the 10 minutes
+    assert isinstance(results[1], DataError)
+    assert str(results[0]) == ("rank 1 could not prepare its data, so no rank can start: data.source=/nope.jsonl is "
+                               "invalid: the file does not exist.")
+
+
+def test_a_rank_killed_while_preparing_is_named_once_its_heartbeat_stops(said, tmp_path):
+    port = launch.free_port()
+    died = tmp_path / "died"
+    killed_rank_1 = subprocess.Popen([sys.executable, "-c", f"""
+import os, pathlib, signal, time
+from megatron_mixln.parallel.launch import LaunchEnv, meet_ranks
+def prepare():
+    time.sleep(1)
+    pathlib.Path({str(died)!r}).write_text(str(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)  # no error to report, no launcher to notice: only the heartbeat stops
+meet_ranks(LaunchEnv(1, 2, 1, "127.0.0.1", {port}, "torchrun"), 0.1, prepare)
+"""], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        with pytest.raises(LaunchError) as err:
+            launch.meet_ranks(_hand_launch(0, port), 0.1, lambda: "ready", said[1])
+        silent_for = time.time() - float(died.read_text())
+    finally:
+        killed_rank_1.kill()
+        killed_rank_1.wait()
+    # 6 s after the last beat seen: beats come every 1.5 s (a quarter of the timeout) and are looked at as often.
+    assert 6 - 1.5 - 0.5 <= silent_for < 6 + 4
+    assert str(err.value) == ("rank 1 stopped reporting while preparing data (no heartbeat for "
+                              "parallel.startup_timeout_minutes=0.1, 6 s): see that rank's log (killed, out of memory, "
+                              "or hung), then launch every rank again.")
+
+
+def _node_local_cache_worker(rank: int, port: int, caches: list[str], out: str, result_path: str) -> None:
+    """One process per "node" (each its own node's local rank 0), each with its own node-local data.cache_dir."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    import contextlib
+    import io
+
+    import torch
+
+    from megatron_mixln.config import load_config
+    from megatron_mixln.train.loop import train
+
+    torch.set_num_threads(1)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        result = train(load_config(None, tiny(caches[rank], out, "data.cache_shared=false", "train.steps=2",
+                                              "parallel.startup_timeout_minutes=0.02", "train.layer_grad_norm_every=0")))
+    from megatron_mixln.train.engine import leave_process_group
+
+    leave_process_group()
+    Path(f"{result_path}.{rank}").write_text(json.dumps({"losses": result.losses, "said": said.getvalue()}))
+
+
+@pytest.mark.slow
+def test_node_local_caches_one_found_one_rebuilt_train_past_a_short_startup_timeout(tmp_path):
+    import torch.multiprocessing as mp
+
+    from megatron_mixln.config import load_config
+    from megatron_mixln.data import open_datasets
+
+    caches = [str(tmp_path / "node0_cache"), str(tmp_path / "node1_cache")]
+    open_datasets(load_config(None, tiny(caches[0], tmp_path / "unused", "train.steps=2")), progress=False)
+    mp.start_processes(_node_local_cache_worker, args=(launch.free_port(), caches, str(tmp_path / "out"),
+                                                       str(tmp_path / "result")), nprocs=2, start_method="spawn")
+    results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
+    assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"]) == 2
+    # Rank 1 tokenised for seconds while rank 0, ready at once, waited past the 1.2 s startup timeout.
+    assert "waiting for rank 1 of 2 to prepare their data (timeout 1.2 s)" in results[0]["said"]
 
 
 # --- resuming with fewer processes than the run that saved it ------------------------------------------------------

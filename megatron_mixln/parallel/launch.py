@@ -6,14 +6,17 @@ os.environ, so torch.distributed / deepspeed.init_distributed start the same way
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 # Markers of an MPI launcher: Open MPI, MPICH / Intel MPI (hydra), PMIx (Open MPI 5, prrte), MVAPICH.
 MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_SIZE")
@@ -22,8 +25,13 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
 # While ranks wait for each other: the first "waiting for" line after this many seconds (or half the timeout),
 # then one every WAIT_LINE_EVERY_S; the store is asked every WAIT_POLL_S.
 FIRST_WAIT_LINE_S, WAIT_LINE_EVERY_S, WAIT_POLL_S = 5.0, 30.0, 0.2
+# A rank preparing its data beats this often (or 4 times per startup timeout, if shorter).
+HEARTBEAT_S = 5.0
+READY = "ready"  # a rank's beat once its data is prepared
 _RENDEZVOUS = "mixln_rendezvous"  # key prefix in rank 0's store
 _rendezvous_server = None  # rank 0's store server, kept for the process's life: torch's env:// store shares it
+_met = None  # (MASTER_ADDR, MASTER_PORT) once this process has met every rank there
+T = TypeVar("T")
 
 
 class LaunchError(ValueError):
@@ -69,30 +77,69 @@ def wait_for_ranks(env: LaunchEnv, timeout_minutes: float, say=print) -> None:
     Rank 0 opens the store there (torch's env:// rendezvous then shares it: multi_tenant) and a port taken by
     another process is said at once; every rank waits at most `timeout_minutes` (parallel.startup_timeout_minutes)
     for the others, printing how many are missing, instead of torch's silent wait. Under torchrun the agent
-    already holds the store on MASTER_PORT and has started every rank: nothing to do.
+    already holds the store on MASTER_PORT and has started every rank. A process that has already met the others
+    (`meet_ranks`) returns at once.
     """
-    global _rendezvous_server
+    if env.world_size > 1 and _met != (env.master_addr, env.master_port):
+        _join(env, timeout_minutes, say)
+
+
+def meet_ranks(env: LaunchEnv, timeout_minutes: float, prepare: Callable[[], T], say=print) -> T:
+    """Start-up with data: meet every rank (as `wait_for_ranks`), run `prepare()` (this rank's data), then wait
+    until every rank has prepared its own; returns what `prepare` returned.
+
+    Preparing ranks beat in the store every few seconds, so the wait for another rank's data is bounded by the data,
+    not by a constant: it lasts as long as that rank keeps beating (a node rebuilding its node-local cache for an
+    hour beside one whose cache exists), and a rank that stops beating for `timeout_minutes` (killed, hung
+    outside Python) or fails (its error, in one sentence) ends every rank with one LaunchError.
+    """
     import torch.distributed as dist
 
-    if env.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        return
+    if env.world_size == 1:
+        return prepare()
+    store, keys = _join(env, timeout_minutes, say)
+    seconds = timeout_minutes * 60
+    try:
+        with _Heartbeat(store.clone(), keys.beat(env.rank), min(HEARTBEAT_S, seconds / 4)):
+            result = prepare()
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # the others stop with this rank's reason instead of a timeout
+            store.set(keys.failed(env.rank), _one_line(err))
+            store.add(keys.failed_count, 1)
+        raise
+    try:
+        store.set(keys.beat(env.rank), READY)
+        store.add(keys.ready_count, 1)
+        _wait_until_prepared(env, store, keys, seconds, _WaitLines(say, time.monotonic(), seconds))
+    except dist.DistError:
+        raise _lost_rank_0(env) from None
+    return result
+
+
+def _join(env: LaunchEnv, timeout_minutes: float, say):
+    """Every rank announces itself in the store, then waits (bounded) until all have: (store, keys)."""
+    global _rendezvous_server, _met
+    import torch.distributed as dist
+
     where, seconds = f"{env.master_addr}:{env.master_port}", timeout_minutes * 60
     limit = f"parallel.startup_timeout_minutes={timeout_minutes:g} ({seconds:g} s)"
     started = time.monotonic()
     clock = _WaitLines(say, started, seconds)
-    if env.rank == 0:
+    keys = _Keys.for_this_launch()
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if env.rank == 0 and not agent_store:
         _rendezvous_server = store = _open_store(env, seconds)
     else:
         _wait_until_listening(env, started + seconds, clock, limit)
     try:
-        if env.rank != 0:
+        if env.rank != 0 or agent_store:
             store = dist.TCPStore(env.master_addr, env.master_port, is_master=False,
                                   timeout=timedelta(seconds=max(1.0, started + seconds - time.monotonic())))
-        store.set(f"{_RENDEZVOUS}/rank{env.rank}", "")
-        store.add(f"{_RENDEZVOUS}/joined", 1)
-        while (joined := store.add(f"{_RENDEZVOUS}/joined", 0)) < env.world_size:
+        store.set(keys.beat(env.rank), "0")
+        store.add(keys.joined_count, 1)
+        while (joined := store.add(keys.joined_count, 0)) < env.world_size:
             if time.monotonic() >= started + seconds:
-                missing = [rank for rank in range(env.world_size) if not store.check([f"{_RENDEZVOUS}/rank{rank}"])]
+                missing = [rank for rank in range(env.world_size) if not store.check([keys.beat(rank)])]
                 raise LaunchError(
                     f"{_ranks(missing)} of WORLD_SIZE={env.world_size} did not reach {where} within {limit}: start "
                     "every rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or raise "
@@ -100,9 +147,102 @@ def wait_for_ranks(env: LaunchEnv, timeout_minutes: float, say=print) -> None:
             if env.rank == 0:  # one line for the job, from the rank that holds the store
                 clock.maybe_say(f"waiting for {env.world_size - joined} of {env.world_size} ranks at {where}")
             time.sleep(WAIT_POLL_S)
+        # From here on, how long the others take is bounded by their heartbeats; the store timeout only covers
+        # one request.
+        store.set_timeout(timedelta(seconds=max(60.0, seconds)))
     except dist.DistError:  # rank 0 went away, or another process answers on its port (rank 0 says which)
-        raise LaunchError(f"lost rank 0's store at {where} while the ranks were starting: see rank 0's error, then "
-                          "launch every rank again.") from None
+        raise _lost_rank_0(env) from None
+    _met = (env.master_addr, env.master_port)
+    return store, keys
+
+
+def _wait_until_prepared(env: LaunchEnv, store, keys: _Keys, seconds: float, clock: _WaitLines) -> None:
+    """Until every rank has said READY; raises the first failed rank's error, or names ranks whose heartbeat
+    stopped for `seconds`. Heartbeats are read every few seconds only (world_size keys per read)."""
+    last_beat: dict[int, tuple[bytes, float]] = {}  # rank -> (its last beat seen, when it changed)
+    next_look = 0.0
+    while (ready := store.add(keys.ready_count, 0)) < env.world_size:
+        if store.add(keys.failed_count, 0) > 0:
+            failed = next(rank for rank in range(env.world_size) if store.check([keys.failed(rank)]))
+            raise LaunchError(f"rank {failed} could not prepare its data, so no rank can start: "
+                              f"{store.get(keys.failed(failed)).decode()}")
+        now = time.monotonic()
+        if now >= next_look:
+            beats = store.multi_get([keys.beat(rank) for rank in range(env.world_size)])
+            preparing = [rank for rank, beat in enumerate(beats) if beat != READY.encode()]
+            for rank in preparing:
+                if last_beat.get(rank, (None,))[0] != beats[rank]:
+                    last_beat[rank] = (beats[rank], now)
+            silent = [rank for rank in preparing if now - last_beat[rank][1] >= seconds]
+            if silent:
+                raise LaunchError(
+                    f"{_ranks(silent)} stopped reporting while preparing data (no heartbeat for "
+                    f"parallel.startup_timeout_minutes={seconds / 60:g}, {seconds:g} s): see that rank's log (killed, "
+                    "out of memory, or hung), then launch every rank again.")
+            if env.rank == 0:
+                clock.maybe_say(f"waiting for {_ranks(preparing)} of {env.world_size} to prepare their data")
+            next_look = now + min(HEARTBEAT_S, seconds / 4)
+        time.sleep(WAIT_POLL_S)
+
+
+class _Keys:
+    """This launch's keys in rank 0's store. Under torchrun the agent's store outlives a restart of the workers,
+    so the keys carry the run id and the restart count."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.joined_count, self.ready_count, self.failed_count = (f"{prefix}/{name}" for name in
+                                                                  ("joined", "ready", "failed"))
+
+    @classmethod
+    def for_this_launch(cls) -> _Keys:
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+        return cls(f"{_RENDEZVOUS}/{run}/{restart}" if run or restart else _RENDEZVOUS)
+
+    def beat(self, rank: int) -> str:
+        return f"{self.prefix}/beat/rank{rank}"
+
+    def failed(self, rank: int) -> str:
+        return f"{self.prefix}/failed/rank{rank}"
+
+
+class _Heartbeat:
+    """While its `with` block runs, a daemon thread counts up `key` every `interval` seconds on its own client
+    (a TCPStore client is not shared between threads)."""
+
+    def __init__(self, store, key: str, interval: float):
+        self.store, self.key, self.interval = store, key, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mixln-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        beats = itertools.count(1)
+        while not self.stop.wait(self.interval):
+            try:
+                self.store.set(self.key, str(next(beats)))
+            except Exception:  # noqa: BLE001  rank 0 gone: the main thread finds out when it next asks
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not isinstance(err, ValueError) or not text:  # our user errors are one sentence already; others get a name
+        text = f"{type(err).__name__}{': ' + text if text else ''}"
+    return text[:500]
+
+
+def _lost_rank_0(env: LaunchEnv) -> LaunchError:
+    return LaunchError(f"lost rank 0's store at {env.master_addr}:{env.master_port} while the ranks were starting: "
+                       "see rank 0's error, then launch every rank again.")
 
 
 def _ranks(ranks: list[int], shown: int = 8) -> str:

@@ -251,7 +251,7 @@ def train(config: Config) -> TrainResult:
     Here: the data (before any collective), the process group and the out_dir lock; `_run` is the run itself.
     """
     from megatron_mixln.data import is_preparer, open_datasets
-    from megatron_mixln.parallel.launch import discover_launch_env
+    from megatron_mixln.parallel.launch import discover_launch_env, meet_ranks
     from megatron_mixln.train.memory import check_model_fits, machine_memory
     from megatron_mixln.train.run_lock import RunLock, check_out_dir
 
@@ -259,14 +259,17 @@ def train(config: Config) -> TrainResult:
     out = check_out_dir(tcfg.out_dir)
 
     # Data first, before any collective exists: the preparing rank tokenises (bounded by what the run reads,
-    # in parallel); the others wait on the file system, so no collective timeout can hit them.
+    # in parallel); the others wait on the file system, so no collective timeout can hit them. Across nodes
+    # (node-local caches) meet_ranks waits for every node's data for as long as its preparer keeps beating.
     launch = discover_launch_env()
     is_main = launch.rank == 0
     # A model that cannot fit is refused before hours of data preparation and before the allocator's traceback.
     check_model_fits(config, launch.world_size, launch.local_world_size or 1, *machine_memory(launch.local_rank))
     with writing("preparing the data", config.data.cache_dir, "set data.cache_dir to another folder"):
         preparer = is_preparer(config, launch.rank, launch.local_rank)
-        meta, train_data, eval_data = open_datasets(config, preparer=preparer, progress=is_main and tcfg.progress_bar)
+        meta, train_data, eval_data = meet_ranks(
+            launch, config.parallel.startup_timeout_minutes,
+            lambda: open_datasets(config, preparer=preparer, progress=is_main and tcfg.progress_bar))
     if meta["max_token_id"] >= config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is invalid: the tokenised data holds token id "
                           f"{meta['max_token_id']}, so expected at least {meta['max_token_id'] + 1}.")
