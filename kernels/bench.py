@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ DEFAULT_HIDDEN = [512, 768, 2048, 4096, 8192]
 DEFAULT_INTERMEDIATE = [1368, 2048, 5461, 11008]
 OPS = ["rms_norm", "add_rms_norm", "swiglu"]
 PASSES = ["fwd", "bwd", "fwd+bwd"]
+TARGET_TOKENS, TARGET_HIDDEN = 16384, 2048  # the shapes the bandwidth targets judge (_targets)
 
 
 def parse_args(argv):
@@ -217,6 +219,22 @@ def _bytes_moved(op, mode, tokens, width, elem):
 # GPU benchmark
 
 
+def shape_plan(ops, tokens, hidden, intermediate):
+    """(op, tokens, width) in measurement order, so that a run cut by --budget-s holds every op's targets first:
+    the ops take turns, one shape each; each op's shapes that its targets judge (`_targets`: tokens >= 16K, a
+    norm's width >= 2048) come first, the smallest first (the cheapest to measure), then the others, largest first."""
+    def judged(op, t, w):
+        return t >= TARGET_TOKENS and (op == "swiglu" or w >= TARGET_HIDDEN)
+
+    per_op = []
+    for op in ops:
+        shapes = [(t, w) for w in (intermediate if op == "swiglu" else hidden) for t in tokens]
+        first = sorted((s for s in shapes if judged(op, *s)), key=lambda s: s[0] * s[1])
+        rest = sorted((s for s in shapes if not judged(op, *s)), key=lambda s: -s[0] * s[1])
+        per_op.append([(op, t, w) for t, w in first + rest])
+    return [entry for turn in itertools.zip_longest(*per_op) for entry in turn if entry is not None]
+
+
 def _time_pass(fn, tensors, grads, mode, warmup, rep):
     import torch
     from triton.testing import do_bench
@@ -264,41 +282,56 @@ def _gpu_benchmark(args, device="cuda") -> int:
 
     start, rows, skipped = time.time(), [], 0
     gen = torch.Generator(device=device).manual_seed(0)
+    impls_of = {}
     for op in args.ops:
-        widths = args.intermediate if op == "swiglu" else args.hidden
-        impls = _implementations(op, available)
+        impls_of[op] = _implementations(op, available)
         if args.providers:
-            impls = {k: v for k, v in impls.items() if k in args.providers or k == "triton"}
-        for width in widths:
-            for tokens in args.tokens:
-                if time.time() - start > args.budget_s:
-                    skipped += 1
-                    continue
-                tensors, grads = _make_inputs(op, tokens, width, dtype, device, gen)
-                if "compile" in impls:
-                    for t in tensors:
-                        if t.dim() == 2:
-                            torch._dynamo.mark_dynamic(t, 0)
-                for mode in args.passes:
-                    ms = {}
-                    for name, fn in impls.items():
-                        try:
-                            ms[name] = _time_pass(fn, tensors, [g.clone() for g in grads], mode,
-                                                  args.warmup_ms, args.rep_ms)
-                        except Exception as exc:  # noqa: BLE001 - report and go on with the others
-                            ms[name] = None
-                            notes.append(f"{name} {op} {tokens}x{width} {mode}: {type(exc).__name__}: {exc}"[:300])
-                    nbytes = _bytes_moved(op, mode, tokens, width, elem)
-                    ours = ms.get("triton")
-                    gbps = nbytes / (ours * 1e-3) / 1e9 if ours else None
-                    rows.append({
-                        "op": op, "tokens": tokens, "width": width, "pass": mode, "bytes": nbytes, "ms": ms,
-                        "gbps": gbps, "copy_fraction": gbps / copy_gbps if gbps else None,
-                        "speedup": {k: (v / ours if (v and ours) else None) for k, v in ms.items() if k != "triton"},
-                    })
-                    print(_progress_line(rows[-1]), file=sys.stderr, flush=True)
-                del tensors, grads
-                torch.cuda.empty_cache()
+            impls_of[op] = {k: v for k, v in impls_of[op].items() if k in args.providers or k == "triton"}
+    def save(targets=None):  # rewritten after every shape: a run killed at its time limit keeps what it measured
+        if not args.out:
+            return
+        result = {
+            "device": props.name, "sms": props.multi_processor_count,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype,
+            "copy_gbps": copy_gbps, "rows": rows, "targets": targets or _targets(rows, "liger" in available),
+            "notes": notes,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for op, tokens, width in shape_plan(args.ops, args.tokens, args.hidden, args.intermediate):
+        impls = impls_of[op]
+        if time.time() - start > args.budget_s:
+            skipped += 1
+            continue
+        tensors, grads = _make_inputs(op, tokens, width, dtype, device, gen)
+        if "compile" in impls:
+            for t in tensors:
+                if t.dim() == 2:
+                    torch._dynamo.mark_dynamic(t, 0)
+        for mode in args.passes:
+            ms = {}
+            for name, fn in impls.items():
+                try:
+                    ms[name] = _time_pass(fn, tensors, [g.clone() for g in grads], mode,
+                                          args.warmup_ms, args.rep_ms)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the others
+                    ms[name] = None
+                    notes.append(f"{name} {op} {tokens}x{width} {mode}: {type(exc).__name__}: {exc}"[:300])
+            nbytes = _bytes_moved(op, mode, tokens, width, elem)
+            ours = ms.get("triton")
+            gbps = nbytes / (ours * 1e-3) / 1e9 if ours else None
+            rows.append({
+                "op": op, "tokens": tokens, "width": width, "pass": mode, "bytes": nbytes, "ms": ms,
+                "gbps": gbps, "copy_fraction": gbps / copy_gbps if gbps else None,
+                "speedup": {k: (v / ours if (v and ours) else None) for k, v in ms.items() if k != "triton"},
+            })
+            print(_progress_line(rows[-1]), file=sys.stderr, flush=True)
+        del tensors, grads
+        torch.cuda.empty_cache()
+        save()
     if skipped:
         notes.append(f"time budget of {args.budget_s:.0f} s reached: {skipped} shapes not measured")
 
@@ -311,15 +344,7 @@ def _gpu_benchmark(args, device="cuda") -> int:
     for note in notes:
         print(f"note: {note}")
     if args.out:
-        result = {
-            "device": props.name, "sms": props.multi_processor_count,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype,
-            "copy_gbps": copy_gbps, "rows": rows, "targets": targets, "notes": notes,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        save(targets)
         print(f"wrote {args.out}")
     return 0
 
@@ -376,16 +401,16 @@ def _targets(rows, have_liger):
 
     out = [
         fraction_target("RMSNorm fwd >= 90% of copy bandwidth (hidden >= 2048, tokens >= 16K)",
-                        pick("rms_norm", "fwd", 2048, 16384), 0.90),
+                        pick("rms_norm", "fwd", TARGET_HIDDEN, TARGET_TOKENS), 0.90),
         fraction_target("RMSNorm bwd (dx and dw) >= 80% of copy bandwidth (hidden >= 2048, tokens >= 16K)",
-                        pick("rms_norm", "bwd", 2048, 16384), 0.80),
+                        pick("rms_norm", "bwd", TARGET_HIDDEN, TARGET_TOKENS), 0.80),
         speedup_target("add + RMSNorm fwd+bwd >= 1.5x separate torch add + our RMSNorm "
                        "(byte-count bound: 1.38x)", [r for r in rows if r["op"] == "add_rms_norm"
                                                      and r["pass"] == "fwd+bwd"], "unfused", 1.5),
         speedup_target("add + RMSNorm fwd+bwd >= 1.5x separate torch add + torch RMSNorm",
                        [r for r in rows if r["op"] == "add_rms_norm" and r["pass"] == "fwd+bwd"], "eager", 1.5),
         fraction_target("SwiGLU fwd+bwd >= 85% of copy bandwidth (tokens >= 16K)",
-                        pick("swiglu", "fwd+bwd", 0, 16384), 0.85),
+                        pick("swiglu", "fwd+bwd", 0, TARGET_TOKENS), 0.85),
     ]
     if have_liger:
         out.append(speedup_target("at least Liger's speed on every shape and pass", rows, "liger", 1.0))

@@ -5,9 +5,9 @@ For each model x placement x kernels backend x execution (eager, or each decoder
 prints tokens/s, step time, peak memory (device and host) and MFU: tokens/s x model FLOPs per token
 (megatron_mixln/train/flops.py, docs/performance.md) over the device's peak, which is measured here (a large
 dense matmul in the training precision) and, for known GPUs, also taken from the datasheet. All cases run in one
-process, one after the other, so their ratios compare like with like, in the order of `plan_groups`: the pairs of
-the targets first (Mix-LN beside Pre-LN, triton beside torch), one model build serving every kernels backend and
-LM head of a placement; each row is printed and the JSON rewritten as it lands, so a run cut short (by `--budget-s`
+process, one after the other, so their ratios compare like with like, in the order of `plan_cases`: the pairs of
+the targets first, one model build serving every kernels backend, execution and LM head of a
+placement; each row is printed and the JSON rewritten as it lands, so a run cut short (by `--budget-s`
 or a kill) keeps the highest-priority ratios measured so far. With parallel.offload_optimizer a case whose
 host-memory plan (train/memory.py, offload_host_plan) exceeds the host's available memory is listed, not run. After the
 table come the memory the fused cross-entropy saved and the issue's targets as measured ratios (Mix-LN against
@@ -89,33 +89,35 @@ def case_config(model: str, placement: str, kernels: str, overrides: list[str], 
     return config
 
 
-def plan_groups(models: list[str], placements: list[str], kernels: list[str], executions: list[str],
-                losses: list[str]) -> list[dict]:
-    """The measurement plan, in the order that fills the issue's targets first (a run cut anywhere keeps the
-    highest-priority ratios): groups of cases that share one model build, {"model", "placement", "execution",
-    "variants": [(kernels, loss), ...]}.
+def plan_cases(models: list[str], placements: list[str], kernels: list[str], executions: list[str],
+               losses: list[str]) -> list[tuple]:
+    """Every (model, placement, kernels, execution, loss) case once, in the order that fills the issue's targets
+    first, so that a run cut anywhere holds the highest-priority ratios measured so far.
 
-    - One build serves every kernels backend and LM head of its (model, placement, execution): they are attributes
-      switched on the built model (`apply_variant`). Its variants run first-loss-first, so the first group alone
-      gives the first placement's MFU and the kernels ratio (triton vs torch), then the other losses (the fused
-      loss's memory saving).
-    - The placements of one model and execution follow each other (Mix-LN / Pre-LN with the first group).
-    - Executions snake through the placements (mix, pre | pre, mix | ...): the last placement of one execution is
-      the first of the next, so its model is compiled in place instead of built again (`plan_builds`).
+    Per model, the targets' pairs come first, each pair's second case right after its first where it can
+    (the first kernels backend, execution and loss are the reference ones, the last placement the main one):
+    every placement in the given order (Mix-LN / Pre-LN with `--placements pre mix`, and the main placement's MFU),
+    then on the main placement the other kernels backends (triton vs torch), the other LM heads (the fused loss's
+    memory) and every backend compiled (compile + triton vs compile alone). Then the secondary cases, the main
+    placement's first. Consecutive cases of one model and placement share one build (`Build`, `apply_variant`,
+    `apply_execution`), so the pairs above cost one build per placement.
     """
-    variants = [(k, losses[0]) for k in kernels] + [(k, loss) for loss in losses[1:] for k in kernels]
-    groups = []
+    k0, e0, l0 = kernels[0], executions[0], losses[0]
+    main = placements[-1]
+    first, rest = [], []
     for model in models:
-        for i, execution in enumerate(executions):
-            for placement in (placements if i % 2 == 0 else placements[::-1]):
-                groups.append({"model": model, "placement": placement, "execution": execution,
-                               "variants": list(variants)})
-    return groups
-
-
-def plan_cases(groups: list[dict]) -> list[tuple]:
-    """The cases of `plan_groups` in measurement order, as (model, placement, kernels, execution, loss)."""
-    return [(g["model"], g["placement"], k, g["execution"], loss) for g in groups for k, loss in g["variants"]]
+        first += [(model, p, k0, e0, l0) for p in placements]
+        first += [(model, main, k, e0, l0) for k in kernels[1:]]
+        first += [(model, main, k0, e0, loss) for loss in losses[1:]]
+        first += [(model, main, k, e, l0) for e in executions[1:] for k in kernels]
+    for model in models:
+        for p in placements[::-1]:  # the main placement first: its build is the one still there
+            rest += [(model, p, k, e, loss) for e in executions for k in kernels for loss in losses]
+    plan = []
+    for case in first + rest:
+        if case not in plan:
+            plan.append(case)
+    return plan
 
 
 def apply_variant(model, kernels: str, loss: str) -> None:
@@ -283,7 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", help=f"{', '.join(MODELS)} or config files (default: 71m 130m 250m 1b "
                         "on a GPU, tiny on a CPU)")
     parser.add_argument("--placements", nargs="+", default=["pre", "mix"],
-                        help="norm placements; the first is measured first (default: pre mix)")
+                        help="norm placements; the last is the main one, where the other pairs are measured "
+                             "(default: pre mix)")
     parser.add_argument("--kernels", nargs="+",
                         help="kernels backends (default: torch triton on a GPU, torch on a CPU)")
     parser.add_argument("--executions", nargs="+", choices=["eager", "compile"],
@@ -320,7 +323,7 @@ def main(argv=None) -> int:
           + (f" (datasheet {sheet / 1e12:.0f})" if sheet else "")
           + ("" if on_gpu else "; a CPU run of a small configuration, not a GPU figure; peak GB is the process's "
              "RSS high-water mark so far"))
-    groups = plan_groups(models, args.placements, kernels, executions, args.losses)
+    cases = plan_cases(models, args.placements, kernels, executions, args.losses)
     rows, notes = [], []
 
     def save() -> None:
@@ -331,49 +334,44 @@ def main(argv=None) -> int:
     print("| model | placement | kernels | execution | LM head | batch x seq | tokens/s | step ms | peak GB | host GB |"
           " MFU (measured peak) |" + (" MFU (datasheet) |" if sheet else "") + " build |")
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else "") + "---|")
-    build = None  # the model kept for the next group
-    build_s, case_s = None, 0.0  # the last build's seconds, the longest case's (compiles included)
-    for index, group in enumerate(groups):
-        cases = [(group["model"], group["placement"], k, group["execution"], loss) for k, loss in group["variants"]]
-        configs = [case_config(m, p, k, args.overrides, on_gpu, e, loss) for m, p, k, e, loss in cases]
-        key = (group["model"], group["placement"])
-        shared = (build is not None and build.key == key
-                  and configs[0].parallel.zero_stage < 3)  # ZeRO-3 compiles only before deepspeed.initialize
-        estimate = (0.0 if shared else build_s or 0.0) + len(cases) * case_s
+    build = None  # the model kept for the next case of the same model and placement
+    build_s, case_s = None, {}  # the last build's seconds; the last case's seconds per execution
+    for index, case in enumerate(cases):
+        model, placement, backend, execution, loss = case
+        config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
+        # ZeRO-3 compiles only before deepspeed.initialize (gather_whole_layers_under_zero3): no switching there.
+        shared = build is not None and build.key == (model, placement) and (
+            config.parallel.zero_stage < 3 or build.execution == execution)
+        estimate = (0.0 if shared else build_s or 0.0) + case_s.get(execution, max(case_s.values(), default=0.0))
         if args.budget_s is not None and rows and time.perf_counter() - started + estimate > args.budget_s:
-            left = plan_cases(groups[index:])
-            notes.append(f"time budget of {args.budget_s:.0f} s: {len(left)} cases not measured: "
-                         + ", ".join(" ".join(case) for case in left))
+            notes.append(f"time budget of {args.budget_s:.0f} s: {len(cases) - index} cases not measured: "
+                         + ", ".join(" ".join(left) for left in cases[index:]))
             break
-        figures, refusal = host_memory_refusal(configs[0], on_gpu)
+        figures, refusal = host_memory_refusal(config, on_gpu)
         if refusal:
-            for case in cases:
-                rows.append({**dict(zip(AXES, case)), **figures, "not_run": refusal})
-                print(row_line(rows[-1], sheet), flush=True)
+            rows.append({**dict(zip(AXES, case)), **figures, "not_run": refusal})
+            print(row_line(rows[-1], sheet), flush=True)
             save()
             continue
+        case_start = time.perf_counter()
         if not shared:
             if build is not None:
                 build.close(device)
             build = None
-            build = Build(configs[0], device)
-            build.key, build_s = key, build.seconds
-            how = f"built in {build.seconds:.0f} s"
-        else:
-            how = "reused"
-        apply_execution(build.model, group["execution"])
-        for case, config in zip(cases, configs):
-            case_start = time.perf_counter()
-            apply_variant(build.model, config.model.kernels, case[4])
-            row = {**dict(zip(AXES, case)), **run_case(build, config, args.steps, args.warmup, device), **figures,
-                   "build": how, "build_seconds": build.seconds if how != "reused" else 0.0}
-            row["mfu"] = row["achieved_flops"] / peak
-            row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
-            rows.append(row)
-            save()
-            print(row_line(row, sheet), flush=True)
-            case_s = max(case_s, time.perf_counter() - case_start)
-            how = "reused"
+            build = Build(config, device)
+            build.key, build_s = (model, placement), build.seconds
+        apply_execution(build.model, execution)
+        build.execution = execution
+        apply_variant(build.model, backend, loss)
+        row = {**dict(zip(AXES, case)), **run_case(build, config, args.steps, args.warmup, device), **figures,
+               "build": "reused" if shared else f"built in {build.seconds:.0f} s",
+               "build_seconds": 0.0 if shared else build.seconds}
+        row["mfu"] = row["achieved_flops"] / peak
+        row["mfu_datasheet"] = row["achieved_flops"] / sheet if sheet else None
+        rows.append(row)
+        save()
+        print(row_line(row, sheet), flush=True)
+        case_s[execution] = time.perf_counter() - case_start - (0.0 if shared else build.seconds)
     if build is not None:
         build.close(device)
     save()
