@@ -28,6 +28,7 @@ COMMANDS = {  # command line (before --help): options its help must list
     "mixln-compare": ["runs", "--json"],
     "mixln-analyze": ["runs", "--out", "--force", "--data", "--sequences", "--steps", "--device"],
     "mixln-study": ["out", "--force", "--placements", "--inits", "--seeds", "--jobs", "--sweep-lrs", "overrides"],
+    "mixln-preflight": ["config", "overrides", "--tiny", "--steps", "--message-mib", "--write-mib", "--min-busbw"],
 }
 
 
