@@ -91,11 +91,28 @@ def test_fails_in_one_process_on_a_read_only_out_dir_and_a_missing_device(tmp_pa
 
 
 @pytest.mark.slow
-def test_passes_under_torchrun_with_tensor_parallelism_against_one_process(tmp_path):
+def test_passes_under_torchrun_through_the_sbatch_template_with_tensor_parallelism(tmp_path):
+    # slurm/preflight.sbatch outside SLURM: a stub srun runs its command once (one node), a stub scontrol names
+    # this host; the template's torchrun then starts 2 processes with its c10d rendezvous.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"'),
+                       ("scontrol", "echo localhost")):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    from megatron_mixln.parallel.launch import free_port
+
     out, cache = tmp_path / "run", tmp_path / "cache"
-    proc = preflight(2, f"train.out_dir={out}", f"data.cache_dir={cache}", "parallel.tp=2")
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(ROOT),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "GPUS_PER_NODE": "2",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "preflight.sbatch"), "configs/tiny.yaml", *FAST,
+                           f"train.out_dir={out}", f"data.cache_dir={cache}", "parallel.tp=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     text = proc.stdout
+    assert text.startswith("==== mixln: job 4242 run 1") and "mixln-preflight configs/tiny.yaml" in text
     for rank in (0, 1):
         assert verdict(row(text, "device", f"rank {rank} (local {rank})")) == "ok"
     for where in ("world", "node"):
