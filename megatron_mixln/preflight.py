@@ -39,10 +39,10 @@ OK, WARN, FAIL = "ok", "WARN", "FAIL"
 # LOCAL_RANK then have none); nothing else changes. Emulates a missing device on a CPU machine.
 TEST_GPUS = "MIXLN_TEST_GPUS"
 SCRATCH_PREFIX = ".mixln-preflight-"
-# The tiny run against one process, per step (loss and gradient norm), in fp32: the test suite finds the layouts
-# within 1e-5 of one process over 3 steps (README, Parallel training); 10x that covers a GPU's other reduction
-# orders, and a wrong collective moves the loss by far more (docs/preflight.md gives the figures).
-TRAIN_TOLERANCE = 1e-4
+# The tiny run against one process, per step (loss and gradient norm), fp32: on CPU, DP2 and PP2 match exactly and
+# TP2 within 5.2e-5 (the LM head's gradient norm; every other quantity within 5e-7); 20x that leaves room for a
+# GPU's other reduction orders, while a missing or doubled reduction changes a gradient norm by far more.
+TRAIN_TOLERANCE = 1e-3
 KERNEL_EPS = 1e-6
 BF16_UNIT = 2.0 ** -8
 
