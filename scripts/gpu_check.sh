@@ -48,6 +48,7 @@ RESERVE_S=20                           # kept back at the end for the comparison
 BENCH_S="${GPU_CHECK_BENCH_S:-180}"    # kept back for part 4, the training benchmark
 SEVEN_B_S="${GPU_CHECK_7B_S:-130}"     # kept back for part 5, the 7B step
 TRAIN_COMPARE="${GPU_CHECK_TRAIN_COMPARE:-$SMOKE}"   # the smoke test runs every part
+[ "$TRAIN_COMPARE" = 1 ] || RESERVE_S=10  # the summary alone
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing can be fetched there anyway
@@ -229,14 +230,15 @@ else
 fi
 
 # ---- 4. training benchmark: mixln-bench train ------------------------------------------------------------------
-# bench NAME LIMIT JSON ARGS...: one mixln-bench train run, time-capped (its own --budget-s ends it 15 s early, the
-# timeout is the backstop), rows into the log and the JSON as they land.
+# bench NAME LIMIT JSON ARGS...: one mixln-bench train run, time-capped (its own --budget-s starts no case that would
+# end in the last third of the limit or 15 s; the timeout is the backstop), rows into the log and JSON as they land.
 bench() {
   local name="$1" limit="$2" json="$3"; shift 3
   local T0; T0=$(now)
-  [ "$limit" -lt 30 ] && limit=30
+  [ "$limit" -lt 20 ] && limit=20
+  local margin=$(( limit / 3 )); [ "$margin" -gt 15 ] && margin=15
   echo "== mixln-bench train $*, limit ${limit} s =="
-  timeout -k 10 "$limit" "$PY" -m megatron_mixln.benchmarks.train_throughput "$@" --budget-s $(( limit - 15 )) \
+  timeout -k 10 "$limit" "$PY" -m megatron_mixln.benchmarks.train_throughput "$@" --budget-s $(( limit - margin )) \
     --json "$OUTDIR/$json" | tee "$WORK/$name.md"
   local rc=${PIPESTATUS[0]}
   local rows not_run
@@ -244,6 +246,8 @@ bench() {
   not_run=$(grep -o '| not run: [^|]*' "$WORK/$name.md" | head -n 1 | sed 's/^| //; s/ *$//')
   if [ "$rc" -eq 0 ] && [ -n "$not_run" ]; then record "$name" "not run" $(( $(now) - T0 )) "$not_run"
   elif [ "$rc" -eq 0 ]; then record "$name" ok $(( $(now) - T0 )) "$rows cases$(bench_detail "$OUTDIR/$json")"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then  # a time cut, not a failure: the rows so far are kept
+    record "$name" cut $(( $(now) - T0 )) "killed at its ${limit} s limit after $rows cases (rows in log.txt and $json)"
   else record "$name" FAILED $(( $(now) - T0 )) "exit $rc after $rows cases (rows so far in log.txt and $json)"; fi
 }
 bench_detail() {  # "; GPU peak .., host peak .., host plan .." of a one-case JSON (the 7B step), else nothing
@@ -257,20 +261,24 @@ if "peak_memory_gb" in r:
 }
 if [ "$SMOKE" = 1 ]; then
   # Triton under the interpreter beside torch: the same pairs as on the GPU, on the tiny model.
-  SPEED_ARGS=(--models tiny --placements mix pre --kernels triton torch --executions eager compile
-              --losses fused unfused --steps 1 --warmup 1)
+  SPEED_ARGS=(--models tiny --placements pre mix --kernels triton torch --executions eager compile
+              --losses fused unfused --steps 1 --warmup 1 train.micro_batch_size=2)
   SEVEN_B_ARGS=(parallel.zero_stage=3 --models tiny)   # the same path (ZeRO-3 + CPU offload) on the tiny model
 else
-  # One process: Mix-LN eager (triton, torch, then the unfused LM head: MFU, the kernels ratio, the fused loss's
-  # memory), Pre-LN eager (the Mix-LN / Pre-LN ratio), Pre-LN compiled in place (compile + triton vs compile
-  # alone), Mix-LN compiled; see plan_groups in megatron_mixln/benchmarks/train_throughput.py.
-  SPEED_ARGS=(--models 1b --placements mix pre --kernels triton torch --executions eager compile
+  # One process, the targets' pairs first (plan_cases in megatron_mixln/benchmarks/train_throughput.py): Pre-LN,
+  # then on one Mix-LN build triton (the Mix-LN / Pre-LN ratio and MFU), torch (triton vs torch eager), the unfused
+  # LM head (the fused loss's memory), compiled triton and torch (compile + triton vs compile alone); then the rest.
+  SPEED_ARGS=(--models 1b --placements pre mix --kernels triton torch --executions eager compile
               --losses fused unfused --steps 5 --warmup 2)
   SEVEN_B_ARGS=(--models 7b --kernels triton)
 fi
 if [ "$HAVE_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then
   record train_bench FAILED 0 "no CUDA device"
   record seven_b_step FAILED 0 "no CUDA device"
+elif [ "$SEVEN_B_S" -le 0 ]; then
+  budget=$(( $(left) - RESERVE_S )); [ "$budget" -gt "$BENCH_S" ] && budget=$BENCH_S
+  bench train_bench "$budget" train_bench.json "${SPEED_ARGS[@]}"
+  record seven_b_step skipped 0 "GPU_CHECK_7B_S=$SEVEN_B_S"
 else
   budget=$(( $(left) - RESERVE_S - SEVEN_B_S )); [ "$budget" -gt "$BENCH_S" ] && budget=$BENCH_S
   bench train_bench "$budget" train_bench.json "${SPEED_ARGS[@]}"
