@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# One prepared GPU check, under 8 minutes on one H100/H200 (the device tool's machines, which cannot fetch anything):
-#   1. install the carried wheels (.whl/, made here beforehand by scripts/gpu_wheels.sh) into /tmp/site;
-#   2. kernels/gpu_check.sh: the kernel tests on the GPU against float64, then the kernel benchmark (time-capped);
+# One prepared GPU check, under 8 minutes on one H100/H200 (the device tool's machines, which cannot fetch anything).
+# Before starting the device, HERE:  bash scripts/gpu_wheels.sh   (fills the git-ignored .whl/ with deepspeed,
+# pydantic, datasets & co, which the GPU image lacks), then the device command:
+#   bash scripts/gpu_check.sh      with carry: [".whl"]
+# Every part's rows land in its JSON as they are measured, in priority order, so a run cut anywhere keeps the
+# highest-priority figures; the split of the 450 s and each part's estimate are in docs/performance.md.
+#   1. install the carried wheels into /tmp/site;
+#   2. kernels/gpu_check.sh: the kernel benchmark first (35 s; each kernel's bandwidth as % of the measured copy
+#      bandwidth, Liger and apex beside it; the targets' shapes first), then the kernel tests on the GPU;
 #   3. (only with GPU_CHECK_TRAIN_COMPARE=1) the 130M Mix-LN config trained for 200 bf16 steps on the embedded text
 #      through the real entry point (megatron_mixln.cli:train_main, i.e. mixln-train), once with model.kernels=triton
 #      and once with model.kernels=torch, same seed; scripts/compare_runs.py checks the losses are finite and the
 #      curves match, and tabulates tokens/s and peak memory;
-#   4. mixln-bench train: (a) 1B, Pre-LN and Mix-LN x torch and triton kernels x eager and per-layer torch.compile,
-#      fused cross-entropy: tokens/s, step time, peak memory, MFU against the measured and the datasheet bf16 peak,
-#      and the targets as ratios; (b) 130M and 1B Mix-LN, triton, unfused vs fused cross-entropy: the memory saved
-#      (rows kept as they come);
-#   5. one optimiser step of the 7B Mix-LN config on this one GPU: ZeRO-3 with the optimiser (fp32 master weights,
-#      Adam moments and the step) offloaded to the CPU, activation checkpointing, bf16; GPU and host peak memory.
-# Device command:  bash scripts/gpu_check.sh      with carry: [".whl"]
+#   4. mixln-bench train on the 1B config, one process, the targets' pairs first (plan_cases): Pre-LN and Mix-LN
+#      (triton, eager, fused loss: the Mix-LN / Pre-LN step-time ratio, 1B Mix-LN MFU), then on the same Mix-LN
+#      build torch kernels (triton vs torch eager), the unfused LM head (the fused loss's memory saving), triton
+#      and torch compiled (compile + triton vs compile alone), then the secondary cases while time is left;
+#   5. one optimiser step of the 7B Mix-LN config on this one GPU: ZeRO-3, the optimiser offloaded to the CPU,
+#      activation checkpointing, bf16. The bench first weighs the host-memory plan (train/memory.py,
+#      offload_host_plan) against the host's available memory and reports "not run" with both figures when it
+#      does not fit (Adam: 135 GiB); then the same step with train.optimizer=sgd (85 GiB) shows whether the GPU side
+#      completes. GPU and host peak memory, and the plan, in the summary row.
 # CPU smoke test:  GPU_CHECK_SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh
 #                  (configs/tiny.yaml, a few fp32 steps, triton under TRITON_INTERPRET=1 vs torch; the kernel part
 #                  is skipped without a GPU, the wheel install when deepspeed & co already import).
 # Writes into ${OUT:-gpu_results} (flat): summary.md, summary.json, log.txt (everything printed), kernels_tests.log,
-# kernels_bench.json, train_bench.json, train_bench_memory.json, seven_b_step.json (and loss_curves.png with part 3).
-# Every part runs even if an earlier one failed; the exit status is non-zero if any part failed.
+# kernels_bench.json, train_bench.json, seven_b_step.json, seven_b_step_sgd.json (and loss_curves.png with part 3).
+# Every part runs even if an earlier one failed; the exit status is non-zero if any part failed (a part cut at its
+# time limit, or not run for lack of host memory, is not a failure: its status says so).
 # Knobs (environment): GPU_CHECK_BUDGET_S (whole script, default 450), GPU_CHECK_KERNEL_S (kernel part, default
-# 110), GPU_CHECK_BENCH_S (training benchmark, default 150), GPU_CHECK_7B_S (7B step, default 150; building and
-# initialising 6.7B parameters on the host takes most of it),
-# GPU_CHECK_TRAIN_COMPARE (1: run part 3 too; budget it with GPU_CHECK_BUDGET_S), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger apex": everything
-# but torch.compile, whose per-width compiles would not let the three ops fit the budget; set it empty for the
+# 100), GPU_CHECK_KERNEL_BENCH_S (its benchmark, default 35), GPU_CHECK_BENCH_S (training benchmark, default 180),
+# GPU_CHECK_7B_S (7B step, default 130; 0 skips it), GPU_CHECK_TRAIN_COMPARE (1: run part 3 too; budget it with
+# GPU_CHECK_BUDGET_S), KERNEL_BENCH_ARGS (extra benchmark arguments, default "--providers eager unfused liger
+# apex": everything but torch.compile, whose per-width compiles would not fit the budget; set it empty for the
 # full benchmark), GPU_CHECK_STEPS / GPU_CHECK_GLOBAL_BATCH / GPU_CHECK_MICRO_BATCH (200 / 256 / 64),
 # GPU_CHECK_SMOKE_TRITON (smoke: 1 = triton under the interpreter vs torch, 0 = torch twice), PYTHON (python3).
 set -uo pipefail

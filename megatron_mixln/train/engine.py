@@ -118,7 +118,16 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
 
 @contextlib.contextmanager
 def model_construction(config: Config, layout):
-    """Under ZeRO-3, build parameters already partitioned (no rank ever holds the whole model)."""
+    """Under ZeRO-3, build parameters already partitioned (no rank ever holds the whole model).
+
+    zero.Init creates each parameter on this rank's GPU (no offload_param: its remote device is the local one) in
+    the training dtype, bf16 under train.precision=bf16, and partitions it as soon as its module is built: the host
+    never holds a copy of the model, not even in fp32. initialize_weights then writes one whole parameter at a time
+    (its fp32 initial value on the host, at most the largest parameter: 0.5 GB for the 7B embedding).
+    The dtype comes from the config (bf16.enabled; DeepSpeed 0.19.8, partition_parameters.py `_set_dtype`), not
+    from zero.Init's `dtype` argument: given one, `_set_dtype` keeps it only where the accelerator reports fp16
+    support, and on a CPU without it would build an fp32 run's parameters in bf16.
+    """
     if config.parallel.zero_stage == 3:
         import deepspeed
 
