@@ -366,7 +366,8 @@ def _preflight_parser() -> argparse.ArgumentParser:
         "rank's device, all-reduce bus bandwidth, the Triton kernels, train.out_dir (shared, free space, write "
         "speed), data.cache_dir (shared), and a few steps of the tiny config in this layout against one process. "
         "Prints a table (ok / WARN / FAIL per line); exit 1 when a line says FAIL (docs/preflight.md)."))
-    parser.add_argument("--tiny", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"), metavar="YAML",
+    parser.add_argument("--tiny", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"),
+                        metavar="YAML",
                         help="the small config the layout check trains (default: the repository's configs/tiny.yaml)")
     parser.add_argument("--steps", type=_positive(int), default=3, help="training steps of that check (default 3)")
     parser.add_argument("--message-mib", type=_positive(float), metavar="MIB",

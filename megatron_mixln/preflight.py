@@ -97,7 +97,8 @@ def _ranks_text(ranks: list[int], hosts: list[str]) -> str:
     by_host: dict[str, list[int]] = {}
     for rank in ranks:
         by_host.setdefault(hosts[rank], []).append(rank)
-    return "; ".join(f"{host} (rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})" for host, r in by_host.items())
+    return "; ".join(f"{host} (rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})"
+                     for host, r in by_host.items())
 
 
 def _gib(value: float) -> str:
@@ -599,11 +600,11 @@ def check_cache_dir(ranks: Ranks, table: Table, config: Config, scratch: Scratch
     expected = {r: (0 if shared else ranks.hosts.index(ranks.hosts[r])) for r in range(ranks.world)}
     blind = [r for r in range(ranks.world) if expected[r] not in seen[r]["sees"]]
     if blind:
+        rule = ("true every node must see one folder (a shared file system); set data.cache_shared=false for "
+                "node-local folders" if shared else "false each host's ranks must see its own folder")
         table.add("cache_dir", "shared", FAIL,
                   f"{_ranks_text(blind, ranks.hosts)} do not see the file {ranks.where(expected[blind[0]])} wrote "
-                  f"into its data.cache_dir={str(folder)!r}: with data.cache_shared="
-                  f"{'true every node must see one folder (a shared file system)' if shared else 'false each host must see its own folder'}"
-                  f"; {'set data.cache_shared=false for node-local folders' if shared else 'fix the path'}")
+                  f"into its data.cache_dir={str(folder)!r}: with data.cache_shared={rule}")
         return
     if not shared and any(len(seen[r]["sees"]) > 1 for r in leaders):
         table.add("cache_dir", "shared", WARN, f"data.cache_dir={str(folder)!r} is one folder seen by "
@@ -706,20 +707,30 @@ def check_training(ranks: Ranks, table: Table, config: Config, folder: Path | No
     tiny = tiny_layout_config(tiny_path, config, ranks.world, folder, steps)
     p, dp = tiny.parallel, data_parallel_size(ranks.world, tiny.parallel.tp, tiny.parallel.pp)
     layout = f"tp {p.tp} x pp {p.pp} x dp {dp}, ZeRO-{p.zero_stage}"
-    reference = None
+    reference, problem = None, None
     if ranks.rank == 0:  # prepared once, before either run reads it
-        with contextlib.redirect_stdout(io.StringIO()):
-            prepare_dataset(tiny.data, progress=False, limits=train_limits(tiny), num_proc=1)
-        if ranks.world > 1:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                prepare_dataset(tiny.data, progress=False, limits=train_limits(tiny), num_proc=1)
+        except Exception as err:
+            problem = f"preparing its data in {folder / 'data'} failed: {type(err).__name__}: {err}"
+        if problem is None and ranks.world > 1:
             reference = _reference_process(reference_config(tiny, folder), folder)
-    ranks.barrier()
+    problem = ranks.gather(problem)[0]
+    if problem is not None:
+        table.add("training", "world", FAIL, problem)
+        return
     ours = _quiet_training(tiny)
     if ranks.rank != 0:
         ranks.gather(None)
         return
     theirs = ours
     if reference is not None:
-        log, _ = reference.communicate()
+        try:
+            log, _ = reference.communicate(timeout=config.parallel.startup_timeout_minutes * 60)
+        except subprocess.TimeoutExpired:
+            reference.kill()
+            log = f"no result within parallel.startup_timeout_minutes={config.parallel.startup_timeout_minutes:g}"
         path = folder / "reference.json.result"
         theirs = json.loads(path.read_text()) if path.is_file() else {"error": "no result", "log": log[-2000:]}
     failed = ours if "error" in ours else theirs if "error" in theirs else None
@@ -787,9 +798,11 @@ def run(config: Config, tiny: str, steps: int, message_mib: float | None, write_
         folder = check_out_dir(ranks, table, config, scratch, write_mib)
         check_cache_dir(ranks, table, config, scratch)
         check_training(ranks, table, config, folder, devices_ok, tiny, steps)
-    finally:
-        ranks.barrier()
-        scratch.clean()
+    except BaseException:
+        scratch.clean()  # no barrier: the other ranks may be anywhere
+        raise
+    ranks.barrier()  # every rank is done with the scratch folder
+    scratch.clean()
     failed, warned = table.count(FAIL), table.count(WARN)
     if ranks.rank == 0:
         print(f"preflight: {table.count(OK)} ok, {warned} WARN, {failed} FAIL over {ranks.world} "

@@ -213,8 +213,11 @@ def test_compare_runs_finds_a_step_that_differs_or_is_missing():
     assert compare_runs({**same, "losses": {1: 8.0, 2: math.nan}}, ref) == (math.inf, "step 2: loss nan vs 7.5")
 
 
-@pytest.mark.parametrize("world, parallel", [(64, ["parallel.tp=8", "parallel.pp=8", "parallel.zero_stage=1"]), (16, ["parallel.tp=16"]),
-                                             (6, ["parallel.pp=2", "parallel.zero_stage=1", "parallel.pipeline_partition=0,17,34"])])
+@pytest.mark.parametrize("world, parallel", [
+    (64, ["parallel.tp=8", "parallel.pp=8", "parallel.zero_stage=1"]),
+    (16, ["parallel.tp=16"]),
+    (6, ["parallel.pp=2", "parallel.zero_stage=1", "parallel.pipeline_partition=0,17,34"]),  # llama_7b's 34 specs
+])
 def test_tiny_layout_config_fits_every_layout(tmp_path, world, parallel):
     from megatron_mixln.config import load_config
     from megatron_mixln.preflight import reference_config, tiny_layout_config
