@@ -24,14 +24,11 @@ from pathlib import Path
 import pytest
 
 from megatron_mixln.train.metrics import read_metrics
-from slurm_cluster import PARTITION, Cluster, slurm_cluster  # noqa: F401  (the session fixture)
+from slurm_cluster import (BIN, PARTITION, SLURM, Cluster, losses_of, one_node_run_folder,  # noqa: F401
+                           slurm_cluster, submit, wait_for)  # slurm_cluster: the session fixture
 from training_runs import DATA, MODEL, ROOT, TRAIN
 
-BIN = Path(sys.executable).parent
-SLURM = ROOT / "slurm"
 TEMPLATES = ("torchrun", "deepspeed", "srun", "compare")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE"}
 
 
 # --- without a cluster -------------------------------------------------------------------------------------------
@@ -252,56 +249,14 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def submit(cluster: Cluster, template: str, args: list[str], out: Path, *options: str, processes: int = 2,
-           **env: str) -> str:
-    """sbatch a template from the repository folder (as a user does) on this cluster; returns the job id.
-
-    The template's GPU node settings are overridden for CPU processes: 1 node, no GPU, one core a task.
-    """
-    layout = [f"--ntasks-per-node={processes}"] if template == "srun" else []
-    command = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", *layout,
-               f"--partition={PARTITION}", f"--output={out}", "--export=ALL", *options, str(SLURM / f"{template}.sbatch"), *args]
-    environ = {**cluster.env, "VENV": str(BIN.parent), "GPUS_PER_NODE": str(processes), "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore", "HOSTFILE": str(out.parent / f"hostfile-{out.stem}"), **env}
-    proc = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
-
-
-def wait_for(cluster: Cluster, job: str, timeout: float = 300, restarts: int = 0) -> list[dict[str, str]]:
-    """Poll until every task of the job has ended after `restarts` requeues, or one requeued more often (for the
-    caller to fail on). `sbatch --wait` would wait too, but it polls at 2, 4, 8, 16 and then 32 s, which added
-    ~25 s to a 16 s job here."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = cluster.scontrol("show", "job", "--oneliner", job)
-        tasks = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if line.strip()]
-        if tasks and (all(t["JobState"] in FINAL_STATES and int(t["Restarts"]) >= restarts for t in tasks)
-                      or any(int(t["Restarts"]) > restarts for t in tasks)):
-            return tasks
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} did not end within {timeout} s:\n{text}\n{cluster.logs()}")
-
-
 def tiny(cache: Path, out: Path, *extra: str) -> list[str]:
     return ["configs/tiny.yaml", *MODEL, *DATA, *TRAIN, f"data.cache_dir={cache}", f"train.out_dir={out}", *extra]
 
 
-def losses_of(out: Path) -> dict[int, float]:
-    """step -> loss in a run's metrics.jsonl; safe to call while the run appends to it (a cut line is skipped)."""
-    path = out / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
 @pytest.mark.parametrize("template", ["torchrun", "deepspeed", "srun"])
-def test_template_trains_the_tiny_run_on_two_processes(slurm_cluster, cache, tmp_path, template):
-    out, log = tmp_path / "run", tmp_path / "job.out"
+def test_template_trains_the_tiny_run_on_two_processes(slurm_cluster, cache, tmp_path_factory, tmp_path, template):
+    # In a folder of the session: tests/test_slurm_two_nodes.py compares its two-node runs with this one.
+    out, log = one_node_run_folder(tmp_path_factory, template), tmp_path / "job.out"
     job = submit(slurm_cluster, template, tiny(cache, out), log)
     (state,) = wait_for(slurm_cluster, job)
     text = log.read_text()
