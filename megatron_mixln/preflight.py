@@ -57,12 +57,12 @@ class Table:
         self.rows: list[tuple[str, str, str, str]] = []
         self.show = show
         if show:
-            print(f"{'check':<10} {'where':<26} {'':<5} detail", flush=True)
+            print(f"{'check':<10} {'where':<32} {'verdict':<7} detail", flush=True)
 
     def add(self, check: str, where: str, verdict: str, detail: str) -> None:
         self.rows.append((check, where, verdict, detail))
         if self.show:
-            print(f"{check:<10} {where:<26} {verdict:<5} {detail}", flush=True)
+            print(f"{check:<10} {where:<32} {verdict:<7} {detail}", flush=True)
 
     def count(self, verdict: str) -> int:
         return sum(row[2] == verdict for row in self.rows)
