@@ -265,7 +265,8 @@ rows = json.load(open(sys.argv[1]))["rows"]
 r = rows[0] if len(rows) == 1 else {}
 if "peak_memory_gb" in r:
     print(f"; GPU peak {r[\"peak_memory_gb\"]:.1f} GiB, host peak {r[\"host_peak_memory_gb\"]:.1f} GiB"
-          + (f", host plan {r[\"host_plan_gib\"]:.1f} GiB of {r[\"host_total_gib\"]:.1f}" if "host_plan_gib" in r else "")
+          + (f", host plan {r[\"host_plan_gib\"]:.1f} GiB of {r[\"host_total_gib\"]:.1f}"
+             if "host_plan_gib" in r else "")
           + f", step {r[\"step_seconds\"]:.1f} s", end="")' "$1" 2>/dev/null
 }
 if [ "$SMOKE" = 1 ]; then

@@ -223,8 +223,9 @@ def host_memory_refusal(config, on_gpu: bool) -> tuple[dict, str | None]:
     if plan["peak"] <= 0.95 * available:
         return figures, None
     return figures, (f"not run: DeepSpeed's offloaded optimizer needs {plan['bytes'] / 2**30:.1f} GiB of host memory "
-                     f"({plan['bytes_per_param']:.1f} B/param; {plan['peak'] / 2**30:.1f} GiB at its peak while pinning), "
-                     f"this host has {available / 2**30:.1f} GiB available of {figures['host_total_gib']:.1f} GiB")
+                     f"({plan['bytes_per_param']:.1f} B/param; {plan['peak'] / 2**30:.1f} GiB at its peak while "
+                     f"pinning), this host has {available / 2**30:.1f} GiB available of "
+                     f"{figures['host_total_gib']:.1f} GiB")
 
 
 AXES = ("model", "placement", "kernels", "execution", "loss")
