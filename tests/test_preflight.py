@@ -192,7 +192,7 @@ def test_bus_bandwidth_is_nccl_tests_definition():
 
 
 def test_error_ratio_is_the_kernel_tests_tolerance_and_checks_where_nan_and_inf_are():
-    from megatron_mixln.preflight import error_ratio
+    from megatron_mixln.kernels.checks import error_ratio
 
     ref = torch.tensor([1.0, -2.0, 4.0, math.inf, math.nan], dtype=torch.float64)
     out = ref.clone()
