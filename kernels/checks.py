@@ -15,8 +15,8 @@ EPS = 1e-6  # the RMSNorm epsilon the checks use
 
 def error_ratio(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
     """The largest error of `out` against the float64 `ref` as a fraction of tests/test_kernels.py's tolerance
-    (fp32: max|diff| <= FP32_TOLERANCE max|ref|; bf16: |diff| <= 2u (|ref| + rms(ref)), u = 2^-8), over the elements where
-    `ref` is finite; inf when a NaN or an inf is not where the reference has it."""
+    (fp32: max|diff| <= FP32_TOLERANCE max|ref|; bf16: |diff| <= 2u (|ref| + rms(ref)), u = 2^-8), over the
+    elements where `ref` is finite; inf when a NaN or an inf is not where the reference has it."""
     out, ref = out.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
     if any(not torch.equal(where(out), where(ref)) for where in (torch.isnan, torch.isposinf, torch.isneginf)):
         return math.inf

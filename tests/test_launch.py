@@ -419,7 +419,8 @@ def _node_local_cache_worker(rank: int, port: int, caches: list[str], out: str, 
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
         result = train(load_config(None, tiny(caches[rank], out, "data.cache_shared=false", "train.steps=2",
-                                              "parallel.startup_timeout_minutes=0.02", "train.layer_grad_norm_every=0")))
+                                              "parallel.startup_timeout_minutes=0.02",
+                                              "train.layer_grad_norm_every=0")))
     from megatron_mixln.train.engine import leave_process_group
 
     leave_process_group()
