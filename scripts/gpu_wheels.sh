@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE (a machine with PyPI), before a GPU session: fill the git-ignored folder .whl/ with the wheels that the
-# GPU machine's image lacks (it has torch, triton, transformers, ... but no deepspeed, pydantic or datasets, and
-# it cannot fetch anything). scripts/gpu_check.sh installs them there; the device command carries .whl.
+# GPU machine's image lacks (it has torch, triton, transformers, ... but no deepspeed, pydantic, datasets or
+# liger-kernel, and it cannot fetch anything). scripts/gpu_check.sh installs them there; the device command
+# carries .whl.
 #
 # Usage: bash scripts/gpu_wheels.sh            (idempotent: rebuilds .whl/ from scratch every time)
 # Versions: those installed in .venv where there is one (so the GPU runs what the tests here run), else the
@@ -21,9 +22,11 @@ MAX_MIB=40
 declare -A DEFAULT_VERSION=(
   [deepspeed]=0.19.8 [hjson]=3.1.0 [pydantic]=2.14.4 [pydantic-core]=2.50.5 [annotated-types]=0.8.0
   [typing-inspection]=0.4.5 [typing-extensions]=4.16.0 [datasets]=5.2.0 [dill]=0.4.1 [multiprocess]=0.70.19
+  [liger-kernel]=0.8.5
 )
+# liger-kernel (pure Python on torch and triton): the kernel benchmark's Liger column (kernels/bench.py).
 ORDER=(deepspeed hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions datasets dill
-       multiprocess)
+       multiprocess liger-kernel)
 
 version_of() {  # the .venv's version of $1, else the default
   local v=""

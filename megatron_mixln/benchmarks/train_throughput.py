@@ -168,6 +168,7 @@ class Build:
     def close(self, device) -> None:
         import torch
 
+        apply_execution(self.model, "eager")  # a compiled forward refers back to its layer: break the cycle
         del self.steps_engine, self.engine, self.model
         gc.collect()
         if device.type == "cuda":
