@@ -5,7 +5,7 @@ other nodes, a node whose process dies).
 The hosts are network namespaces on a bridge (tests/slurm_cluster.py, `slurm_hosts`): each with its own address,
 host name, /etc/hosts, slurmd and node-local folder, which is the data cache here (data.cache_shared=false, so each
 node prepares its own copy). One process per node, gloo, fp32: the losses must equal a one-node run's of the same
-layout (DP2) exactly, the one that tests/test_slurm.py made in this session when it did.
+layout (DP2, TP2) exactly; for DP2 the one that tests/test_slurm.py made in this session when it did.
 """
 from __future__ import annotations
 
@@ -91,21 +91,21 @@ def warn_between_steps(cluster: Cluster, job: str, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def twin(slurm_hosts, tmp_path_factory):
-    """template -> the folder of a one-node run of the same layout (2 processes on one node): tests/test_slurm.py's
-    when this session made it, else one made here on one of the hosts."""
+    """(template, overrides) -> the folder of a one-node run of the same layout (2 processes on one node):
+    tests/test_slurm.py's when this session made it (no overrides), else one made here on one of the hosts."""
     made = {}
 
-    def folder(template: str) -> Path:
+    def folder(template: str, *extra: str) -> Path:
         theirs = one_node_run_folder(tmp_path_factory, template)
-        if sorted(losses_of(theirs)) == list(range(1, STEPS + 1)):
+        if not extra and sorted(losses_of(theirs)) == list(range(1, STEPS + 1)):
             return theirs
-        if template not in made:
+        if (template, extra) not in made:
             base = tmp_path_factory.mktemp(f"one-node-{template}")
-            job = submit(slurm_hosts, template, tiny_run(slurm_hosts, base / "run"), base / "job.out")
+            job = submit(slurm_hosts, template, tiny_run(slurm_hosts, base / "run", *extra), base / "job.out")
             (state,) = wait_for(slurm_hosts, job)
             assert state["JobState"] == "COMPLETED", (base / "job.out").read_text()[-3000:]
-            made[template] = base / "run"
-        return made[template]
+            made[template, extra] = base / "run"
+        return made[template, extra]
 
     return folder
 
@@ -117,19 +117,22 @@ def prepared_tokens(cluster: Cluster, node: str) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("template", ["torchrun", "srun"])  # deepspeed: in the requeue test below
-def test_a_two_node_job_trains_exactly_as_on_one_node(slurm_hosts, twin, tmp_path, template):
+@pytest.mark.parametrize("template, extra, layout", [  # deepspeed: in the requeue test below
+    ("torchrun", [], "tp 1 x pp 1 x dp 2"),
+    ("srun", ["parallel.tp=2"], "tp 2 x pp 1 x dp 1"),  # every layer's collectives across the hosts
+], ids=["torchrun-dp2", "srun-tp2"])
+def test_a_two_node_job_trains_exactly_as_on_one_node(slurm_hosts, twin, tmp_path, template, extra, layout):
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm_hosts, template, tiny_run(slurm_hosts, out), log, nodes=2, processes=1)
+    job = submit(slurm_hosts, template, tiny_run(slurm_hosts, out, *extra), log, nodes=2, processes=1)
     (state,) = wait_for(slurm_hosts, job)
     text = log.read_text()
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-3000:]
     nodes = hostnames(slurm_hosts, state["NodeList"])
     # One process on each of two hosts, each node's data prepared there.
-    assert len(nodes) == 2 and "layout: 2 processes = tp 1 x pp 1 x dp 2" in text
+    assert len(nodes) == 2 and f"layout: 2 processes = {layout}," in text
     assert prepared_tokens(slurm_hosts, nodes[0]) == prepared_tokens(slurm_hosts, nodes[1])
     assert sorted(losses_of(out)) == list(range(1, STEPS + 1))
-    assert losses_of(out) == losses_of(twin(template))  # fp32, every step, exactly
+    assert losses_of(out) == losses_of(twin(template, *extra))  # fp32, every step, exactly
 
 
 @pytest.mark.slow
