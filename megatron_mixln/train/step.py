@@ -215,10 +215,10 @@ class StepEngine:
     # ------------------------------------------------------------------ gradient norms
     def _squared_norms(self, gradients) -> torch.Tensor:
         """[sum of squares per slot] over (slot, gradient) pairs, summed over the model-parallel group (pipeline
-        stages and TP ranks of one replica). fp32 accumulation, on the device, no host sync."""
-        squares = torch.zeros(len(self.layer_keys), dtype=torch.float32, device=self.device)
+        stages and TP ranks of one replica). float64 (`squared_norm`), on the device, no host sync."""
+        squares = torch.zeros(len(self.layer_keys), dtype=torch.float64, device=self.device)
         for slot, grad in gradients:
-            squares[slot] += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square().to(self.device)
+            squares[slot] += squared_norm(grad).to(self.device)
         return self.all_reduce(squares, group=self.layout.model_parallel_group)
 
     def _counted_gradients(self, read_grad):
@@ -231,7 +231,7 @@ class StepEngine:
     def _read_layer_norms(self) -> dict[str, float]:
         from deepspeed.utils import safe_get_full_grad  # the reduced gradient under every ZeRO stage
 
-        squares = self._squared_norms(self._counted_gradients(safe_get_full_grad)).double().cpu()
+        squares = self._squared_norms(self._counted_gradients(safe_get_full_grad)).cpu()
         return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.tolist())}
 
     def _counted_local_weights(self):
@@ -253,13 +253,13 @@ class StepEngine:
         """Per-layer L2 norm of what the update changed (how far each layer moved), counted like the
         gradient norms; ZeRO-3 partitions are summed over the data-parallel group. Each weight's change is made
         on the device one tensor at a time from its host copy, so at most one tensor's change is alive."""
-        squares = torch.zeros(len(self.layer_keys), dtype=torch.float32, device=self.device)
+        squares = torch.zeros(len(self.layer_keys), dtype=torch.float64, device=self.device)
         for (slot, weight), old in zip(self._counted_local_weights(), before):
             squares[slot] += squared_change(old, weight, self.device)
         self.all_reduce(squares, group=self.layout.model_parallel_group)
         if any(hasattr(p, "ds_tensor") for p in self.module.parameters()):  # ZeRO-3: each DP rank its partition
             self.all_reduce(squares, group=self.layout.dp_group)
-        return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.double().cpu().tolist())}
+        return {key: math.sqrt(value) for key, value in zip(self.layer_keys, squares.cpu().tolist())}
 
     def _norm_and_clip(self) -> float:
         """GuardedStep's check for the fp32 ZeRO-0 path: the global pre-clip norm of the (DP-averaged)
@@ -365,7 +365,24 @@ def squared_change(old: torch.Tensor, new: torch.Tensor, device: torch.device) -
     form, is all the device memory it takes, freed on return. |old - new| is |new - old| exactly."""
     change = old.to(device).float()
     change.sub_(new)  # computed in fp32 whatever new's dtype (type promotion), no rounding before the norm
-    return torch.linalg.vector_norm(change, dtype=torch.float32).square()
+    return squared_norm(change)
+
+
+# torch's CPU norm kernel sums a tensor's squares in a few fp32 accumulators, an error that grows with the length:
+# -1.2e-4 relative for the 4096 x 128 LM-head gradient of configs/tiny.yaml, -5e-5 from its two halves under TP2,
+# so one process and TP2 logged norms 7e-5 apart for gradients equal to 1e-8. Rows of NORM_BLOCK elements keep
+# each fp32 sum short (1e-7 here); the rows' squares are added in float64.
+NORM_BLOCK = 4096
+
+
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """||tensor||^2 as a float64 scalar on the tensor's device, accurate to fp32 rounding at any size, without a
+    float64 copy of the tensor."""
+    flat = tensor.detach().reshape(-1)
+    whole = flat.numel() - flat.numel() % NORM_BLOCK
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_BLOCK), dim=1, dtype=torch.float32)
+    rest = torch.linalg.vector_norm(flat[whole:], dtype=torch.float32)
+    return rows.double().square().sum() + rest.double().square()
 
 
 def make_step_engine(engine, config: Config, layout) -> StepEngine:
