@@ -259,15 +259,17 @@ bench() {
     record "$name" cut $(( $(now) - T0 )) "killed at its ${limit} s limit after $rows cases (rows in log.txt and $json)"
   else record "$name" FAILED $(( $(now) - T0 )) "exit $rc after $rows cases (rows so far in log.txt and $json)"; fi
 }
-bench_detail() {  # "; GPU peak .., host peak .., host plan .." of a one-case JSON (the 7B step), else nothing
-  "$PY" -c 'import json, sys
+bench_detail() {  # "; peak memory .., host peak .., host plan .." of a one-case JSON (the 7B step), else nothing
+  "$PY" - "$1" 2>/dev/null <<'EOF'
+import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 r = rows[0] if len(rows) == 1 else {}
 if "peak_memory_gb" in r:
-    print(f"; GPU peak {r[\"peak_memory_gb\"]:.1f} GiB, host peak {r[\"host_peak_memory_gb\"]:.1f} GiB"
-          + (f", host plan {r[\"host_plan_gib\"]:.1f} GiB of {r[\"host_total_gib\"]:.1f}"
-             if "host_plan_gib" in r else "")
-          + f", step {r[\"step_seconds\"]:.1f} s", end="")' "$1" 2>/dev/null
+    text = f"; peak memory {r['peak_memory_gb']:.1f} GiB, host peak {r['host_peak_memory_gb']:.1f} GiB"
+    if "host_plan_gib" in r:
+        text += f", host plan {r['host_plan_gib']:.1f} GiB of {r['host_total_gib']:.1f}"
+    print(text + f", step {r['step_seconds']:.1f} s", end="")
+EOF
 }
 if [ "$SMOKE" = 1 ]; then
   # Triton under the interpreter beside torch: the same pairs as on the GPU, on the tiny model.

@@ -217,7 +217,7 @@ def _pinned(nbytes: int) -> int:
     return 1 << (int(nbytes) - 1).bit_length() if nbytes > 1 else int(nbytes)
 
 
-def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True) -> dict:
+def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True, rank_params: int | None = None) -> dict:
     """Host memory DeepSpeed 0.19.8 allocates for one rank's offloaded optimizer (parallel.offload_optimizer), buffer
     by buffer, as its ZeRO code allocates them for the config train/engine.py builds (offload_optimizer
     {"device": "cpu"}: pin_memory is DeepSpeed's default, true; torch's Adam, whose two fp32 moments appear at the
@@ -232,8 +232,10 @@ def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True) -> dic
     - ZeRO-1/2 (zero/stage_1_and_2.py): per parameter group, the fp32 master partition (pinned), a copy of the
       partition in the weights' dtype (param_buffer_of_bit16_for_cpu_offload_groups, pinned) and the fp32
       gradient partition (initialize_optimizer_states, pinned): 4 + 2 (bf16) + 4 B/param before the moments.
-    Returns {"lines": [(name, bytes, setting)], "bytes": steady total, "transient": bytes, "peak": both}; empty
-    lines without offload.
+    `rank_params`: the parameters the busiest rank holds before ZeRO when tensor or pipeline parallelism splits the
+    model (dry_run_summary's figure); each parameter's share is scaled to it. Returns {"lines": [(name, bytes,
+    setting)], "bytes": the total after the first step, "transient", "peak": the larger of the total and the
+    start's, "bytes_per_param"}; no lines without offload.
     """
     parallel = config.parallel
     if not parallel.offload_optimizer:
@@ -242,7 +244,9 @@ def offload_host_plan(config: Config, dp: int = 1, gpu_host: bool = True) -> dic
 
     with torch.device("meta"):
         model = MixLNForCausalLM(config.model)
-    shares = [-(-p.numel() // dp) for p in model.parameters()]  # this rank's partition of each parameter
+    numels = [p.numel() for p in model.parameters()]
+    scale = (rank_params or sum(numels)) / sum(numels)
+    shares = [-(-round(n * scale) // dp) for n in numels]  # this rank's partition of each parameter
     total = sum(shares)
     bf16 = config.train.precision == "bf16"
     weight_b, accum_b = (2 if bf16 else 4), 4  # train/engine.py accumulates gradients in fp32
@@ -357,7 +361,8 @@ def check_model_fits(config: Config, world_size: int, ranks_per_host: int, devic
     if device_bytes is not None:
         need, have, where = states, device_bytes, "GPU"
         if need <= have:  # on a GPU, the host holds only the offloaded optimizer's buffers (pinned, rounded)
-            need, have, where = offload_host_plan(config, s["dp"])["peak"] * ranks_per_host, host_bytes, "host"
+            plan = offload_host_plan(config, s["dp"], rank_params=s["rank_params"])
+            need, have, where = plan["peak"] * ranks_per_host, host_bytes, "host"
     else:
         need, have, where = (states + b["optimizer_cpu"]) * ranks_per_host, host_bytes, "host"
     if need <= have:
@@ -480,9 +485,10 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
     if s["offload_optimizer"]:
         lines.append(f"  CPU (offloaded optimizer states) {_gib(b['optimizer_cpu']).strip()} per rank, "
                      f"{_gib(b['cpu_per_node']).strip()} per node")
-        host = offload_host_plan(config, dp)
+        host = offload_host_plan(config, dp, rank_params=s["rank_params"])
         lines.append(f"  CPU (what DeepSpeed 0.19.8 allocates for it on a GPU host) {_gib(host['bytes']).strip()} per "
-                     f"rank, {host['bytes_per_param']:.1f} B/param: "
+                     f"rank, {_gib(host['bytes'] * s['gpus_per_node']).strip()} per node, "
+                     f"{host['bytes_per_param']:.1f} B/param: "
                      + ", ".join(f"{name} {_gib(nbytes).strip()}" for name, nbytes, _ in host["lines"])
                      + f" (pinned buffers rounded up to powers of two); {_gib(host['peak']).strip()} at its peak")
     if b["update_norm_host"]:
