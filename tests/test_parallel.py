@@ -109,6 +109,9 @@ def assert_same_run(name: str, run, reference) -> None:
     logged it)."""
     losses, norms, layer_norms, weights, update_norms = run
     ref_losses, ref_norms, ref_layer_norms, ref_weights, ref_update_norms = reference
+    # 1e-5: a layout changes only the order of fp32 sums (per-element gradient errors ~3e-7 of the tensor's norm,
+    # against float64), so losses and norms agree to ~1e-7; a wrong scale, a term counted twice or left out (a
+    # TP shard, a replicated norm, a pipeline stage) moves a norm by far more.
     assert sorted(losses) == sorted(layer_norms) == [1, 2, 3]
     for step in (1, 2, 3):
         assert rel(losses[step], ref_losses[step]) < 1e-5, (name, step)
@@ -192,6 +195,33 @@ def test_checkpoint_moves_between_layouts_with_the_same_next_loss(single, cache,
     back = run_ok(4, tmp_path / "back", *run, "parallel.tp=2", "parallel.pp=2",
                   f"train.resume={tmp_path / 'one' / 'export'}")[0]
     assert sorted(back) == [4] and rel(back[4], straight[4]) < 1e-5
+
+
+def test_squared_norm_of_a_long_tensor_is_float64_accurate_whole_or_in_tp_shards():
+    from megatron_mixln.train.step import squared_change, squared_norm
+
+    # 2^22 elements: long enough that one fp32 running sum of the squares (torch's CPU norm kernel) drifts ~1e-4.
+    grad = torch.randn(32768, 128, generator=torch.Generator().manual_seed(0))
+    exact = grad.double().square().sum()
+    for shards in (1, 2, 3):  # the sum over TP ranks of each shard's squared norm; 3 leaves a partial block
+        total = sum(squared_norm(shard) for shard in grad.chunk(shards))
+        assert abs(total / exact - 1) < 1e-6, (shards, total, exact)
+    assert abs(squared_change(torch.zeros_like(grad), grad, torch.device("cpu")) / exact - 1) < 1e-6
+
+
+@pytest.mark.slow
+def test_tp2_logs_the_single_process_norms_for_a_large_lm_head(cache, tmp_path):
+    # The data's 300 token ids in a vocabulary of 4096 x hidden 128 (configs/tiny.yaml's head): 524288 gradient
+    # elements in one tensor, where fp32 summation of the squares once logged TP2's lm_head norm 6.7e-5 away.
+    # The gradients themselves agree to 3e-7 of their norm, so the norms must agree to well within 1e-6.
+    large_head = [*MODEL, *RUN, cache, "model.vocab_size=4096", "model.hidden_size=128", "train.steps=1", *SGD]
+    _, norms, layer_norms, _, update_norms = run_ok(2, tmp_path / "tp2", *large_head, "parallel.tp=2")
+    _, ref_norms, ref_layer_norms, _, ref_update_norms = run_ok(1, tmp_path / "one", *large_head)
+    assert rel(norms[1], ref_norms[1]) < 1e-6
+    for measured, reference in ((layer_norms[1], ref_layer_norms[1]), (update_norms[1], ref_update_norms[1])):
+        assert measured.keys() == reference.keys()
+        for key, value in reference.items():
+            assert rel(measured[key], value) < 1e-6, (key, measured[key], value)
 
 
 @pytest.mark.slow
