@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from megatron_mixln.parallel.tensor_parallel import IGNORE_INDEX, cross_entropy_parts, softmax_minus_onehot
+from megatron_mixln.parallel.tensor_parallel import IGNORE_INDEX, cross_entropy_parts, loss_dtype, softmax_minus_onehot
 
 
 # Fewer tokens per chunk would make each chunk's matmuls too small to run at speed (a 1024 x 32000 fp32 logits
@@ -39,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         keep = labels != IGNORE_INDEX
         labels = labels.masked_fill(~keep, 0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or float64 for reference tests
+        accumulate = loss_dtype(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=accumulate, device=hidden.device)

@@ -16,7 +16,7 @@ from megatron_mixln.model.linear_cross_entropy import linear_cross_entropy_sum
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain, has_embedding_norm
 from megatron_mixln.parallel.mappings import copy_to_tensor_parallel
 from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
-                                                     VocabParallelEmbedding, vocab_parallel_token_losses)
+                                                     VocabParallelEmbedding, loss_dtype, vocab_parallel_token_losses)
 
 IGNORE_INDEX = -100
 
@@ -201,13 +201,14 @@ class MixLNForCausalLM(nn.Module):
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
-    """Per-position cross-entropy (fp32), 0 where the label is IGNORE_INDEX; labels are already shifted.
+    """Per-position cross-entropy (fp32; float64 for a float64 model), 0 where the label is IGNORE_INDEX; labels
+    are already shifted.
 
     Under tensor parallelism `logits` is this rank's vocabulary slice and the loss is vocab-parallel.
     """
     if tp.size > 1:
         return vocab_parallel_token_losses(logits, labels, tp)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    return F.cross_entropy(logits.to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="none")
 
 

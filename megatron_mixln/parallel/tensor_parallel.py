@@ -110,6 +110,11 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel(out, self.tp.group)
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The cross-entropy's dtype: fp32, or float64 for a float64 model (reference tests compare in it)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group=None):
     """Per-row cross-entropy of fp32 `logits` [rows, local vocab] and what its gradient needs.
 
@@ -145,7 +150,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, group):
-        loss, softmax, safe_labels, mine = cross_entropy_parts(logits.float(), labels, vocab_start, group)
+        loss, softmax, safe_labels, mine = cross_entropy_parts(logits.to(loss_dtype(logits.dtype)), labels,
+                                                               vocab_start, group)
         ctx.save_for_backward(softmax, safe_labels, mine)
         return loss
 
