@@ -7,7 +7,7 @@ as root. Where it cannot be had, the fixtures skip with the reason.
 - `slurm_cluster` (tests/test_slurm.py): one node, this host, on 127.0.0.1.
 - `slurm_hosts` (tests/test_slurm_two_nodes.py): several hosts emulated with network namespaces joined by a
   bridge. Each host has its own address on a private /24 that this machine does not use, its own host name
-  (`unshare --uts`), its own /etc/hosts (`/etc/netns/NAME/hosts`, which `ip netns exec` mounts over /etc/hosts),
+  (`unshare --uts`), its own /etc/hosts (`/etc/netns/NAME/hosts`, mounted over /etc/hosts as `ip netns exec` does),
   its own `slurmd`, and a node-local folder: `Cluster.local_dir` is one path that each host sees onto its own
   folder (a bind mount in that host's mount namespace). slurmctld runs in this machine's own namespace, on the
   bridge. Everything made for it (namespaces, veth pairs, the bridge, /etc/netns entries) is removed at the
@@ -18,6 +18,7 @@ SLURM_CONF to export and stops it on Ctrl-C.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -160,6 +161,7 @@ def node_name() -> str:
 
 SUBNET_PREFIX = "10.213"  # a private range; the /24 taken is one this machine has no address or route in
 _networks_made = itertools.count()
+ETC_NETNS = Path("/etc/netns")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -216,8 +218,11 @@ def make_network(count: int) -> Network:
             _ip(*inside, "addr", "add", f"{host.address}/24", "dev", f"{host.veth}p")
             _ip(*inside, "link", "set", f"{host.veth}p", "up")
             _ip(*inside, "link", "set", "lo", "up")
-            etc = Path("/etc/netns") / host.netns
-            etc.mkdir(parents=True)
+            if not ETC_NETNS.is_dir():
+                ETC_NETNS.mkdir()
+                network.made.append(("etc", str(ETC_NETNS)))  # removed when empty
+            etc = ETC_NETNS / host.netns
+            etc.mkdir()
             network.made.append(("etc", str(etc)))
             (etc / "hosts").write_text(etc_hosts)
             network.hosts.append(host)
@@ -230,7 +235,10 @@ def make_network(count: int) -> Network:
 def remove_network(network: Network) -> None:
     """Remove what make_network made, newest first; whatever is already gone is skipped."""
     for kind, name in reversed(network.made):
-        if kind == "etc":
+        if name == str(ETC_NETNS):
+            with contextlib.suppress(OSError):  # another network may use it
+                os.rmdir(name)
+        elif kind == "etc":
             shutil.rmtree(name, ignore_errors=True)
         elif kind == "netns":
             _ip("netns", "delete", name, check=False)
@@ -473,7 +481,12 @@ def slurm_hosts(tmp_path_factory):
     reason = namespaces_reason() or install_reason()[0]
     if reason:
         pytest.skip(reason)
-    cluster = start(tmp_path_factory.mktemp("slurm-hosts"), nodes=HOSTS)
+    try:
+        cluster = start(tmp_path_factory.mktemp("slurm-hosts"), nodes=HOSTS)
+    except RuntimeError as err:  # root in a container without CAP_NET_ADMIN / CAP_SYS_ADMIN, say
+        if "Operation not permitted" not in str(err):
+            raise
+        pytest.skip(f"network namespaces cannot be made here: {str(err).splitlines()[0]}")
     try:
         yield cluster
     finally:
