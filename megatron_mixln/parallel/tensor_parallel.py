@@ -116,7 +116,7 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group=None):
-    """Per-row cross-entropy of fp32 `logits` [rows, local vocab] and what its gradient needs.
+    """Per-row cross-entropy of fp32 (or float64) `logits` [rows, local vocab] and what its gradient needs.
 
     With a `group`, the logits are this rank's vocabulary slice starting at `vocab_start`, and the statistics
     take three all-reduces (max, target logit, sum of exp; Megatron's vocab-parallel cross-entropy). Returns

@@ -370,7 +370,7 @@ def squared_change(old: torch.Tensor, new: torch.Tensor, device: torch.device) -
 
 # torch's CPU norm kernel sums a tensor's squares in a few fp32 accumulators, an error that grows with the length:
 # -1.2e-4 relative for the 4096 x 128 LM-head gradient of configs/tiny.yaml, -5e-5 from its two halves under TP2,
-# so one process and TP2 logged norms 7e-5 apart for gradients equal to 1e-8. Rows of NORM_BLOCK elements keep
+# so one process and TP2 logged norms 7e-5 apart where the exact ones agree to 1e-8. Rows of NORM_BLOCK elements keep
 # each fp32 sum short (1e-7 here); the rows' squares are added in float64.
 NORM_BLOCK = 4096
 
