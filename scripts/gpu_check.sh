@@ -274,7 +274,7 @@ EOF
 if [ "$SMOKE" = 1 ]; then
   # Triton under the interpreter beside torch: the same pairs as on the GPU, on the tiny model.
   SPEED_ARGS=(--models tiny --placements pre mix --kernels triton torch --executions eager compile
-              --losses fused unfused --steps 1 --warmup 1 train.micro_batch_size=2)
+              --losses fused unfused --steps 1 --warmup 1 train.micro_batch_size=2 data.seq_len=32)
   SEVEN_B_ARGS=(parallel.zero_stage=3 --models tiny)   # the same path (ZeRO-3 + CPU offload) on the tiny model
 else
   # One process, the targets' pairs first (plan_cases in megatron_mixln/benchmarks/train_throughput.py): Pre-LN,

@@ -28,12 +28,12 @@ def test_kernel_benchmark_measures_every_ops_judged_shapes_first():
 
 
 def test_a_cut_budget_keeps_the_mix_pre_and_triton_torch_pairs(tmp_path):
-    """The smoke run (tiny model, Triton under the interpreter beside torch) with a 45 s budget for the whole
+    """The smoke run (tiny model, Triton under the interpreter beside torch) with a 50 s budget for the whole
     script: far too little for its 16 bench cases, enough for the first three, which hold both eager ratios."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     env = dict(os.environ, GPU_CHECK_SMOKE="1", GPU_CHECK_TRAIN_COMPARE="0", GPU_CHECK_7B_S="0",
-               GPU_CHECK_BUDGET_S="45", PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1",
+               GPU_CHECK_BUDGET_S="50", PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1",
                TMPDIR=str(tmp_path))
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=240)
@@ -54,4 +54,4 @@ def test_a_cut_budget_keeps_the_mix_pre_and_triton_torch_pairs(tmp_path):
             in summary)
     assert (f"- triton vs torch speed-up, tiny mix eager fused: "
             f"{torch_row['step_seconds'] / mix['step_seconds']:.3f}x" in summary)
-    assert int(parts["train_bench"]["seconds"]) < 45
+    assert int(parts["train_bench"]["seconds"]) < 50
