@@ -125,8 +125,15 @@ def _train(argv) -> int:
         return 1
     rank0 = not os.environ.get("RANK") or os.environ.get("RANK") == "0"
     if result.stop_signal is not None:
+        import signal
+
         from megatron_mixln.train.signals import EXIT_RESUMABLE
 
+        # The checkpoint is saved and this process is on its way out with 75. On several nodes, srun
+        # --kill-on-bad-exit sends SIGTERM to the others as soon as the first one exits: it must not turn their 75
+        # into 143 while they leave the process group (a hung exit still gets SLURM's SIGKILL after KillWait).
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if rank0:
             print(f"stopped by {result.stop_signal} after step {result.last_step} with a checkpoint in "
                   f"{result.out_dir / 'checkpoints'}; run the same command again to resume (train.resume=auto); "
