@@ -23,15 +23,13 @@ import subprocess
 import sys
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_mixln.config import Config, ConfigError, config_from_dict, load_config
-from megatron_mixln.parallel.launch import LaunchEnv, apply_launch_env, data_parallel_size, discover_launch_env, \
-    wait_for_ranks
+from megatron_mixln.parallel.launch import LaunchEnv, data_parallel_size, discover_launch_env
 from megatron_mixln.storage import storage_error
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
@@ -111,22 +109,10 @@ def join_process_group(env: LaunchEnv, timeout_minutes: float):
     rank whose LOCAL_RANK has none still joins and reports; returns the gloo group the checks agree through (the
     default group on CPU). NCCL builds its communicators at the first collective, which only ranks with a device
     reach."""
-    import deepspeed
+    from megatron_mixln.train.engine import init_distributed
 
-    apply_launch_env(env)
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    timeout = timedelta(minutes=timeout_minutes)
-    if env.world_size == 1:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    else:
-        wait_for_ranks(env, timeout_minutes)
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout)
-    if not cuda:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as engine.py: no 30 s JIT build on CPU
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False, timeout=timeout)
-    return dist.new_group(backend="gloo") if cuda and env.world_size > 1 else dist.group.WORLD
+    init_distributed(env, timeout_minutes, bind_device=False)
+    return dist.new_group(backend="gloo") if torch.cuda.is_available() and env.world_size > 1 else dist.group.WORLD
 
 
 # ------------------------------------------------------------------------------------------------ devices

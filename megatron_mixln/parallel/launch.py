@@ -161,7 +161,7 @@ def _wait_until_prepared(env: LaunchEnv, store, keys: _Keys, seconds: float, clo
     stopped for `seconds`. Heartbeats are read every few seconds only (world_size keys per read)."""
     last_beat: dict[int, tuple[bytes, float]] = {}  # rank -> (its last beat seen, when it changed)
     next_look = 0.0
-    while (ready := store.add(keys.ready_count, 0)) < env.world_size:
+    while store.add(keys.ready_count, 0) < env.world_size:
         if store.add(keys.failed_count, 0) > 0:
             failed = next(rank for rank in range(env.world_size) if store.check([keys.failed(rank)]))
             raise LaunchError(f"rank {failed} could not prepare its data, so no rank can start: "

@@ -14,7 +14,8 @@ from megatron_mixln.train.optim import build_optimizer
 from megatron_mixln.train.schedule import lr_multiplier
 
 
-def init_distributed(env=None, startup_timeout_minutes: float = ParallelConfig.startup_timeout_minutes) -> None:
+def init_distributed(env=None, startup_timeout_minutes: float = ParallelConfig.startup_timeout_minutes,
+                     bind_device: bool = True) -> None:
     """Join the default process group (torchrun, deepspeed, srun, mpirun, or a plain single process); `env` is
     the LaunchEnv already discovered, if any.
 
@@ -22,7 +23,9 @@ def init_distributed(env=None, startup_timeout_minutes: float = ParallelConfig.s
     the process group's timeout too (DeepSpeed's own default is 10 minutes).
 
     On a GPU the backend is NCCL, which serves CUDA tensors only: every collective of ours runs on the
-    communication device (train/step.py), never on a host tensor.
+    communication device (train/step.py), never on a host tensor. `bind_device=False` (mixln-preflight) joins
+    without making LOCAL_RANK's GPU current and without DeepSpeed's eager NCCL connect, which needs it: a rank
+    whose GPU is missing still joins, and reports.
     """
     import deepspeed
     import torch.distributed as dist
@@ -33,20 +36,23 @@ def init_distributed(env=None, startup_timeout_minutes: float = ParallelConfig.s
         env = env or discover_launch_env()
         apply_launch_env(env)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = timedelta(minutes=startup_timeout_minutes)
         if env.world_size == 1:
             # One process needs no rendezvous: an in-memory store cannot collide with another job's port.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             wait_for_ranks(env, startup_timeout_minutes)  # says who is missing, and a taken MASTER_PORT
+            if not bind_device:  # else deepspeed.init_distributed creates it, with NCCL's eager connect
+                dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                        timeout=timeout)
         if not torch.cuda.is_available():
             # The shared-memory collective is a JIT-compiled C++ op (~30 s of g++ on first use); gloo is enough on CPU.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        else:
+        elif bind_device:
             import os
 
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
-                                   timeout=timedelta(minutes=startup_timeout_minutes))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False, timeout=timeout)
 
 
 def leave_process_group() -> None:
