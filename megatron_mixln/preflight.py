@@ -381,13 +381,11 @@ class Scratch:
 
 
 def checkpoint_bytes(config: Config, world_size: int) -> tuple[int, float]:
-    """(parameters, bytes of one checkpoint) from the dry run's plan: the weights in their dtype and the optimiser
-    states (Adam moments, bf16's fp32 master weights) of every parameter, each saved once over all ranks."""
-    from megatron_mixln.train.memory import BYTES_PER_PARAM, dry_run_summary
+    """(parameters, bytes of one checkpoint over all ranks), from the dry run's plan (train/memory.py)."""
+    from megatron_mixln.train.memory import dry_run_summary
 
     plan = dry_run_summary(config, world_size, gpus_per_node=world_size)
-    weights, _, optimizer = BYTES_PER_PARAM[plan["precision"]]
-    return plan["total"], plan["total"] * (weights + optimizer)
+    return plan["total"], plan["bytes"]["checkpoint"]
 
 
 def write_speed(folder: Path, nbytes: int, scratch: Scratch) -> float:

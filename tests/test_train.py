@@ -270,3 +270,18 @@ def test_layer_update_norms_are_how_far_each_layer_moved_between_checkpoints(tmp
     assert recorded.keys() == squares.keys()
     for key, value in squares.items():
         assert recorded[key] == pytest.approx(math.sqrt(value), rel=1e-5), key
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_dry_runs_checkpoint_size_is_what_a_save_writes(tmp_path, data_cache, stage):
+    """mixln-preflight checks train.out_dir's space against this figure (train/memory.py)."""
+    from megatron_mixln.train.memory import dry_run_summary
+
+    config = tiny_config(tmp_path / "run", data_cache, "train.steps=1", "train.save_every=1",
+                         f"parallel.zero_stage={stage}")
+    train(config)
+    folder = tmp_path / "run" / ckpt.CHECKPOINTS / ckpt.tag_for_step(1)
+    written = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    planned = dry_run_summary(config, 1)["bytes"]["checkpoint"]
+    # The plan counts the tensors; the files add torch's zip records, the trainer state and the checksums.
+    assert planned <= written <= 1.05 * planned + 64 * 1024, (planned, written)

@@ -341,7 +341,10 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
                   "gpu_total": weights + grads + optim_gpu, "cpu_per_node": optim_cpu * per_node,
                   "activations": activations["bytes"], "gpu_total_with_activations": activations["gpu_total"],
                   "working_memory": working["bytes"],
-                  "gpu_total_with_working_memory": activations["gpu_total"] + working["bytes"]},
+                  "gpu_total_with_working_memory": activations["gpu_total"] + working["bytes"],
+                  # On disk, over all ranks: every parameter's weights in their dtype and its optimizer states.
+                  "checkpoint": counts["total"] * (BYTES_PER_PARAM[config.train.precision][0]
+                                                   + BYTES_PER_PARAM[config.train.precision][2])},
         "activations": activations,
         "working_memory": working,
         "deepspeed": deepspeed_estimate,
@@ -497,6 +500,9 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
                      f"per node: a copy of the rank's weights, {weight_b} B/param, during those steps")
     lines += _activation_lines(s)
     lines += _working_memory_lines(s)
+    lines.append(f"checkpoint on disk: {_gib(b['checkpoint']).strip()} per save over all ranks ({weight_b} B/param "
+                 f"weights + {optim_b} B/param optimizer states); {config.train.keep_checkpoints} kept "
+                 "(train.keep_checkpoints), one more while a save is written")
     ds = s["deepspeed"]
     current = {1: "zero2", 2: "zero2", 3: "zero3"}.get(zero)
     lines.append(f"DeepSpeed's estimate ({s['rank_params']:,} params over dp {dp}; largest layer "
