@@ -91,12 +91,29 @@ def losses_of(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """straight(launcher, command): the folder of that command's uninterrupted run, made once per launcher (the
+    signals sent to its twin do not change it)."""
+    made: dict[str, Path] = {}
+
+    def straight(launcher: str, command: list[str]) -> Path:
+        if launcher not in made:
+            out = tmp_path_factory.mktemp(f"straight-{launcher}")
+            proc = subprocess.run([*command, f"train.out_dir={out}"], cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            made[launcher] = out
+        return made[launcher]
+    return straight
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,signum", [("single", signal.SIGTERM), ("single", signal.SIGINT),
                                              ("torchrun", signal.SIGTERM), ("torchrun", signal.SIGUSR1)],
                          ids=["single-TERM", "single-INT", "torchrun-TERM", "torchrun-USR1"])
 def test_a_killed_run_leaves_a_resumable_checkpoint_and_resumes_with_the_same_losses(launcher, signum, cache,
-                                                                                     tmp_path):
+                                                                                     uninterrupted, tmp_path):
     command = [str(BIN / "mixln-train"), "configs/tiny.yaml", *MODEL, *DATA, *TRAIN, f"data.cache_dir={cache}",
                "train.steps=40", "train.save_every=0"]
     if launcher == "torchrun":
@@ -104,11 +121,7 @@ def test_a_killed_run_leaves_a_resumable_checkpoint_and_resumes_with_the_same_lo
         command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
                    "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout=120", *command,
                    "parallel.zero_stage=1"]
-    straight = tmp_path / "straight"
-    proc = subprocess.run([*command, f"train.out_dir={straight}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-
+    straight = uninterrupted(launcher, command)
     out = tmp_path / "run"
     proc = launch([*command, f"train.out_dir={out}"], out)
     signal_when_training(proc, out, signum)
