@@ -1,8 +1,12 @@
 """Tensor, pipeline and data parallelism (gloo, CPU) against the single-process run, for pre/post/mix (every
 layout) and peri/hybrid_star (the layouts that split what they add: TP2, PP2, TP2 x ZeRO-3).
 
-The layouts run through the real entry point (`torchrun ... mixln-train`), so launch, DeepSpeed engines,
-the pipeline schedule, ZeRO partitioning and the consolidated export are all exercised.
+Each layout's processes train all of its runs one after the other (`train()` in spawned gloo workers, one launch
+per layout: a launch costs seconds, a tiny run about one), so DeepSpeed engines, the pipeline schedule, ZeRO
+partitioning and the consolidated export are all exercised, and each run is read from its out_dir as written.
+The command line (`torchrun ... mixln-train`) runs here too: a fresh launch that must give bit for bit what the
+shared processes gave after six other runs, the checkpoint moves between layouts, and a world size that does not
+fit. The launchers themselves are tested in test_launch.py, test_slurm*.py and test_signals.py.
 """
 import json
 import os
@@ -18,10 +22,11 @@ from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model, norm_placement
 from megatron_mixln.model.stages import pipeline_layer_specs, post_ln_layers_of_stage, stage_boundaries
 from megatron_mixln.train.export import read_export
-from training_runs import counting_all_reduces, run_gloo_workers
+from training_runs import counting_all_reduces, run_gloo_workers, train_one_after_another
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
+CONFIG = ROOT / "configs" / "tiny.yaml"
 
 MODEL = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=4",
          "model.num_heads=2", "model.max_seq_len=32", "model.mix_alpha=0.5"]
@@ -57,10 +62,14 @@ def mixln_train(nproc: int, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def run_ok(nproc, out, *overrides):
-    """(losses, grad norms, per-layer grad norms, exported weights, per-layer update norms) of a run that must
-    succeed."""
+    """read_run of a `mixln-train` run (under torchrun for nproc > 1) that must succeed."""
     proc = mixln_train(nproc, *overrides, f"train.out_dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return read_run(out)
+
+
+def read_run(out):
+    """(losses, grad norms, per-layer grad norms, exported weights, per-layer update norms) of the run in `out`."""
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return ({r["step"]: r["loss"] for r in steps}, {r["step"]: r["grad_norm"] for r in steps},
@@ -90,16 +99,67 @@ def run_overrides(name: str) -> list[str]:
     return [*MODEL, *RUN, "train.steps=3", f"model.norm_placement={placement}", *{**RUNS, **PLACEMENT_RUNS}[name]]
 
 
+# The throughput switches change how a step is computed, not what it computes: the chunked, fused LM head + loss
+# (TP: vocab-parallel chunks; PP: applied in DeepSpeed's loss function; ZeRO-3: the head's weight gathered for it)
+# and the per-layer compiled forward (TP's collectives and PP's stage boundaries inside and around the graphs;
+# ZeRO-2's gradient hooks after them; ZeRO-3 gathering each layer whole before its graph runs).
+THROUGHPUT = ["model.fused_cross_entropy=true", "train.compile=true"]
+THROUGHPUT_LAYOUTS = ("tp2", "pp2", "tp2xpp2", "dp2-zero2", "dp2-zero3", "tp2xdp2-zero3")
+# The data's 300 token ids in a vocabulary of 4096 x hidden 128 (configs/tiny.yaml's head), one SGD step.
+LARGE_HEAD = [*MODEL, *RUN, "model.vocab_size=4096", "model.hidden_size=128", "train.steps=1", *SGD]
+# A mix run of four steps with Adam, whole and stopped after three (the start of a move to another layout).
+FOUR_STEPS = [*MODEL, *RUN, "train.steps=4", "model.norm_placement=mix"]
+SINGLE = "single"  # the one-process reference "layout"
+# The layout whose last run a fresh `torchrun ... mixln-train` must repeat bit for bit: TP groups, ZeRO-3's
+# partitioned parameters and a compiled run all come before it in the same processes.
+REPEATED = "tp2xdp2-zero3"
+
+
+def trainings(layout: str) -> dict[str, list[str]]:
+    """What the tests train in `layout` (or SINGLE), name -> overrides, in the order its processes train them."""
+    runs = {}
+    if layout in THROUGHPUT_LAYOUTS:
+        runs["mix-fused-compiled"] = [*run_overrides("mix"), *THROUGHPUT]
+    if layout in (SINGLE, *PLACEMENT_LAYOUTS):
+        runs.update({name: run_overrides(name) for name in PLACEMENT_RUNS})
+    if layout in (SINGLE, "tp2"):
+        runs["large-head"] = LARGE_HEAD
+    if layout == SINGLE:
+        runs.update({"four-steps": FOUR_STEPS, "stopped-after-3": [*FOUR_STEPS, "train.stop_after_step=3"]})
+    if layout == "tp2xpp2":
+        runs["stopped-after-3"] = [*FOUR_STEPS, "train.stop_after_step=3"]
+    runs.update({name: run_overrides(name) for name in RUNS})  # "mix-adam" last: see REPEATED
+    return runs
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, cache):
-    """The single-process reference run of each RUNS entry (3 steps)."""
-    return {name: run_ok(1, tmp_path_factory.mktemp(f"single-{name}"), *run_overrides(name), cache) for name in RUNS}
+def trained(tmp_path_factory, cache):
+    """trained(layout, name) -> (read_run of the run, its out_dir). On first use of a layout its processes (one
+    for SINGLE) are launched once and train all of trainings(layout), one after the other."""
+    launched = {}
+
+    def run(layout: str, name: str):
+        if layout not in launched:
+            nproc, overrides = LAYOUTS[layout] if layout != SINGLE else (1, [])
+            folder = tmp_path_factory.mktemp(layout)
+            runs = trainings(layout)
+            results = train_one_after_another(
+                nproc, [[*run, cache, *overrides, f"train.out_dir={folder / each}"] for each, run in runs.items()],
+                folder, config=CONFIG)
+            launched[layout] = {each: (ranks, folder / each) for each, ranks in zip(runs, results)}
+        ranks, out = launched[layout][name]
+        errors = [f"rank {rank}: {result['error']}\n{result.get('traceback', '')}"
+                  for rank, result in enumerate(ranks) if "error" in result]
+        assert not errors, errors[0]
+        return read_run(out), out
+
+    return run
 
 
 def initial_weights(name: str) -> dict[str, torch.Tensor]:
     from megatron_mixln import load_config
 
-    config = load_config(ROOT / "configs" / "tiny.yaml", run_overrides(name))
+    config = load_config(CONFIG, run_overrides(name))
     return build_model(config.model, seed=config.train.seed).state_dict()
 
 
@@ -143,57 +203,52 @@ def assert_same_run(name: str, run, reference) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process_losses_gradient_norms_and_updates(layout, single, cache, tmp_path):
-    nproc, overrides = LAYOUTS[layout]
+def test_layout_matches_single_process_losses_gradient_norms_and_updates(layout, trained):
     for name in RUNS:
-        run = run_ok(nproc, tmp_path / name, *run_overrides(name), cache, *overrides)
-        assert_same_run(name, run, single[name])
-
-
-@pytest.fixture(scope="module")
-def single_placements(tmp_path_factory, cache):
-    """The single-process reference run of each PLACEMENT_RUNS entry (3 steps)."""
-    return {name: run_ok(1, tmp_path_factory.mktemp(f"single-{name}"), *run_overrides(name), cache)
-            for name in PLACEMENT_RUNS}
+        assert_same_run(name, trained(layout, name)[0], trained(SINGLE, name)[0])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", PLACEMENT_LAYOUTS)
 @pytest.mark.parametrize("name", list(PLACEMENT_RUNS))
-def test_new_placements_match_single_process_in_the_layouts_that_split_them(name, layout, single_placements, cache,
-                                                                            tmp_path):
-    nproc, overrides = LAYOUTS[layout]
-    run = run_ok(nproc, tmp_path / name, *run_overrides(name), cache, *overrides)
-    assert_same_run(name, run, single_placements[name])
-
-
-# The throughput switches change how a step is computed, not what it computes: the chunked, fused LM head + loss
-# (TP: vocab-parallel chunks; PP: applied in DeepSpeed's loss function; ZeRO-3: the head's weight gathered for it)
-# and the per-layer compiled forward (TP's collectives and PP's stage boundaries inside and around the graphs;
-# ZeRO-2's gradient hooks after them; ZeRO-3 gathering each layer whole before its graph runs).
-THROUGHPUT = ["model.fused_cross_entropy=true", "train.compile=true"]
+def test_new_placements_match_single_process_in_the_layouts_that_split_them(name, layout, trained):
+    assert_same_run(name, trained(layout, name)[0], trained(SINGLE, name)[0])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2xpp2", "dp2-zero2", "dp2-zero3", "tp2xdp2-zero3"])
-def test_fused_loss_and_compiled_layers_match_the_plain_single_process_run(layout, single, cache, tmp_path):
-    nproc, overrides = LAYOUTS[layout]
-    run = run_ok(nproc, tmp_path / "mix", *run_overrides("mix"), cache, *overrides, *THROUGHPUT)
-    assert_same_run("mix", run, single["mix"])
+@pytest.mark.parametrize("layout", THROUGHPUT_LAYOUTS)
+def test_fused_loss_and_compiled_layers_match_the_plain_single_process_run(layout, trained):
+    assert_same_run("mix", trained(layout, "mix-fused-compiled")[0], trained(SINGLE, "mix")[0])
 
 
 @pytest.mark.slow
-def test_checkpoint_moves_between_layouts_with_the_same_next_loss(single, cache, tmp_path):
-    run = [*MODEL, *RUN, cache, "train.steps=4", "model.norm_placement=mix"]
-    straight = run_ok(1, tmp_path / "straight", *run)[0]
+def test_a_fresh_torchrun_launch_repeats_the_run_trained_after_others_in_the_same_processes(trained, cache,
+                                                                                             tmp_path):
+    # What the other tests rely on: nothing a run leaves in its processes (DeepSpeed's groups and ZeRO-3 state,
+    # compiled graphs, RNG, the run lock, environment) changes the next run; and the spawned workers train as
+    # the command line does.
+    earlier = list(trainings(REPEATED))
+    assert earlier[-1] == "mix-adam" and len(earlier) > 4
+    nproc, overrides = LAYOUTS[REPEATED]
+    losses, norms, layer_norms, weights, update_norms = run_ok(nproc, tmp_path / "fresh", *run_overrides("mix-adam"),
+                                                               cache, *overrides)
+    shared = trained(REPEATED, "mix-adam")[0]
+    assert (losses, norms, layer_norms, update_norms) == (shared[0], shared[1], shared[2], shared[4])  # bit for bit
+    assert weights.keys() == shared[3].keys()
+    assert all(torch.equal(value, shared[3][key]) for key, value in weights.items())
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_between_layouts_with_the_same_next_loss(trained, cache, tmp_path):
+    straight = trained(SINGLE, "four-steps")[0][0]
     # TP=2 x PP=2 stops after three steps; one process continues from its consolidated export ...
-    run_ok(4, tmp_path / "big", *run, "train.stop_after_step=3", "parallel.tp=2", "parallel.pp=2")
-    moved = run_ok(1, tmp_path / "small", *run, f"train.resume={tmp_path / 'big' / 'export'}")[0]
+    big = trained("tp2xpp2", "stopped-after-3")[1]
+    moved = run_ok(1, tmp_path / "small", *FOUR_STEPS, cache, f"train.resume={big / 'export'}")[0]
     assert sorted(moved) == [4] and rel(moved[4], straight[4]) < 1e-5
     # ... and the reverse: a single-process run stopped after three steps continues at TP=2 x PP=2.
-    run_ok(1, tmp_path / "one", *run, "train.stop_after_step=3")
-    back = run_ok(4, tmp_path / "back", *run, "parallel.tp=2", "parallel.pp=2",
-                  f"train.resume={tmp_path / 'one' / 'export'}")[0]
+    one = trained(SINGLE, "stopped-after-3")[1]
+    back = run_ok(4, tmp_path / "back", *FOUR_STEPS, cache, "parallel.tp=2", "parallel.pp=2",
+                  f"train.resume={one / 'export'}")[0]
     assert sorted(back) == [4] and rel(back[4], straight[4]) < 1e-5
 
 
@@ -210,13 +265,11 @@ def test_squared_norm_of_a_long_tensor_is_float64_accurate_whole_or_in_tp_shards
 
 
 @pytest.mark.slow
-def test_tp2_logs_the_single_process_norms_for_a_large_lm_head(cache, tmp_path):
-    # The data's 300 token ids in a vocabulary of 4096 x hidden 128 (configs/tiny.yaml's head): 524288 gradient
-    # elements in one tensor, where fp32 summation of the squares once logged TP2's lm_head norm 6.7e-5 away.
-    # The gradients themselves agree to 3e-7 of their norm, so the norms must agree to well within 1e-6.
-    large_head = [*MODEL, *RUN, cache, "model.vocab_size=4096", "model.hidden_size=128", "train.steps=1", *SGD]
-    _, norms, layer_norms, _, update_norms = run_ok(2, tmp_path / "tp2", *large_head, "parallel.tp=2")
-    _, ref_norms, ref_layer_norms, _, ref_update_norms = run_ok(1, tmp_path / "one", *large_head)
+def test_tp2_logs_the_single_process_norms_for_a_large_lm_head(trained):
+    # fp32 summation of the squares of the head's 524288 gradient elements once logged TP2's lm_head norm 6.7e-5
+    # away. The gradients themselves agree to 3e-7 of their norm, so the norms must agree to well within 1e-6.
+    _, norms, layer_norms, _, update_norms = trained("tp2", "large-head")[0]
+    _, ref_norms, ref_layer_norms, _, ref_update_norms = trained(SINGLE, "large-head")[0]
     assert rel(norms[1], ref_norms[1]) < 1e-6
     for measured, reference in ((layer_norms[1], ref_layer_norms[1]), (update_norms[1], ref_update_norms[1])):
         assert measured.keys() == reference.keys()

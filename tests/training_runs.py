@@ -121,8 +121,8 @@ def result_summary(result) -> dict:
             "skipped": result.skipped_steps, "stopped_early": result.stopped_early, "eval_loss": result.eval_loss}
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], env: dict, leave_out: int | None,
-            emulate_nccl: bool, result_path: str) -> None:
+def _worker(rank: int, world: int, port: int, runs: list[list[str]], config: str | None, env: dict,
+            leave_out: int | None, emulate_nccl: bool, result_path: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                       PYTHONWARNINGS="ignore", **env)
@@ -130,35 +130,53 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], env: dict, l
     from megatron_mixln.config import load_config
     from megatron_mixln.train.loop import train
 
-    collectives: list = []
-    out: dict = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            if leave_out is not None:
-                stack.enter_context(leaving_out(leave_out))
-            if emulate_nccl:
-                stack.enter_context(recording_collectives(collectives))
-                stack.enter_context(HostTensorsAreNotServed())
-            out = result_summary(train(load_config(None, overrides)))
-    except BaseException as err:  # reported to the test, which asserts on it
-        out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
-    out["collectives"] = collectives
-    Path(f"{result_path}.{rank}").write_text(json.dumps(out))
-    if "error" not in out:  # as mixln-train does: else gloo may abort the process at exit (engine.py)
-        from megatron_mixln.train.engine import leave_process_group
+    for index, overrides in enumerate(runs):
+        collectives: list = []
+        out: dict = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                if leave_out is not None:
+                    stack.enter_context(leaving_out(leave_out))
+                if emulate_nccl:
+                    stack.enter_context(recording_collectives(collectives))
+                    stack.enter_context(HostTensorsAreNotServed())
+                out = result_summary(train(load_config(config, overrides)))
+        except BaseException as err:  # reported to the test, which asserts on it
+            out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+        out["collectives"] = collectives
+        Path(f"{result_path}.{index}.{rank}").write_text(json.dumps(out))
+        if "error" in out:  # a peer may be waiting in a collective of this run: the later runs cannot start
+            return
+    # As mixln-train does (only where every rank got here): else gloo may abort the process at exit (engine.py).
+    from megatron_mixln.train.engine import leave_process_group
 
-        leave_process_group()
+    leave_process_group()
 
 
 def run_processes(world: int, overrides: list[str], tmp_path: Path, env: dict | None = None,
                   leave_out: int | None = None, emulate_nccl: bool = False) -> list[dict]:
     """Train in `world` spawned processes (gloo); returns each rank's summary (or its error)."""
+    return train_one_after_another(world, [overrides], tmp_path, env=env, leave_out=leave_out,
+                                   emulate_nccl=emulate_nccl)[0]
+
+
+NOT_RUN = {"error": "not run: an earlier run in the same processes failed"}
+
+
+def train_one_after_another(world: int, runs: list[list[str]], tmp_path: Path, config: str | Path | None = None,
+                            env: dict | None = None, leave_out: int | None = None,
+                            emulate_nccl: bool = False) -> list[list[dict]]:
+    """Train each of `runs` (overrides of `config`) in turn in the same `world` spawned processes (gloo), which
+    join the process group once: a launch costs seconds (torch and DeepSpeed imported in every process), a tiny
+    run under a second. Returns, per run, each rank's summary or its error (NOT_RUN after a failed run)."""
     from megatron_mixln.parallel.launch import free_port
 
     result_path = str(tmp_path / f"result-{os.getpid()}-{len(list(tmp_path.iterdir()))}")
-    mp.start_processes(_worker, args=(world, free_port(), list(overrides), env or {}, leave_out, emulate_nccl,
+    mp.start_processes(_worker, args=(world, free_port(), [list(run) for run in runs],
+                                      None if config is None else str(config), env or {}, leave_out, emulate_nccl,
                                       result_path), nprocs=world, start_method="spawn", join=True)
-    return [json.loads(Path(f"{result_path}.{rank}").read_text()) for rank in range(world)]
+    return [[json.loads(path.read_text()) if (path := Path(f"{result_path}.{index}.{rank}")).exists() else NOT_RUN
+             for rank in range(world)] for index in range(len(runs))]
 
 
 def module_state(folder: str | Path) -> dict[str, torch.Tensor]:
