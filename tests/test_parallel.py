@@ -138,14 +138,14 @@ def trained(tmp_path_factory, cache):
     for SINGLE) are launched once and train all of trainings(layout), one after the other."""
     launched = {}
 
-    def run(layout: str, name: str):
+    def trained_run(layout: str, name: str):
         if layout not in launched:
-            nproc, overrides = LAYOUTS[layout] if layout != SINGLE else (1, [])
+            nproc, layout_overrides = LAYOUTS[layout] if layout != SINGLE else (1, [])
             folder = tmp_path_factory.mktemp(layout)
             runs = trainings(layout)
             results = train_one_after_another(
-                nproc, [[*run, cache, *overrides, f"train.out_dir={folder / each}"] for each, run in runs.items()],
-                folder, config=CONFIG)
+                nproc, [[*overrides, cache, *layout_overrides, f"train.out_dir={folder / each}"]
+                        for each, overrides in runs.items()], folder, config=CONFIG)
             launched[layout] = {each: (ranks, folder / each) for each, ranks in zip(runs, results)}
         ranks, out = launched[layout][name]
         errors = [f"rank {rank}: {result['error']}\n{result.get('traceback', '')}"
@@ -153,7 +153,7 @@ def trained(tmp_path_factory, cache):
         assert not errors, errors[0]
         return read_run(out), out
 
-    return run
+    return trained_run
 
 
 def initial_weights(name: str) -> dict[str, torch.Tensor]:
