@@ -2,7 +2,7 @@
 layout) and peri/hybrid_star (the layouts that split what they add: TP2, PP2, TP2 x ZeRO-3).
 
 Each layout's processes train all of its runs one after the other (`train()` in spawned gloo workers, one launch
-per layout: a launch costs seconds, a tiny run about one), so DeepSpeed engines, the pipeline schedule, ZeRO
+per layout: a launch costs several seconds, a tiny run one or two), so DeepSpeed engines, the pipeline schedule, ZeRO
 partitioning and the consolidated export are all exercised, and each run is read from its out_dir as written.
 The command line (`torchrun ... mixln-train`) runs here too: a fresh launch that must give bit for bit what the
 shared processes gave after six other runs, the checkpoint moves between layouts, and a world size that does not

@@ -167,8 +167,8 @@ def train_one_after_another(world: int, runs: list[list[str]], tmp_path: Path, c
                             env: dict | None = None, leave_out: int | None = None,
                             emulate_nccl: bool = False) -> list[list[dict]]:
     """Train each of `runs` (overrides of `config`) in turn in the same `world` spawned processes (gloo), which
-    join the process group once: a launch costs seconds (torch and DeepSpeed imported in every process), a tiny
-    run under a second. Returns, per run, each rank's summary or its error (NOT_RUN after a failed run)."""
+    join the process group once: a launch costs several seconds (torch and DeepSpeed imported in every process),
+    a tiny run one or two. Returns, per run, each rank's summary or its error (NOT_RUN after a failed run)."""
     from megatron_mixln.parallel.launch import free_port
 
     result_path = str(tmp_path / f"result-{os.getpid()}-{len(list(tmp_path.iterdir()))}")
