@@ -254,6 +254,7 @@ def said(monkeypatch):
     """The waiting lines wait_for_ranks prints; rank 0's store server is closed after the test."""
     monkeypatch.setattr(launch, "_rendezvous_server", None)
     monkeypatch.setattr(launch, "_met", None)
+    monkeypatch.setattr(launch, "_meetings", {})
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     lines = []
     return lines, lambda line, flush: lines.append(line)
@@ -311,7 +312,7 @@ def test_under_torchrun_the_ranks_meet_in_the_agents_store_and_rank_0_opens_none
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda rank: launch.wait_for_ranks(_hand_launch(rank, port), 0.05, said[1]), (0, 1)))
     assert said[0] == [] and launch._rendezvous_server is None
-    assert agent.add("mixln_rendezvous/job7//joined", 0) == 2  # this launch's keys, apart from a restart's
+    assert agent.add("mixln_rendezvous/job7//0/joined", 0) == 2  # this launch's keys, apart from a restart's
 
 
 def test_hand_launched_mixln_train_without_its_second_rank_exits_2_after_the_startup_timeout(tmp_path):
@@ -342,13 +343,17 @@ def test_startup_timeout_outside_a_week_is_a_config_error(minutes):
 
 # --- start-up bounded by the data: a node rebuilding its cache beside one whose cache exists ------------------------
 
-def _meet_both(port: int, minutes: float, prepares, say) -> list:
-    """meet_ranks for ranks 0 and 1 in two threads; each rank's result, or the exception it raised."""
+def _meet_both(port: int, minutes: float, prepares, say, returned_at: dict | None = None) -> list:
+    """meet_ranks for ranks 0 and 1 in two threads; each rank's result, or the exception it raised (and in
+    `returned_at`, when each rank's meet_ranks returned)."""
     def one(rank):
         try:
             return launch.meet_ranks(_hand_launch(rank, port), minutes, prepares[rank], say)
         except Exception as err:  # noqa: BLE001  the test asserts on it
             return err
+        finally:
+            if returned_at is not None:
+                returned_at[rank] = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(one, (0, 1)))
 
@@ -360,6 +365,16 @@ def test_a_rank_whose_data_takes_longer_than_the_startup_timeout_is_waited_for(s
     assert results == ["cache found", "cache rebuilt"]  # 4 s of preparing against a 1.2 s startup timeout
     assert time.monotonic() - started >= 4
     assert "waiting for rank 1 of 2 to prepare their data (timeout 1.2 s)" in lines
+
+
+def test_ranks_that_train_a_second_run_wait_for_its_data_again(said):
+    lines, say = said
+    port = launch.free_port()
+    assert _meet_both(port, 0.02, [lambda: "run 1", lambda: "run 1"], say) == ["run 1", "run 1"]
+    started, returned_at = time.monotonic(), {}
+    results = _meet_both(port, 0.02, [lambda: "run 2", lambda: time.sleep(3) or "run 2"], say, returned_at)
+    assert results == ["run 2", "run 2"]
+    assert returned_at[0] - started >= 3  # rank 0 waited for rank 1's data again, not passed by run 1's "ready"
 
 
 def test_a_rank_whose_data_fails_stops_every_rank_with_its_error(said):

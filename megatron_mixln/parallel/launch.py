@@ -31,6 +31,9 @@ READY = "ready"  # a rank's beat once its data is prepared
 _RENDEZVOUS = "mixln_rendezvous"  # key prefix in rank 0's store
 _rendezvous_server = None  # rank 0's store server, kept for the process's life: torch's env:// store shares it
 _met = None  # (MASTER_ADDR, MASTER_PORT) once this process has met every rank there
+# Meetings so far per (MASTER_ADDR, MASTER_PORT, rank): every rank meets the others equally often (once per run it
+# trains), and the n-th meeting has its own keys.
+_meetings: dict[tuple[str, int, int], int] = {}
 T = TypeVar("T")
 
 
@@ -125,7 +128,9 @@ def _join(env: LaunchEnv, timeout_minutes: float, say):
     limit = f"parallel.startup_timeout_minutes={timeout_minutes:g} ({seconds:g} s)"
     started = time.monotonic()
     clock = _WaitLines(say, started, seconds)
-    keys = _Keys.for_this_launch()
+    meeting = (env.master_addr, env.master_port, env.rank)
+    _meetings[meeting] = _meetings.get(meeting, -1) + 1
+    keys = _Keys.for_this_launch(_meetings[meeting])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if env.rank == 0 and not agent_store:
         _rendezvous_server = store = _open_store(env, seconds)
@@ -186,8 +191,9 @@ def _wait_until_prepared(env: LaunchEnv, store, keys: _Keys, seconds: float, clo
 
 
 class _Keys:
-    """This launch's keys in rank 0's store. Under torchrun the agent's store outlives a restart of the workers,
-    so the keys carry the run id and the restart count."""
+    """This meeting's keys in rank 0's store. Under torchrun the agent's store outlives a restart of the workers,
+    so the keys carry the run id and the restart count; a process that trains several runs one after another
+    meets the others once per run, so they carry the meeting's number too."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -195,10 +201,10 @@ class _Keys:
                                                                   ("joined", "ready", "failed"))
 
     @classmethod
-    def for_this_launch(cls) -> _Keys:
+    def for_this_launch(cls, meeting: int) -> _Keys:
         run = os.environ.get("TORCHELASTIC_RUN_ID", "")
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
-        return cls(f"{_RENDEZVOUS}/{run}/{restart}" if run or restart else _RENDEZVOUS)
+        return cls(f"{_RENDEZVOUS}/{run}/{restart}/{meeting}")
 
     def beat(self, rank: int) -> str:
         return f"{self.prefix}/beat/rank{rank}"
