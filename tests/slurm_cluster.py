@@ -41,7 +41,7 @@ BIN = Path(sys.executable).parent
 SLURM = ROOT / "slurm"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE"}
-PACKAGES = ("slurm-wlm",)
+PACKAGES = ("slurm-wlm", "iproute2")  # iproute2: `ip`, for the emulated hosts (not in every minimal image)
 
 
 # What launchers set for their processes (torchrun, the deepspeed launcher, megatron_mixln's apply_launch_env).
@@ -119,8 +119,9 @@ class Cluster:
 
 
 def install_reason() -> tuple[str | None, float | None]:
-    """(why SLURM cannot be had here or None, seconds apt-get took or None): installs slurm-wlm when missing."""
-    if all(shutil.which(tool) for tool in ("sbatch", "slurmctld", "slurmd")):
+    """(why SLURM cannot be had here or None, seconds apt-get took or None): installs slurm-wlm (and iproute2 for
+    the emulated hosts) when missing."""
+    if all(shutil.which(tool) for tool in ("sbatch", "slurmctld", "slurmd", "ip")):
         return None, None
     if os.geteuid() != 0:
         return "SLURM is not installed and this is not root: apt-get install slurm-wlm, or run as root", None
@@ -132,7 +133,7 @@ def install_reason() -> tuple[str | None, float | None]:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
-            return f"installing slurm-wlm failed ({' '.join(command)}: {last[0]})", None
+            return f"installing {' and '.join(PACKAGES)} failed ({' '.join(command)}: {last[0]})", None
     return None, time.monotonic() - started
 
 
@@ -478,7 +479,7 @@ HOSTS = 3  # two for a job, and a third that a requeued job can move to
 def slurm_hosts(tmp_path_factory):
     """A running SLURM of HOSTS emulated hosts for this session (skips with the reason where namespaces or SLURM
     cannot be had)."""
-    reason = namespaces_reason() or install_reason()[0]
+    reason = install_reason()[0] or namespaces_reason()  # the install brings `ip` where it is missing
     if reason:
         pytest.skip(reason)
     try:
