@@ -329,6 +329,7 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
     ds_nodes = nodes if dp % nodes == 0 and dp >= nodes else 1
     deepspeed_estimate = _deepspeed_estimates(params, largest_layer, dp // ds_nodes, ds_nodes,
                                               parallel.offload_optimizer)
+    weight_bytes, _, optimizer_bytes = BYTES_PER_PARAM[config.train.precision]
     return {
         **{key: counts[key] for key in ("total", "embedding", "head", "final_norm", "layers", "placements")},
         "world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "nodes": nodes,
@@ -343,8 +344,7 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
                   "working_memory": working["bytes"],
                   "gpu_total_with_working_memory": activations["gpu_total"] + working["bytes"],
                   # On disk, over all ranks: every parameter's weights in their dtype and its optimizer states.
-                  "checkpoint": counts["total"] * (BYTES_PER_PARAM[config.train.precision][0]
-                                                   + BYTES_PER_PARAM[config.train.precision][2])},
+                  "checkpoint": counts["total"] * (weight_bytes + optimizer_bytes)},
         "activations": activations,
         "working_memory": working,
         "deepspeed": deepspeed_estimate,
