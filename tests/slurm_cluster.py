@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from training_runs import losses_of  # noqa: F401  (the SLURM tests import it from here too)
 
 from training_runs import ROOT
 
@@ -442,18 +443,6 @@ def one_node_run_folder(tmp_path_factory, template: str) -> Path:
     """Where tests/test_slurm.py trains the tiny run on one node (2 processes) under `template`, for this session:
     the two-node tests compare with it when the same session has made it."""
     return tmp_path_factory.getbasetemp() / "slurm-one-node-runs" / template
-
-
-def losses_of(out: Path) -> dict[int, float]:
-    """step -> loss in a run's metrics.jsonl; safe to call while the run appends to it (a cut line is skipped)."""
-    path = out / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from megatron_mixln.train import step as step_module
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
 from megatron_mixln.train.signals import EXIT_RESUMABLE
-from training_runs import DATA, MODEL, ROOT, TRAIN, tiny
+from training_runs import DATA, MODEL, ROOT, TRAIN, losses_of, tiny
 
 BIN = Path(sys.executable).parent
 
@@ -85,10 +85,6 @@ def signal_when_training(proc: subprocess.Popen, out: Path, signum: int, after_s
             return
         time.sleep(0.2)
     raise AssertionError(f"the run did not reach step {after_step}: {proc.communicate()[0][-3000:]}")
-
-
-def losses_of(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,14 @@ def recording_collectives(record: list, served: str = "cpu"):
             setattr(dist, name, function)
 
 
+def losses_of(out: str | Path) -> dict[int, float]:
+    """step -> loss in a run's metrics.jsonl; safe while the run appends to it (read_metrics skips a torn last
+    line)."""
+    from megatron_mixln.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r}
+
+
 def result_summary(result) -> dict:
     return {"losses": {str(k): v for k, v in result.losses.items()},
             "grad_norms": {str(k): v for k, v in result.grad_norms.items()},
