@@ -130,6 +130,11 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 1
     layer_grad_norm_every: int = 50  # per-layer gradient norms into metrics.jsonl; 0 = never
+    # Stability telemetry every N steps (and on every guard event): per-layer activation RMS and max of the residual
+    # stream, update-to-weight ratio, max attention logit, the output log-partition (docs/stability.md); 0 = never.
+    telemetry_every: int = 0
+    # PaLM's auxiliary z-loss: z_loss * mean(log Z)^2 over target tokens, Z the softmax normaliser; 0 = off.
+    z_loss: float = 0.0
     eval_every: int = 0  # 0 = only at the end
     eval_sequences: int = 256
     save_every: int = 0  # 0 = only at the end
@@ -157,7 +162,7 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "a positive integer")
-        for name in ("layer_grad_norm_every", "eval_every", "save_every", "stop_after_step", "eval_sequences"):
+        for name in ("layer_grad_norm_every", "telemetry_every", "eval_every", "save_every", "stop_after_step", "eval_sequences"):
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 or a positive integer")
         _require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "a positive integer")
         _require(self.optimizer in ("adam", "adamw", "sgd"), f"{prefix}.optimizer", self.optimizer,
@@ -169,6 +174,7 @@ class TrainConfig:
                  "two numbers in [0, 1)")
         _require(self.adam_eps > 0, f"{prefix}.adam_eps", self.adam_eps, "a positive number")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.z_loss >= 0, f"{prefix}.z_loss", self.z_loss, "a number >= 0 (0 = off)")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
         _require(self.precision in ("fp32", "bf16"), f"{prefix}.precision", self.precision, "one of fp32, bf16")
         _require(self.on_nonfinite in ("stop", "skip"), f"{prefix}.on_nonfinite", self.on_nonfinite, "one of stop, skip")
@@ -182,6 +188,48 @@ class TrainConfig:
         # numpy's generators refuse a negative seed, and weight initialisation tells seeds apart modulo 2**63
         # (model/llama.py, parameter_seed), so a larger one would repeat a smaller one's weights.
         _require(0 <= self.seed < 2**63, f"{prefix}.seed", self.seed, "an integer in [0, 2**63)")
+
+
+GUARD_ACTIONS = ("off", "warn", "skip", "rollback")
+
+
+@dataclass
+class GuardConfig:
+    """The loss-spike guard (docs/stability.md): each step's loss and global gradient norm against a rolling window
+    of recent applied steps, and what to do with an outlier or a collapse."""
+
+    action: str = "off"  # off | warn (record) | skip (do not apply the step) | rollback (skip; reload when that fails)
+    window: int = 50  # applied steps the mean and standard deviation are taken over
+    sigmas: float = 6.0  # an outlier lies more than this many standard deviations above the window's mean
+    warmup_steps: int = 50  # no step is judged before this many applied steps (the early loss falls too fast)
+    loss_ceiling: float = 0.0  # a loss above it is an outlier whatever the window says; 0 = none
+    grad_norm_ceiling: float = 0.0  # the same for the gradient norm; 0 = none
+    # rollback: reload once `rollback_outliers` outliers fall within `rollback_within` steps, once the loss stays
+    # above the window's mean for `rollback_within` steps in a row, or on a collapse.
+    rollback_outliers: int = 3
+    rollback_within: int = 20
+    # The global batches skipped after a rollback: those of the trouble (first outlier to the rollback) and this
+    # many before it. The checkpoint reloaded is the newest one before them.
+    skip_batches_before: int = 10
+    lr_factor: float = 1.0  # after a rollback the LR is multiplied by this for `lr_factor_steps` updates
+    lr_factor_steps: int = 0
+    max_rollbacks: int = 3  # past it the run stops with a clear message
+    # A collapse: a gradient norm of exactly 0, or a loss within `collapse_tolerance` nats of the uniform
+    # (ln vocab) or unigram level after it had been lower, for `collapse_steps` steps in a row.
+    collapse_steps: int = 10
+    collapse_tolerance: float = 0.05
+
+    def validate(self, prefix: str = "guard") -> None:
+        _require(self.action in GUARD_ACTIONS, f"{prefix}.action", self.action, "one of " + ", ".join(GUARD_ACTIONS))
+        for name in ("window", "rollback_outliers", "rollback_within", "max_rollbacks", "collapse_steps"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "a positive integer")
+        _require(self.window >= 2, f"{prefix}.window", self.window, "at least 2 (a standard deviation needs two)")
+        for name in ("warmup_steps", "skip_batches_before", "lr_factor_steps"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 or a positive integer")
+        for name in ("loss_ceiling", "grad_norm_ceiling", "collapse_tolerance"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "a number >= 0 (0 = none)")
+        _require(self.sigmas > 0, f"{prefix}.sigmas", self.sigmas, "a positive number")
+        _require(0 < self.lr_factor <= 1, f"{prefix}.lr_factor", self.lr_factor, "a number in (0, 1]")
 
 
 @dataclass
@@ -239,12 +287,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
         self.data.validate()
         self.train.validate()
         self.parallel.validate()
+        self.guard.validate()
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_seq_len={self.model.max_seq_len}")
         tp, m = self.parallel.tp, self.model
@@ -268,7 +318,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig,
+            "guard": GuardConfig}
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -72,7 +72,7 @@ def test_overrides_take_every_type():
     ("data.seq_len=4096", r"data\.seq_len=4096 is invalid: expected at most model\.max_seq_len=128\."),
     ("parallel.zero_stage=4", r"parallel\.zero_stage=4 is invalid: expected one of 0, 1, 2, 3\."),
     ("model.n_layers=3", r"model\.n_layers is not a known field: valid fields of model are vocab_size, "),
-    ("optim.lr=3", r"optim is not a known config section: valid sections are model, data, train, parallel\."),
+    ("optim.lr=3", r"optim is not a known config section: valid sections are model, data, train, parallel, guard\."),
     ("steps=3", r"override 'steps=3' is invalid: expected section\.field=value"),
     ("train.steps", r"override 'train\.steps' is invalid"),
     ("train.seed=-1", r"train\.seed=-1 is invalid: expected an integer in \[0, 2\*\*63\)\."),

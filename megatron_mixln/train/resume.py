@@ -16,13 +16,17 @@ from megatron_mixln.config import Config, ConfigError
 FREE = {"model.kernels", "model.fused_cross_entropy", "model.init_from", "train.compile", "data.cache_dir",
         "data.num_proc", "data.cache_shared",
         "data.max_eval_documents", "train.out_dir", "train.log_every", "train.layer_grad_norm_every",
-        "train.eval_every", "train.eval_sequences", "train.save_every", "train.keep_checkpoints", "train.resume",
+        "train.telemetry_every", "train.eval_every", "train.eval_sequences", "train.save_every", "train.keep_checkpoints", "train.resume",
         "train.resume_changes", "train.stop_after_step", "train.on_nonfinite", "train.max_consecutive_skips",
         "train.tensorboard", "train.wandb", "train.wandb_project", "train.progress_bar", "train.micro_batch_size",
         "parallel.activation_checkpointing", "parallel.pipeline_partition", "parallel.startup_timeout_minutes"}
+# The guard watches the run and may be switched on (or off) at a resume, e.g. after a spike.
+FREE |= {f"guard.{name}" for name in ("action", "window", "sigmas", "warmup_steps", "loss_ceiling", "grad_norm_ceiling",
+                                       "rollback_outliers", "rollback_within", "skip_batches_before", "lr_factor",
+                                       "lr_factor_steps", "max_rollbacks", "collapse_steps", "collapse_tolerance")}
 # The LR schedule and the optimiser's hyper-parameters: carried on with train.resume_changes=allow.
 SCHEDULE = {"train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_fraction", "train.betas",
-            "train.adam_eps", "train.weight_decay", "train.grad_clip", "train.loss_reduction"}
+            "train.adam_eps", "train.weight_decay", "train.grad_clip", "train.loss_reduction", "train.z_loss"}
 # The parallel layout a DeepSpeed checkpoint is partitioned for (a move goes through an export).
 LAYOUT = {"parallel.tp", "parallel.pp", "parallel.zero_stage", "parallel.offload_optimizer", "train.precision",
           "train.optimizer"}
