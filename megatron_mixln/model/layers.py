@@ -58,6 +58,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+@torch.no_grad()
+def max_causal_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """max of q.k / sqrt(head_dim) over batch, heads and the (query, key) pairs the causal mask allows, as an fp32
+    device scalar; q, k: [batch, heads, seq, head_dim] as attention sees them (after RoPE). Makes the
+    [batch, heads, seq, seq] fp32 logits that fused attention never holds (train/memory.py counts them)."""
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    seq = q.shape[-2]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu_(1)
+    return logits.masked_fill_(future, -math.inf).amax()
+
+
 # The residual stream between layers: a tensor, or (residual, pending) whose sum is the hidden state. Layers,
 # pipeline stages and the final norm all pass it on as it is, so every residual add can fuse into the next norm.
 Stream = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -109,6 +120,10 @@ class Attention(nn.Module):
             for name in QKV_NORM_NAMES:
                 self.add_module(name, ColumnParallelRMSNorm(hidden, config.rms_norm_eps, tp, config.kernels))
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
+        # Stability telemetry (train/telemetry.py) sets the flag for one forward-only pass on its steps; the forward
+        # then keeps the largest pre-softmax logit in `max_logit`. Off, it costs one attribute test.
+        self.record_max_logit = False
+        self.max_logit: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -121,8 +136,15 @@ class Attention(nn.Module):
         q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         cos, sin = self.rotary(seq, q.dtype, q.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.record_max_logit:
+            self._record_max_logit(q, k)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    @torch.compiler.disable  # eager even inside a compiled layer: a graph break on telemetry steps only
+    def _record_max_logit(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        value = max_causal_logit(q, k)
+        self.max_logit = value if self.max_logit is None else torch.maximum(self.max_logit, value)
 
     def _normed_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.tp.size == 1:

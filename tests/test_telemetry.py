@@ -1,0 +1,194 @@
+"""Stability telemetry (train/telemetry.py) against independent computations: a float64 copy of the model with plain
+forward hooks and q.k written out for the activations and attention logits, hand arithmetic on an SGD step for the
+update ratio, and the same record under TP2 and PP2 as in one process. The dry run's line for its extra memory."""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_mixln.config import load_config
+from megatron_mixln.model import IGNORE_INDEX
+from megatron_mixln.model.layers import hidden_state
+from megatron_mixln.model.llama import MixLNForCausalLM
+from training_runs import MODEL, run_gloo_workers
+
+# Mix-LN, 2 Post-LN + 2 Pre-LN layers, 2 heads of 16; plain SGD so that an update is -lr x gradient exactly.
+OVERRIDES = [*MODEL, "data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=1", "train.steps=4",
+             "train.optimizer=sgd", "train.lr=0.5", "train.warmup_fraction=0", "parallel.zero_stage=0",
+             "train.telemetry_every=1", "train.seed=7", "model.init_std=0.1"]  # attention logits of order 1
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
+
+
+def micro_batches(config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four fixed micro-batches (the global batch at dp = 1), the last targets of each row left out."""
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(config.train.global_batch_size // config.train.micro_batch_size):
+        tokens = torch.randint(0, config.model.vocab_size, (config.train.micro_batch_size, config.data.seq_len + 1),
+                               generator=generator)
+        labels = tokens[:, 1:].clone()
+        labels[:, -2:] = IGNORE_INDEX
+        batches.append((tokens[:, :-1].contiguous(), labels))
+    return batches
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    modules = list(module.modules()) + list(getattr(module, "stages", lambda: [])())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+
+
+def one_telemetry_step(config) -> dict:
+    """Build this rank's engine as training does, take step 1 with per-layer norms and measure it: the record, the
+    step's outcome, the LR it applied and the (local) weights before and after."""
+    from megatron_mixln.train.engine import build_engine, build_layout, build_training_model, init_distributed
+    from megatron_mixln.train.step import make_step_engine
+    from megatron_mixln.train.telemetry import measure, telemetry_due
+
+    init_distributed()
+    layout = build_layout(config)
+    engine, optimizer, _ = build_engine(build_training_model(config, layout), config, layout)
+    steps = make_step_engine(engine, config, layout)
+    batches = micro_batches(config)
+    before = {name: p.detach().double().clone() for name, p in engine.module.named_parameters()}
+    lr = optimizer.param_groups[0]["lr"]
+    targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches) * layout.dp
+    assert telemetry_due(config.train, 1)
+    outcome = steps.train_step(1, batches, targets, want_layer_norms=True)
+    hooks = hook_count(engine.module)
+    record = measure(steps, batches, outcome)
+    # Nothing stays armed for the next (non-telemetry) step: no hook, no attention or head flag.
+    assert hook_count(engine.module) == hooks
+    assert not any(getattr(m, "record_max_logit", False) or getattr(m, "record_log_partition", False)
+                   for m in engine.module.modules())
+    after = {name: p.detach().double().clone() for name, p in engine.module.named_parameters()}
+    return {"record": record, "applied": outcome.applied, "grad_norms": outcome.layer_grad_norms,
+            "update_norms": outcome.layer_update_norms, "lr": lr, "before": before, "after": after}
+
+
+@pytest.fixture(scope="module")
+def single():
+    config = load_config(None, OVERRIDES)
+    return {"config": config, **one_telemetry_step(config)}
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE written out in float64 ([batch, heads, seq, head_dim]; HF LLaMA's two-halves convention)."""
+    dim, seq = x.shape[-1], x.shape[-2]
+    frequencies = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(seq, dtype=torch.float64)[:, None] * frequencies[None, :]
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    first, second = x[..., :dim // 2], x[..., dim // 2:]
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def float64_reference(config, weights: dict[str, torch.Tensor], batches) -> dict:
+    """The telemetry's quantities from a float64 copy of the model: forward hooks on the layers' outputs, q.k from
+    the q/k projections' outputs, log Z from the logits."""
+    model = MixLNForCausalLM(config.model).double().eval()
+    model.load_state_dict(weights)
+    heads, head_dim = config.model.num_heads, config.model.head_dim
+    streams: dict[str, list[torch.Tensor]] = {}
+    projections: dict[tuple[int, str], torch.Tensor] = {}
+    logits_max: dict[str, float] = {}
+
+    def keep(key):
+        return lambda _m, _args, out: streams.setdefault(key, []).append(hidden_state(out))
+
+    hooks = [model.embedding.register_forward_hook(keep("embed_tokens"))]
+    for index, layer in enumerate(model.model.layers):
+        hooks.append(layer.register_forward_hook(keep(f"layer_{index:03d}")))
+        for name in ("q_proj", "k_proj"):
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(
+                lambda _m, _args, out, key=(index, name): projections.__setitem__(key, out)))
+    log_z = []
+    with torch.no_grad():
+        for inputs, labels in batches:
+            logits = model(inputs)
+            log_z.append(torch.logsumexp(logits, dim=-1)[labels != IGNORE_INDEX])
+            for index in range(config.model.num_layers):
+                q, k = (projections[(index, name)].view(*inputs.shape, heads, head_dim).transpose(1, 2)
+                        for name in ("q_proj", "k_proj"))
+                scores = torch.einsum("bhqd,bhkd->bhqk", rope(q, config.model.rope_theta),
+                                      rope(k, config.model.rope_theta)) / math.sqrt(head_dim)
+                allowed = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool).tril()
+                key = f"layer_{index:03d}"
+                logits_max[key] = max(logits_max.get(key, -math.inf), scores[..., allowed].max().item())
+    for hook in hooks:
+        hook.remove()
+    whole = {key: torch.cat([t.reshape(-1) for t in tensors]) for key, tensors in streams.items()}
+    log_z = torch.cat(log_z)
+    return {"activation_rms": {key: t.square().mean().sqrt().item() for key, t in whole.items()},
+            "activation_max": {key: t.abs().max().item() for key, t in whole.items()},
+            "max_attention_logit": logits_max,
+            "log_partition_mean": log_z.mean().item(), "log_partition_max": log_z.max().item()}
+
+
+def assert_close(measured: dict, expected: dict, rel: float) -> None:
+    assert measured.keys() == expected.keys()
+    for key, value in expected.items():
+        assert measured[key] == pytest.approx(value, rel=rel), key
+
+
+def test_activations_attention_logits_and_log_partition_match_a_float64_model(single):
+    record, config = single["record"], single["config"]
+    reference = float64_reference(config, single["after"], micro_batches(config))
+    assert record["telemetry"] is True
+    expected_keys = ["embed_tokens"] + [f"layer_{i:03d}" for i in range(config.model.num_layers)]
+    assert list(record["activation_rms"]) == expected_keys
+    # The fp32 model against float64: what is left is fp32 rounding through four layers.
+    for field in ("activation_rms", "activation_max", "max_attention_logit"):
+        assert_close(record[field], reference[field], rel=1e-5)
+    # Post-LN layers hand on a normalised stream (RMS ~ 1: unit gains after one SGD step).
+    assert all(abs(record["activation_rms"][f"layer_{i:03d}"] - 1) < 0.05 for i in (0, 1))
+    if "log_partition_mean" in record:  # from the LM head's statistic (model/llama.py)
+        assert record["log_partition_mean"] == pytest.approx(reference["log_partition_mean"], rel=1e-5)
+        assert record["log_partition_max"] == pytest.approx(reference["log_partition_max"], rel=1e-5)
+
+
+def test_update_ratio_is_the_sgd_step_over_the_new_weight_norm_by_hand(single):
+    assert single["applied"]
+    before, after, lr = single["before"], single["after"], single["lr"]
+    change, weight = {}, {}
+    for name, value in after.items():
+        from megatron_mixln.train.step import layer_norm_key
+
+        key = layer_norm_key(name)
+        change[key] = change.get(key, 0.0) + (value - before[name]).square().sum().item()
+        weight[key] = weight.get(key, 0.0) + value.square().sum().item()
+    ratios = single["record"]["update_ratio"]
+    assert ratios.keys() == change.keys() == set(single["grad_norms"])
+    for key in ratios:
+        # SGD without momentum or decay: the step moved each layer by exactly lr x its gradient norm.
+        assert math.sqrt(change[key]) == pytest.approx(lr * single["grad_norms"][key], rel=1e-5), key
+        assert ratios[key] == pytest.approx(math.sqrt(change[key] / weight[key]), rel=1e-5), key
+    assert 0 < min(ratios.values()) and max(ratios.values()) < 1
+
+
+def _layout_worker(rank, world, store_path, result_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    torch.set_num_threads(1)  # two processes on two cores slow each other ~10x with the default threads
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as init_distributed does on CPU (no g++ build)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False, auto_mpi_discovery=False)  # on the group above
+    records = {}
+    for name, overrides in LAYOUTS.items():
+        records[name] = one_telemetry_step(load_config(None, [*OVERRIDES, *overrides]))["record"]
+    torch.save(records, f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_tp2_and_pp2_measure_the_single_process_numbers_on_every_rank(single, tmp_path):
+    expected = single["record"]
+    for rank, records in enumerate(run_gloo_workers(_layout_worker, 2, tmp_path)):
+        for layout, record in records.items():
+            assert record.keys() == expected.keys(), (layout, rank)
+            for field, value in expected.items():
+                if isinstance(value, dict):
+                    assert_close(record[field], value, rel=1e-5)
+                elif isinstance(value, float):
+                    assert record[field] == pytest.approx(value, rel=1e-5), (layout, rank, field)
