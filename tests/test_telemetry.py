@@ -3,10 +3,13 @@ forward hooks and q.k written out for the activations and attention logits, hand
 update ratio, and the same record under TP2 and PP2 as in one process. The dry run's line for its extra memory."""
 import math
 import os
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mixln.config import load_config
 from megatron_mixln.model import IGNORE_INDEX
@@ -192,3 +195,84 @@ def test_tp2_and_pp2_measure_the_single_process_numbers_on_every_rank(single, tm
                     assert_close(record[field], value, rel=1e-5)
                 elif isinstance(value, float):
                     assert record[field] == pytest.approx(value, rel=1e-5), (layout, rank, field)
+
+
+class LiveStorageBytes(TorchDispatchMode):
+    """Peak bytes of the storages made inside the block that are alive at the same time. A storage lives while any
+    tensor made inside the block views it (a view or an in-place result counts as one more reference, not more
+    bytes): tests/test_update_norms.py's meter, which drops a storage with the first tensor on it, would lose a
+    matmul's output when its reshaped view outlives it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.references = 0, 0, {}
+
+    def _released(self, pointer: int, size: int) -> None:
+        self.references[pointer] -= 1
+        if self.references[pointer] == 0:
+            del self.references[pointer]
+            self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage().nbytes() == 0:
+                continue
+            pointer, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+            outside = pointer not in self.references and any(
+                isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == pointer
+                for t in pytree.tree_leaves((args, kwargs)))
+            if outside:  # a view of a tensor made before the block
+                continue
+            if pointer not in self.references:
+                self.live += size
+                self.peak = max(self.peak, self.live)
+            self.references[pointer] = self.references.get(pointer, 0) + 1
+            weakref.finalize(tensor, self._released, pointer, size)
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dry_run_counts_the_telemetry_logits_as_measured(precision):
+    from megatron_mixln.model.layers import max_causal_logit
+    from megatron_mixln.train.memory import telemetry_attention_bytes
+
+    config = load_config(None, [*OVERRIDES, "train.micro_batch_size=2", f"train.precision={precision}",
+                                       "parallel.zero_stage=1"])
+    model, micro, seq = config.model, config.train.micro_batch_size, config.data.seq_len
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    q, k = (torch.randn(micro, model.num_heads, seq, model.head_dim).to(dtype) for _ in range(2))
+    with LiveStorageBytes() as meter:
+        max_causal_logit(q, k)
+    planned = telemetry_attention_bytes(config)
+    # By hand: 2 x 2 heads x 32 x 32 fp32 logits, and the 32 x 32 mask (fp32) or q and k in fp32 (bf16).
+    assert planned["bytes"] == 4 * 2 * 2 * 32 * 32 + (32 * 32 if precision == "fp32" else 2 * 4 * 2 * 32 * 32)
+    assert planned["bytes"] <= meter.peak <= planned["bytes"] + 64  # + the scalar result
+
+
+def test_dry_run_plans_telemetry_steps_only_when_they_are_on():
+    from megatron_mixln.train.memory import GIB, dry_run_report, dry_run_summary
+
+    from training_runs import ROOT
+
+    LONG = ["data.seq_len=4096", "model.max_seq_len=4096"]  # the paper's 7B context
+    def plan(*overrides):
+        config = load_config(ROOT / "configs/llama_7b.yaml", [*LONG, "parallel.tp=2", "train.layer_grad_norm_every=0",
+                                                              *overrides])
+        summary = dry_run_summary(config, 16, 8)
+        return summary, {e["name"]: e for e in summary["working_memory"]["lines"]}, dry_run_report(config, 16, 8)
+
+    off, off_lines, _ = plan()
+    on, on_lines, report = plan("train.telemetry_every=50")
+    assert "telemetry attention logits" not in off_lines and off["bytes"]["update_norm_host"] == 0
+    line = on_lines["telemetry attention logits"]
+    config = load_config(ROOT / "configs/llama_7b.yaml", LONG)
+    heads, seq, micro = config.model.num_heads // 2, config.data.seq_len, config.train.micro_batch_size
+    fp32_qk = 2 * 4 * micro * seq * config.model.hidden_size // 2 if config.train.precision == "bf16" else 0
+    assert line["bytes"] == 4 * micro * heads * seq * seq + max(seq * seq, fp32_qk) and line["counted"]
+    assert on["bytes"]["working_memory"] - off["bytes"]["working_memory"] == line["bytes"] + \
+        on_lines["update-norm change"]["bytes"]  # telemetry steps read the update norms: their line comes too
+    assert on["bytes"]["update_norm_host"] == on["bytes"]["parameters"]
+    assert "telemetry attention logits" in report and "every 50 steps (telemetry)" in report
+    # 4 x 16 heads x 4096^2 x 4 B, and bf16 q and k in fp32 (4 x 4096 x 2048 x 4 B each): worth planning for
+    assert line["bytes"] == 4 * GIB + GIB // 4

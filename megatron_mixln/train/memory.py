@@ -142,7 +142,8 @@ CUDA_CONTEXT_BYTES = GIB
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def working_memory(ds_config: dict, rank_params: int, pp: int, update_norm_elements: int = 0) -> dict:
+def working_memory(ds_config: dict, rank_params: int, pp: int, update_norm_elements: int = 0,
+                   telemetry: dict | None = None) -> dict:
     """ZeRO's working buffers on one GPU, from the DeepSpeed config our engine builds (train/engine.py,
     deepspeed_config) with DeepSpeed 0.19.8's defaults where it sets nothing (deepspeed/runtime/zero/config.py,
     DeepSpeedZeroConfig: reduce_bucket_size and allgather_bucket_size 5e8, stage3_prefetch_bucket_size 5e7,
@@ -162,6 +163,8 @@ def working_memory(ds_config: dict, rank_params: int, pp: int, update_norm_eleme
     - Per-layer update norms (train/step.py, squared_change), every train.layer_grad_norm_every steps:
       `update_norm_elements`, the largest weight share, uploaded from its host copy in the weights' dtype and
       widened to fp32 (0: norms off, no line).
+    - Stability telemetry (train/telemetry.py), every train.telemetry_every steps: `telemetry`, what
+      `telemetry_attention_bytes` gives (None: telemetry off, no line).
     Each line: name, bytes, elements, bytes per element, the setting and where its value comes from, and whether
     it adds to the total.
     """
@@ -206,9 +209,28 @@ def working_memory(ds_config: dict, rank_params: int, pp: int, update_norm_eleme
                           allocated=False))
     if update_norm_elements:
         lines.append(line("update-norm change", update_norm_elements, weight_b + 4 if bf16 else 4,
-                          "the largest weight share, uploaded and widened to fp32 (train.layer_grad_norm_every)"))
+                          "the largest weight share, uploaded and widened to fp32 (train.layer_grad_norm_every"
+                          + (", and every telemetry step" if telemetry else "") + ")"))
+    if telemetry:
+        lines.append({**line("telemetry attention logits", telemetry["elements"], 4, telemetry["setting"]),
+                      "bytes": telemetry["bytes"]})
     lines.append(line("CUDA context", CUDA_CONTEXT_BYTES, 1, "typical size (CUDA, PyTorch's kernels, NCCL)"))
     return {"lines": lines, "bytes": sum(entry["bytes"] for entry in lines if entry["counted"])}
+
+
+def telemetry_attention_bytes(config: Config, tp: int = 1) -> dict:
+    """The telemetry step's extra device memory (train.telemetry_every): the maximum attention logit is taken from
+    one layer's q.k^T written out in fp32 (model/layers.py, max_causal_logit), micro_batch x heads / tp x seq x seq,
+    which fused attention never holds; beside it the larger of the causal mask (seq x seq bools) and, in bf16, the
+    fp32 copies of q and k that the product reads (freed before the mask is made). One layer at a time, in a
+    forward without gradients, after the step: what it adds is this, not a layer's activations."""
+    model, seq, micro = config.model, config.data.seq_len, config.train.micro_batch_size
+    elements = micro * (model.num_heads // tp) * seq * seq
+    copies = 2 * 4 * micro * seq * (model.hidden_size // tp) if config.train.precision == "bf16" else 0
+    return {"elements": elements, "bytes": 4 * elements + max(seq * seq, copies),
+            "setting": f"one layer's {micro} x {model.num_heads // tp} heads x {seq} x {seq} fp32 q.k, with its "
+                       f"causal mask{' or q and k in fp32' if copies else ''} (every train.telemetry_every="
+                       f"{config.train.telemetry_every} steps)"}
 
 
 def _pinned(nbytes: int) -> int:
@@ -317,12 +339,15 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
     activations = _activation_summary(config, tp, pp, dp, bounds, stages)
     largest_split, largest_replicated = counts["largest_module"]
     largest_layer = max(largest_split // tp, largest_replicated)
-    norms_every = config.train.layer_grad_norm_every
+    norms_every, telemetry_every = config.train.layer_grad_norm_every, config.train.telemetry_every
+    norms_on = bool(norms_every or telemetry_every)  # telemetry steps read the per-layer update norms too
     # Per-layer update norms (train/step.py): on their steps, a host copy of the rank's weights (ZeRO-3: its
     # partition) in their dtype, freed after the step; on the device one weight share's change at a time.
-    update_norm_host = weights if norms_every else 0.0
-    largest_share = (-(-largest_layer // dp) if zero >= 3 else largest_layer) if norms_every else 0
-    working = working_memory(deepspeed_config(config, dp), params, pp, largest_share)  # the config training uses
+    update_norm_host = weights if norms_on else 0.0
+    largest_share = (-(-largest_layer // dp) if zero >= 3 else largest_layer) if norms_on else 0
+    telemetry = telemetry_attention_bytes(config, tp) if telemetry_every else None
+    working = working_memory(deepspeed_config(config, dp), params, pp, largest_share,  # the config training uses
+                             telemetry)
 
     # DeepSpeed's estimators know no TP/PP: give them what one data-parallel group shards (the largest stage's
     # per-TP-rank parameters) over its dp ranks. With tp = pp = 1 this is exactly their intended use.
@@ -336,7 +361,7 @@ def dry_run_summary(config: Config, world_size: int, gpus_per_node: int = 8) -> 
         "gpus_per_node": per_node, "precision": config.train.precision,
         "offload_optimizer": parallel.offload_optimizer, "stage_boundaries": bounds, "stage_params": stages,
         "largest_stage": largest_stage, "rank_params": params, "largest_layer_params": largest_layer,
-        "layer_grad_norm_every": norms_every,
+        "layer_grad_norm_every": norms_every, "telemetry_every": telemetry_every,
         "bytes": {"parameters": weights, "gradients": grads, "optimizer_gpu": optim_gpu, "optimizer_cpu": optim_cpu,
                   "update_norm_host": update_norm_host, "update_norm_host_per_node": update_norm_host * per_node,
                   "gpu_total": weights + grads + optim_gpu, "cpu_per_node": optim_cpu * per_node,
@@ -495,7 +520,9 @@ def dry_run_report(config: Config, world_size: int, gpus_per_node: int = 8) -> s
                      + ", ".join(f"{name} {_gib(nbytes).strip()}" for name, nbytes, _ in host["lines"])
                      + f" (pinned buffers rounded up to powers of two); {_gib(host['peak']).strip()} at its peak")
     if b["update_norm_host"]:
-        lines.append(f"  CPU (per-layer update norms, every {s['layer_grad_norm_every']} steps) "
+        every = " and ".join(f"every {n} steps" + (" (telemetry)" if i else "")
+                             for i, n in enumerate((s["layer_grad_norm_every"], s["telemetry_every"])) if n)
+        lines.append(f"  CPU (per-layer update norms, {every}) "
                      f"{_gib(b['update_norm_host']).strip()} per rank, {_gib(b['update_norm_host_per_node']).strip()} "
                      f"per node: a copy of the rank's weights, {weight_b} B/param, during those steps")
     lines += _activation_lines(s)
