@@ -21,7 +21,8 @@ from training_runs import MODEL, run_gloo_workers
 OVERRIDES = [*MODEL, "data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=1", "train.steps=4",
              "train.optimizer=sgd", "train.lr=0.5", "train.warmup_fraction=0", "parallel.zero_stage=0",
              "train.telemetry_every=1", "train.seed=7", "model.init_std=0.1"]  # attention logits of order 1
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
+# DP2 under ZeRO-3: each rank half of the global batch and half of every weight.
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2-zero3": ["parallel.zero_stage=3"]}
 
 
 def micro_batches(config) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -53,10 +54,11 @@ def one_telemetry_step(config) -> dict:
     layout = build_layout(config)
     engine, optimizer, _ = build_engine(build_training_model(config, layout), config, layout)
     steps = make_step_engine(engine, config, layout)
-    batches = micro_batches(config)
+    every = micro_batches(config)
+    batches = every[layout.dp_rank::layout.dp]  # this data-parallel rank's share of the global batch
     before = {name: p.detach().double().clone() for name, p in engine.module.named_parameters()}
     lr = optimizer.param_groups[0]["lr"]
-    targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches) * layout.dp
+    targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in every)
     assert telemetry_due(config.train, 1)
     outcome = steps.train_step(1, batches, targets, want_layer_norms=True)
     hooks = hook_count(engine.module)
@@ -185,7 +187,7 @@ def _layout_worker(rank, world, store_path, result_path):
     dist.destroy_process_group()
 
 
-def test_tp2_and_pp2_measure_the_single_process_numbers_on_every_rank(single, tmp_path):
+def test_tp2_pp2_and_zero3_dp2_measure_the_single_process_numbers_on_every_rank(single, tmp_path):
     expected = single["record"]
     for rank, records in enumerate(run_gloo_workers(_layout_worker, 2, tmp_path)):
         for layout, record in records.items():
@@ -276,3 +278,60 @@ def test_dry_run_plans_telemetry_steps_only_when_they_are_on():
     assert "telemetry attention logits" in report and "every 50 steps (telemetry)" in report
     # 4 x 16 heads x 4096^2 x 4 B, and bf16 q and k in fp32 (4 x 4096 x 2048 x 4 B each): worth planning for
     assert line["bytes"] == 4 * GIB + GIB // 4
+
+
+def test_analyze_plots_telemetry_by_depth_and_marks_guard_events_on_the_loss(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from matplotlib.patches import Rectangle
+
+    from megatron_mixln.analysis import figures, guard_events, loss_curves, telemetry_by_depth
+
+    layers = [f"layer_{i:03d}" for i in range(4)]
+    records = [{"step": s, "loss": 7.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 61)]
+    records[40]["loss"] = 9.1  # step 41
+    for step in (10, 20, 30, 40):
+        records.append({"step": step, "telemetry": True,
+                        "activation_rms": {"embed_tokens": 0.02, **{k: (i + 1) * step / 10 for i, k in enumerate(layers)}},
+                        "activation_max": {k: 3.0 * (i + 1) for i, k in enumerate(layers)},
+                        "max_attention_logit": {k: step / 10 + i for i, k in enumerate(layers)},
+                        "update_ratio": {"lm_head": 0.1, **{k: 1e-3 * (i + 1) for i, k in enumerate(layers)}},
+                        "log_partition_mean": 5.0 + step / 100, "log_partition_max": 6.0})
+    records += [{"step": 41, "event": "outlier", "action": "skip", "reason": "loss", "loss": 9.1, "grad_norm": 3.2,
+                 "loss_threshold": 7.5, "grad_norm_threshold": 2.0},
+                {"step": 30, "event": "rollback", "trigger_step": 44, "to_step": 30, "skipped_batches": [31, 44],
+                 "rollbacks": 1},
+                {"step": 60, "event": "collapse", "reason": "zero gradient norm"}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    t = telemetry_by_depth(metrics)
+    assert t.steps == [10, 20, 30, 40] and t.layers == layers
+    assert t.by_layer["activation_rms"][2].tolist() == [3.0, 6.0, 9.0, 12.0]  # layer 2 at each step
+    assert t.other["update_ratio"]["lm_head"].tolist() == [0.1] * 4
+    assert t.log_partition["mean"].tolist() == [5.1, 5.2, 5.3, 5.4]
+    events = guard_events(metrics)
+    assert [e["event"] for e in events] == ["outlier", "rollback", "collapse"]
+
+    config = load_config(None, OVERRIDES)  # Mix-LN: layers 0 and 1 Post-LN
+    a = SimpleNamespace(label="run", colour=figures.run_colour(0), telemetry=t, events=events,
+                        curves=loss_curves(metrics), run=SimpleNamespace(config=config))
+    fig, _ = figures.plot_loss_curves([a])
+    ax = fig.axes[0]
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in crosses] == [(41, 9.1)]
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches if isinstance(p, Rectangle)]
+    assert spans == [(30, 44)]  # to_step .. trigger_step
+    assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"] == [60]
+    assert {"guard: outlier step", "guard: collapse"} <= {t.get_text() for t in ax.get_legend().get_texts()}
+
+    fig, _ = figures.plot_telemetry_maps([a])
+    meshes = [c for axis in fig.axes[:2] for c in axis.collections]  # the panels; colour bars come after
+    assert len(meshes) == 2  # activation RMS and max attention logit, layer x step
+    assert meshes[1].get_array().reshape(4, 4).tolist() == t.by_layer["max_attention_logit"].tolist()
+
+    fig, _ = figures.plot_telemetry_curves([a])
+    rms = {line.get_linestyle(): line.get_ydata().tolist() for line in fig.axes[0].get_lines()}
+    assert rms["-"] == pytest.approx([1.5, 3.0, 4.5, 6.0])  # mean of the Post-LN layers 0 and 1
+    assert rms["--"] == pytest.approx([3.5, 7.0, 10.5, 14.0])  # mean of layers 2 and 3

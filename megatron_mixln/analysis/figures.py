@@ -17,6 +17,8 @@ LAYER_REMOVAL = "layer_removal.png"
 GRADIENT_PROFILES = "gradient_norms_by_depth.png"
 GRADIENT_MAPS = "gradient_norms_heatmap.png"
 LOSS_CURVES = "loss_curves.png"
+TELEMETRY_MAPS = "telemetry_heatmaps.png"
+TELEMETRY_CURVES = "telemetry_post_ln_vs_rest.png"
 # Block kinds that end by normalising the residual stream (DeepNorm is Post-LN with an up-weighted residual):
 # removing such a layer also removes that normalisation, so the layer-removal chart hatches their bars.
 POST_LN_KINDS = ("post", "deepnorm")
@@ -258,8 +260,46 @@ def plot_gradient_maps(analyses):
     return fig, []
 
 
+def _mark_guard_events(ax, a) -> set[str]:
+    """The loss-spike guard's events of run `a` on its loss curve: an outlier step as x at its loss, a rollback as a
+    shaded span from the step reloaded to the step that triggered it, a collapse as a dotted vertical line.
+    Returns the kinds drawn (for one legend entry each)."""
+    train = dict(a.curves["train"]) if a.curves else {}
+    drawn = set()
+    for event in a.events or []:
+        kind, step = event["event"], event["step"]
+        if kind == "outlier":
+            loss = event.get("loss", train.get(step))
+            try:
+                loss = float(loss)
+            except (TypeError, ValueError):
+                continue  # a non-finite loss has no place on the axis; the table in report.md lists it
+            if math.isfinite(loss):
+                ax.plot([step], [loss], "x", ms=8, mew=2, color=a.colour, zorder=5)
+                drawn.add(kind)
+        elif kind == "rollback":
+            start, end = event.get("to_step", step), event.get("trigger_step", step)
+            ax.axvspan(start, end, color=a.colour, alpha=0.15, lw=0)
+            drawn.add(kind)
+        elif kind == "collapse":
+            ax.axvline(step, color=a.colour, ls=":", lw=1.5)
+            drawn.add(kind)
+    return drawn
+
+
+def _event_legend_entries(kinds: set[str]) -> list:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    entries = {"outlier": Line2D([], [], marker="x", ls="", color="0.3", ms=8, mew=2, label="guard: outlier step"),
+               "rollback": Patch(color="0.3", alpha=0.2, label="guard: rollback (reloaded step to trigger)"),
+               "collapse": Line2D([], [], ls=":", color="0.3", label="guard: collapse")}
+    return [entries[kind] for kind in ("outlier", "rollback", "collapse") if kind in kinds]
+
+
 def plot_loss_curves(analyses):
-    """Training loss (line) and eval loss (markers) against step, one colour per run."""
+    """Training loss (line) and eval loss (markers) against step, one colour per run; the loss-spike guard's events
+    marked on them (`_mark_guard_events`)."""
     shown = [a for a in analyses if a.curves is not None and (a.curves["train"] or a.curves["eval"])]
     notes = [f"loss curves: {a.label} has no metrics.jsonl with losses, so it is left out."
              for a in analyses if a not in shown]
@@ -271,16 +311,128 @@ def plot_loss_curves(analyses):
             ax.plot(*zip(*a.curves["train"]), lw=1.0, color=a.colour, label=f"{a.label} (train)")
         if a.curves["eval"]:
             ax.plot(*zip(*a.curves["eval"]), "o--", ms=5, color=a.colour, label=f"{a.label} (eval)")
+    kinds = set().union(*(_mark_guard_events(ax, a) for a in shown))
     ax.set_xlabel("step")
     _integer_ticks(ax, x=True)
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("training and eval loss")
+    ax.set_title("training and eval loss" + (" with the guard's events" if kinds else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + _event_legend_entries(kinds), fontsize=8)
     return fig, notes
+
+
+def _telemetry_runs(analyses):
+    return [a for a in analyses if a.telemetry is not None and a.telemetry.steps and a.telemetry.layers]
+
+
+def _step_edges(steps: list[int]) -> np.ndarray:
+    """Cell edges half-way between logged steps, so uneven logging is drawn to scale."""
+    steps = np.array(steps, dtype=float)
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    middle = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - middle[0]], middle, [2 * steps[-1] - middle[-1]]])
+
+
+# (telemetry field, colour-bar label, logarithmic colour scale) of the heat maps
+TELEMETRY_MAP_FIELDS = (("activation_rms", "RMS of the residual stream after the layer", True),
+                        ("max_attention_logit", "max attention logit q.k/sqrt(d)", False))
+
+
+def plot_telemetry_maps(analyses):
+    """Heat maps over layer x telemetry step: the residual stream's RMS after each layer (logarithmic colours) and
+    the maximum attention logit, one row per run, one colour scale per quantity over all runs."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    shown = _telemetry_runs(analyses)
+    if not shown:
+        return None, []
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(shown), len(TELEMETRY_MAP_FIELDS), figsize=(5.2 * len(TELEMETRY_MAP_FIELDS),
+                             3.6 * len(shown)), dpi=120, squeeze=False, layout="constrained")
+    for column, (name, label, logarithmic) in enumerate(TELEMETRY_MAP_FIELDS):
+        values = np.concatenate([a.telemetry.by_layer[name].ravel() for a in shown])
+        values = values[np.isfinite(values) & ((values > 0) if logarithmic else True)]
+        if values.size == 0:
+            norm = None
+        elif logarithmic:
+            norm = LogNorm(vmin=values.min(), vmax=max(values.max(), values.min() * 1.001))
+        else:
+            norm = Normalize(vmin=values.min(), vmax=max(values.max(), values.min() + 1e-9))
+        mesh = None
+        for row, a in enumerate(shown):
+            ax, t = axes[row][column], a.telemetry
+            data = t.by_layer[name]
+            data = np.ma.masked_invalid(np.where(data > 0, data, np.nan) if logarithmic else data)
+            mesh = ax.pcolormesh(_step_edges(t.steps), np.arange(len(t.layers) + 1) - 0.5, data, norm=norm,
+                                 cmap="magma" if logarithmic else "viridis", shading="flat")
+            ax.set_xlabel("step")
+            ax.set_xticks(_logged_step_ticks(t.steps))
+            ax.set_ylabel("layer")
+            _integer_ticks(ax, y=True)
+            ax.set_title(a.label, fontsize=9)
+        if mesh is not None and norm is not None:
+            fig.colorbar(mesh, ax=[axes[row][column] for row in range(len(shown))], label=label, shrink=0.9)
+    fig.suptitle("stability telemetry by layer and telemetry step")
+    return fig, []
+
+
+# (telemetry field, y label, logarithmic y) of the Post-LN-versus-the-rest curves
+TELEMETRY_CURVE_FIELDS = (("activation_rms", "residual-stream RMS", True),
+                          ("activation_max", "residual-stream max |x|", True),
+                          ("max_attention_logit", "max attention logit", False),
+                          ("update_ratio", "update / weight norm", True))
+
+
+def post_ln_rows(a) -> np.ndarray:
+    """Which of run `a`'s telemetry layers are Post-LN kinds (by norm_placement of the run's config)."""
+    from megatron_mixln.model.norms import norm_placement
+
+    model = a.run.config.model
+    return np.array([norm_placement(int(key[len("layer_"):]), model.num_layers, model) in POST_LN_KINDS
+                     for key in a.telemetry.layers], dtype=bool)
+
+
+def plot_telemetry_curves(analyses):
+    """Per telemetry quantity, its mean over a run's Post-LN layers (solid) and over its other layers (dashed)
+    against step, and the output log-partition; one colour per run."""
+    shown = _telemetry_runs(analyses)
+    if not shown:
+        return None, []
+    panels = len(TELEMETRY_CURVE_FIELDS) + 1
+    fig, axes = _grid(panels, width=4.6, height=3.4, columns=3)
+    for ax, (name, label, logarithmic) in zip(axes, TELEMETRY_CURVE_FIELDS):
+        for a in shown:
+            post, data = post_ln_rows(a), a.telemetry.by_layer[name]
+            for rows, style, group in ((post, "-", "Post-LN layers"), (~post, "--", "other layers")):
+                if rows.any() and np.isfinite(data[rows]).any():
+                    with np.errstate(all="ignore"):
+                        mean = np.nanmean(np.where(np.isfinite(data[rows]), data[rows], np.nan), axis=0)
+                    ax.plot(a.telemetry.steps, mean, style, lw=1.2, color=a.colour, label=f"{a.label}: {group}")
+        ax.set_ylabel(label + " (mean over layers)")
+        if logarithmic and any(line.get_ydata().size for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for a in shown:
+        for kind, style in (("mean", "-"), ("max", ":")):
+            values = a.telemetry.log_partition.get(kind)
+            if values is not None and np.isfinite(values).any():
+                ax.plot(a.telemetry.steps, values, style, lw=1.2, color=a.colour, label=f"{a.label}: log Z {kind}")
+    ax.set_ylabel("output log-partition log Z")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    extra, extra_labels = ax.get_legend_handles_labels()
+    fig.legend(handles + extra, labels + extra_labels, loc="outside lower center", ncol=2, fontsize=8)
+    fig.suptitle("stability telemetry: Post-LN layers (solid) against the other layers (dashed)")
+    return fig, []
 
 
 # (file, figure) in the order report.md shows them
 PLOTS = ((LOSS_CURVES, plot_loss_curves), (ANGULAR_PROFILE, plot_angular_profile), (ANGULAR_MAPS, plot_angular_maps),
          (LAYER_REMOVAL, plot_layer_removal), (GRADIENT_PROFILES, plot_gradient_profiles),
-         (GRADIENT_MAPS, plot_gradient_maps))
+         (GRADIENT_MAPS, plot_gradient_maps), (TELEMETRY_MAPS, plot_telemetry_maps),
+         (TELEMETRY_CURVES, plot_telemetry_curves))

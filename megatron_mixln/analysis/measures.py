@@ -256,3 +256,57 @@ def loss_curves(metrics_path: str | Path) -> dict[str, list[tuple[int, float]]]:
         if "eval_loss" in record:
             curves["eval"].append((record["step"], _number(record["eval_loss"])))
     return curves
+
+
+# Telemetry fields of a metrics.jsonl record (train/telemetry.py), per layer key.
+TELEMETRY_FIELDS = ("activation_rms", "activation_max", "max_attention_logit", "update_ratio")
+# Guard events (the loss-spike guard, docs/stability.md) drawn on the loss curves.
+GUARD_EVENTS = ("outlier", "rollback", "collapse")
+
+
+@dataclass
+class Telemetry:
+    """The stability telemetry a run logged (train.telemetry_every).
+
+    `steps`: every step with a telemetry record, ascending; `layers`: the decoder-layer keys in depth order;
+    `by_layer[field][i, j]`: layer i at steps[j] (NaN where that record lacks it); `other[field][key]`: the same for
+    embed_tokens, norm and lm_head per step; `log_partition`: {"mean": [...], "max": [...]} per step.
+    """
+
+    steps: list[int]
+    layers: list[str]
+    by_layer: dict[str, np.ndarray] = field(default_factory=dict)
+    other: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    log_partition: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def telemetry_by_depth(metrics_path: str | Path) -> Telemetry:
+    """The telemetry records of a metrics.jsonl as layer x step tables (empty when the run logged none)."""
+    from megatron_mixln.train.metrics import read_metrics
+
+    by_step: dict[int, dict] = {}
+    for record in read_metrics(metrics_path):
+        if record.get("telemetry") is True and isinstance(record.get("step"), int):
+            by_step[record["step"]] = record  # a step logged twice (a replay after a rollback): the later record
+    steps = sorted(by_step)
+    keys = {key for record in by_step.values() for name in TELEMETRY_FIELDS
+            for key in (record.get(name) if isinstance(record.get(name), dict) else {})}
+    layers = sorted((key for key in keys if key.startswith(LAYER_PREFIX)), key=lambda key: int(key[len(LAYER_PREFIX):]))
+    others = sorted(keys - set(layers))
+
+    def table(name: str, names: list[str]) -> np.ndarray:
+        return np.array([[_number((by_step[step].get(name) or {}).get(key)) for step in steps] for key in names]
+                        ).reshape(len(names), len(steps))
+
+    return Telemetry(steps=steps, layers=layers, by_layer={name: table(name, layers) for name in TELEMETRY_FIELDS},
+                     other={name: dict(zip(others, table(name, others))) for name in TELEMETRY_FIELDS},
+                     log_partition={kind: np.array([_number(by_step[step].get(f"log_partition_{kind}"))
+                                                    for step in steps]) for kind in ("mean", "max")})
+
+
+def guard_events(metrics_path: str | Path) -> list[dict]:
+    """The loss-spike guard's event records of a metrics.jsonl (outlier, rollback, collapse), in file order."""
+    from megatron_mixln.train.metrics import read_metrics
+
+    return [record for record in read_metrics(metrics_path)
+            if record.get("event") in GUARD_EVENTS and isinstance(record.get("step"), int)]

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from megatron_mixln.analysis import figures
-from megatron_mixln.analysis.measures import (GradientNorms, _angular, gradient_norms_by_depth, layer_removal,
-                                              loss_curves)
+from megatron_mixln.analysis.measures import (GradientNorms, Telemetry, _angular, gradient_norms_by_depth,
+                                              guard_events, layer_removal, loss_curves, telemetry_by_depth)
 from megatron_mixln.analysis.runs import HeldOut, Run, choose_device, find_run, finite_or_text, held_out
 from megatron_mixln.config import ConfigError
 from megatron_mixln.data.errors import DataError
@@ -37,6 +37,8 @@ class RunAnalysis:
     removal: list[dict] | None = None
     gradients: GradientNorms | None = None
     curves: dict | None = None
+    telemetry: Telemetry | None = None
+    events: list[dict] | None = None  # the loss-spike guard's event records
 
     @property
     def num_layers(self) -> int:
@@ -118,6 +120,8 @@ def analyse(runs: Iterable[str | Path | Run], data: str | None = None, sequences
             continue
         a.gradients = gradient_norms_by_depth(metrics, steps)
         a.curves = loss_curves(metrics)
+        a.telemetry = telemetry_by_depth(metrics)
+        a.events = guard_events(metrics)
     show = progress and sys.stderr.isatty()
     for a in analyses:
         a.held_out = held_out(a.run, sequences, batch_size, data, progress=show)
@@ -230,6 +234,16 @@ def _run_numbers(a: RunAnalysis) -> dict[str, Any]:
             "steps": g.steps, "layers": g.layers, "norms": [_floats(row) for row in g.norms],
             "other": {key: _floats(values) for key, values in g.other.items()}, "chosen_steps": g.chosen,
             "by_step": {str(step): _floats(g.at(step)) for step in g.chosen}}
+    if a.telemetry is not None and a.telemetry.steps:
+        t = a.telemetry
+        numbers["telemetry"] = {
+            "steps": t.steps, "layers": t.layers,
+            "by_layer": {name: [_floats(row) for row in table] for name, table in t.by_layer.items()},
+            "other": {name: {key: _floats(values) for key, values in by_key.items()}
+                      for name, by_key in t.other.items()},
+            "log_partition": {kind: _floats(values) for kind, values in t.log_partition.items()}}
+    if a.events:
+        numbers["guard_events"] = a.events
     if a.curves is not None:
         numbers["loss_curves"] = {split: [[step, finite_or_text(loss)] for step, loss in points]
                                   for split, points in a.curves.items()}
@@ -330,5 +344,20 @@ def markdown(numbers: dict[str, Any]) -> str:
         lines += _table(["layer", *(f"step {step}" for step in g["chosen_steps"])],
                         [[name, *(_cell(g["by_step"][str(step)][i], scientific=True) for step in g["chosen_steps"])]
                          for i, name in enumerate(g["layers"])])
+    lines += ["## Stability telemetry", "",
+              "Logged every train.telemetry_every steps (docs/stability.md): the residual stream's RMS and max after "
+              "each layer, the largest pre-softmax attention logit, the update-to-weight ratio and the output "
+              "log-partition; Post-LN layers against the rest. Guard events are marked on the loss curves.", "",
+              *_figure(numbers, "telemetry_maps", "activation RMS and max attention logit over layer and step"),
+              *_figure(numbers, "telemetry_curves", "telemetry of Post-LN layers against the other layers")]
+    for r in runs:
+        events = r.get("guard_events")
+        if not events:
+            continue
+        lines += [f"{r['label']}: the loss-spike guard's events", ""]
+        lines += _table(["step", "event", "details"],
+                        [[str(e["step"]), str(e["event"]),
+                          ", ".join(f"{key}={value}" for key, value in e.items() if key not in ("step", "event"))]
+                         for e in events])
     lines += [f"Every number is in [{ANALYSIS_JSON}]({ANALYSIS_JSON}).", ""]
     return "\n".join(lines)
