@@ -335,3 +335,46 @@ def test_analyze_plots_telemetry_by_depth_and_marks_guard_events_on_the_loss(tmp
     rms = {line.get_linestyle(): line.get_ydata().tolist() for line in fig.axes[0].get_lines()}
     assert rms["-"] == pytest.approx([1.5, 3.0, 4.5, 6.0])  # mean of the Post-LN layers 0 and 1
     assert rms["--"] == pytest.approx([3.5, 7.0, 10.5, 14.0])  # mean of layers 2 and 3
+
+
+def test_bench_plans_the_guard_and_telemetry_pair_after_the_targets_and_prints_its_ratios():
+    from megatron_mixln.benchmarks.train_throughput import plan_cases, targets
+
+    plain = plan_cases(["1b"], ["pre", "mix"], ["triton", "torch"], ["eager"], ["fused"])
+    cases = plan_cases(["1b"], ["pre", "mix"], ["triton", "torch"], ["eager"], ["fused"], ["off", "on"])
+    pairs = 3  # Mix-LN / Pre-LN, triton / torch: tests/test_bench_train.py
+    assert cases[:pairs] == plain[:pairs] and cases[pairs] == ("1b", "mix", "triton", "eager", "fused", "on")
+    assert cases[pairs + 1:] == plain[pairs:]  # the secondary cases unchanged, after it
+
+    def row(seconds, **extra):
+        return dict(model="1b", placement="mix", kernels="triton", execution="eager", loss="fused",
+                    step_seconds=seconds, mfu_datasheet=None, **extra)
+
+    lines = targets([row(0.200), row(0.201, stability="on", guard_action="skip", telemetry_every=50,
+                                      telemetry_step_seconds=0.5)])
+    assert ("- guard.action=skip + telemetry / off step time between telemetry steps, 1b mix triton eager fused: "
+            "1.005 (within 1%)") in lines
+    # The telemetry step costs 0.5 - 0.201 s more; over 50 steps: (0.201 + 0.299 / 50) / 0.200 = 1.035.
+    assert ("- telemetry step, 1b mix triton eager fused: 500.0 ms (2.49x a step); amortised over "
+            "train.telemetry_every=50 steps, on / off step time 1.035") in lines
+
+
+def test_bench_runs_the_pair_and_times_a_telemetry_step(tmp_path, request):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    small = ["model.num_layers=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
+             "model.vocab_size=256", "data.seq_len=16", "model.max_seq_len=16", "train.micro_batch_size=2"]
+    proc = subprocess.run([sys.executable, "-m", "megatron_mixln.benchmarks.train_throughput", "--placements", "mix",
+                           "--stability", "off", "on", "--telemetry-every", "2", "--steps", "3", "--warmup", "1",
+                           "--json", str(out), *small], capture_output=True, text=True, cwd=request.config.rootpath,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    off, on = json.loads(out.read_text())["rows"]
+    assert (off["stability"], on["stability"], on["guard_action"], on["telemetry_every"]) == ("off", "on", "skip", 2)
+    # Steps numbered so that the last timed one is a telemetry step: it is timed apart from the others.
+    assert on["telemetry_step_seconds"] > 0
+    assert "| tiny | mix + guard, telemetry | torch | eager | fused |" in proc.stdout
+    assert "telemetry / off step time between telemetry steps, tiny mix torch eager fused:" in proc.stdout

@@ -11,7 +11,10 @@ placement; each row is printed and the JSON rewritten as it lands, so a run cut 
 or a kill) keeps the highest-priority ratios measured so far. With parallel.offload_optimizer a case whose
 host-memory plan (train/memory.py, offload_host_plan) exceeds the host's available memory is listed, not run. After the
 table come the memory the fused cross-entropy saved and the issue's targets as measured ratios (Mix-LN against
-Pre-LN step time, triton against torch, compile + triton against compile alone, MFU).
+Pre-LN step time, triton against torch, compile + triton against compile alone, MFU). `--stability off on` adds, after
+those pairs, the main placement's reference case with the loss-spike guard and the stability telemetry on
+(guard.action=skip, train.telemetry_every=N): its step time between telemetry steps against the same case off, the
+telemetry step's own cost, and both amortised over N steps.
 Run: `mixln-bench train [--models 130m 1b] [--json out.json] [key=value ...]`.
 
 On a CPU it runs the small demo model in fp32 with the PyTorch kernels by default (the Triton kernels run there
@@ -90,7 +93,7 @@ def case_config(model: str, placement: str, kernels: str, overrides: list[str], 
 
 
 def plan_cases(models: list[str], placements: list[str], kernels: list[str], executions: list[str],
-               losses: list[str]) -> list[tuple]:
+               losses: list[str], stability: list[str] = ("off",)) -> list[tuple]:
     """Every (model, placement, kernels, execution, loss) case once, in the order that fills the issue's targets
     first, so that a run cut anywhere holds the highest-priority ratios measured so far.
 
@@ -100,7 +103,9 @@ def plan_cases(models: list[str], placements: list[str], kernels: list[str], exe
     then on the main placement the other kernels backends (triton vs torch), the other LM heads (the fused loss's
     memory) and every backend compiled (compile + triton vs compile alone). Then the secondary cases, the main
     placement's first. Consecutive cases of one model and placement share one build (`Build`, `apply_variant`,
-    `apply_execution`), so the pairs above cost one build per placement.
+    `apply_execution`), so the pairs above cost one build per placement. With "on" in `stability`, each model's
+    main reference case with the guard and telemetry on, (model, main, k0, e0, l0, "on"), follows the targets' pairs
+    (its "off" counterpart is the 5-tuple case among them).
     """
     k0, e0, l0 = kernels[0], executions[0], losses[0]
     main = placements[-1]
@@ -113,6 +118,7 @@ def plan_cases(models: list[str], placements: list[str], kernels: list[str], exe
     for model in models:
         for p in placements[::-1]:  # the main placement first: its build is the one still there
             rest += [(model, p, k, e, loss) for e in executions for k in kernels for loss in losses]
+    first += [(model, main, k0, e0, l0, "on") for model in models if "on" in stability]
     plan = []
     for case in first + rest:
         if case not in plan:
@@ -175,28 +181,49 @@ class Build:
             torch.cuda.empty_cache()
 
 
-def run_case(build: Build, config, steps: int, warmup: int, device) -> dict:
+def run_case(build: Build, config, steps: int, warmup: int, device, stability: str = "off") -> dict:
     """Train `warmup + steps` steps on random tokens on `build`; the median step time of the last `steps`.
 
     The peak device memory is that of the timed steps (reset after the warm-up), so every case of a shared build
     is measured alike: the first one's warm-up also creates the optimizer states, which the others find there.
     The weights carry on from the previous case's steps; a step's time and memory do not depend on their values.
+
+    `stability="on"`: each step does what the training loop adds with the guard and the telemetry on: the guard
+    judges it (guard.action, train/guard.py), and on a telemetry step (train.telemetry_every) the per-layer norms are
+    read and train/telemetry.py measures. The steps are numbered so that the last timed one is a telemetry step:
+    the median is the time between telemetry steps, and `telemetry_step_seconds` that step's own time.
     """
     import torch
 
     from megatron_mixln.train.flops import training_flops_per_token
+    from megatron_mixln.train.telemetry import measure, telemetry_due
 
     batch, seq = config.train.micro_batch_size, config.data.seq_len
-    times = []
-    for step in range(warmup + steps):
-        if step == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ids = torch.randint(0, config.model.vocab_size, (batch, seq + 1), generator=build.generator)
-        _sync(device)
-        start = time.perf_counter()
-        build.steps_engine.train_step(step, [(ids[:, :-1], ids[:, 1:])], batch * seq)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    on = stability == "on"
+    guard = _install_guard(build, config) if on else None
+    every = config.train.telemetry_every if on else 0
+    first = (every - (warmup + steps - 1) % every) % every if every else 0  # the last step a telemetry step
+    times, telemetry_times = [], []
+    try:
+        for index in range(warmup + steps):
+            step = first + index
+            due = on and telemetry_due(config.train, step)
+            if index == warmup and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ids = torch.randint(0, config.model.vocab_size, (batch, seq + 1), generator=build.generator)
+            micro_batches = [(ids[:, :-1], ids[:, 1:])]
+            _sync(device)
+            start = time.perf_counter()
+            outcome = build.steps_engine.train_step(step, micro_batches, batch * seq, want_layer_norms=due)
+            if guard is not None:
+                guard.after_step(step, outcome.applied)
+            if due:
+                measure(build.steps_engine, micro_batches, outcome)
+            _sync(device)
+            (telemetry_times if due and index >= warmup else times).append(time.perf_counter() - start)
+    finally:
+        if guard is not None:
+            build.steps_engine.guard = None
     step_time = statistics.median(times[warmup:])
     host_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB; monotonic
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else host_peak_gb
@@ -205,7 +232,20 @@ def run_case(build: Build, config, steps: int, warmup: int, device) -> dict:
     return {"tokens_per_second": tokens_per_second, "step_seconds": step_time, "peak_memory_gb": peak_gb,
             "host_peak_memory_gb": host_peak_gb, "first_step_seconds": times[0],
             "model_flops_per_token": flops_per_token, "achieved_flops": tokens_per_second * flops_per_token,
-            "batch": batch, "seq_len": seq, "precision": config.train.precision}
+            "batch": batch, "seq_len": seq, "precision": config.train.precision, "stability": stability,
+            **({"telemetry_every": every, "guard_action": config.guard.action,
+                "telemetry_step_seconds": statistics.mean(telemetry_times) if telemetry_times else None} if on else {})}
+
+
+def _install_guard(build: Build, config):
+    """The loss-spike guard as the training loop installs it (train/loop.py: the step engine judges each step with
+    it), or None when guard.action is off."""
+    if config.guard.action == "off":
+        return None
+    from megatron_mixln.train.guard import LossSpikeGuard
+
+    guard = build.steps_engine.guard = LossSpikeGuard(config.guard, [])  # no collapse levels: random tokens
+    return guard
 
 
 def host_memory_refusal(config, on_gpu: bool) -> tuple[dict, str | None]:
@@ -233,8 +273,13 @@ AXES = ("model", "placement", "kernels", "execution", "loss")
 
 
 def counterpart(rows: list[dict], row: dict, **change) -> dict | None:
-    """The measured case that differs from `row` only by `change`, e.g. placement="pre"."""
-    return next((r for r in rows if all(r[axis] == change.get(axis, row[axis]) for axis in AXES)), None)
+    """The measured case that differs from `row` only by `change`, e.g. placement="pre" (or stability="off": a row
+    without that key is a case with the guard and telemetry off)."""
+    def stability(r):
+        return r.get("stability", "off")
+
+    return next((r for r in rows if all(r[axis] == change.get(axis, row[axis]) for axis in AXES)
+                 and stability(r) == change.get("stability", stability(row))), None)
 
 
 def memory_saved(rows: list[dict]) -> list[str]:
@@ -265,6 +310,18 @@ def targets(rows: list[dict]) -> list[str]:
             speedup = torch_kernels["step_seconds"] / r["step_seconds"]
             lines.append(f"- triton vs torch speed-up, {r['model']} {r['placement']} {r['execution']} {r['loss']}: "
                          f"{speedup:.3f}x ({'faster' if speedup > 1 else 'NOT faster'})")
+        off = counterpart(rows, r, stability="off") if r.get("stability") == "on" else None
+        if off:
+            every, between = r["telemetry_every"], r["step_seconds"] / off["step_seconds"]
+            case = f"{r['model']} {r['placement']} {r['kernels']} {r['execution']} {r['loss']}"
+            lines.append(f"- guard.action={r['guard_action']} + telemetry / off step time between telemetry steps, "
+                         f"{case}: {between:.3f} ({'within' if abs(between - 1) <= 0.01 else 'NOT within'} 1%)")
+            if r.get("telemetry_step_seconds"):
+                extra = r["telemetry_step_seconds"] - r["step_seconds"]
+                amortised = (r["step_seconds"] + extra / every) / off["step_seconds"]
+                lines.append(f"- telemetry step, {case}: {r['telemetry_step_seconds'] * 1e3:.1f} ms "
+                             f"({r['telemetry_step_seconds'] / r['step_seconds']:.2f}x a step); amortised over "
+                             f"train.telemetry_every={every} steps, on / off step time {amortised:.3f}")
         if r["model"] == "1b" and r["placement"] == "mix" and r.get("mfu_datasheet"):
             lines.append(f"- 1B Mix-LN MFU (datasheet peak), {r['kernels']} {r['execution']} {r['loss']}: "
                          f"{r['mfu_datasheet']:.1%} ({'meets' if r['mfu_datasheet'] >= 0.5 else 'below'} 50%)")
@@ -273,7 +330,8 @@ def targets(rows: list[dict]) -> list[str]:
 
 def row_line(row: dict, sheet: float | None) -> str:
     """One row of the table (or the reason a case did not run)."""
-    head = f"| {row['model']} | {row['placement']} | {row['kernels']} | {row['execution']} | {row['loss']} |"
+    placement = row["placement"] + (" + guard, telemetry" if row.get("stability") == "on" else "")
+    head = f"| {row['model']} | {placement} | {row['kernels']} | {row['execution']} | {row['loss']} |"
     if row.get("not_run"):
         return f"{head} {row['not_run']} |"
     return (f"{head} {row['batch']} x {row['seq_len']} | {row['tokens_per_second']:,.0f} | "
@@ -295,6 +353,11 @@ def main(argv=None) -> int:
                         help="eager and/or per-layer torch.compile (default: eager compile on a GPU, eager on a CPU)")
     parser.add_argument("--losses", nargs="+", choices=["unfused", "fused"], default=["fused"],
                         help="LM head + loss: unfused and/or the chunked fused cross-entropy (default: fused)")
+    parser.add_argument("--stability", nargs="+", choices=["off", "on"], default=["off"],
+                        help="'off on': also the main reference case with the loss-spike guard and the telemetry on, "
+                             "beside the same case off (default: off only)")
+    parser.add_argument("--telemetry-every", type=int, default=50, metavar="N",
+                        help="train.telemetry_every of the 'on' case (default 50); its guard.action is skip")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3; compile happens there)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -325,7 +388,7 @@ def main(argv=None) -> int:
           + (f" (datasheet {sheet / 1e12:.0f})" if sheet else "")
           + ("" if on_gpu else "; a CPU run of a small configuration, not a GPU figure; peak GB is the process's "
              "RSS high-water mark so far"))
-    cases = plan_cases(models, args.placements, kernels, executions, args.losses)
+    cases = plan_cases(models, args.placements, kernels, executions, args.losses, args.stability)
     rows, notes = [], []
 
     def save() -> None:
@@ -339,8 +402,11 @@ def main(argv=None) -> int:
     build = None  # the model kept for the next case of the same model and placement
     build_s, case_s = None, {}  # the last build's seconds; the last case's seconds per execution
     for index, case in enumerate(cases):
-        model, placement, backend, execution, loss = case
-        config = case_config(model, placement, backend, args.overrides, on_gpu, execution, loss)
+        model, placement, backend, execution, loss = case[:5]
+        stability = case[5] if len(case) > 5 else "off"
+        overrides = args.overrides + (["guard.action=skip", f"train.telemetry_every={args.telemetry_every}"]
+                                      if stability == "on" else [])
+        config = case_config(model, placement, backend, overrides, on_gpu, execution, loss)
         # ZeRO-3 compiles only before deepspeed.initialize (gather_whole_layers_under_zero3): no switching there.
         shared = build is not None and build.key == (model, placement) and (
             config.parallel.zero_stage < 3 or build.execution == execution)
@@ -351,7 +417,7 @@ def main(argv=None) -> int:
             break
         figures, refusal = host_memory_refusal(config, on_gpu)
         if refusal:
-            rows.append({**dict(zip(AXES, case)), **figures, "not_run": refusal})
+            rows.append({**dict(zip(AXES, case)), "stability": stability, **figures, "not_run": refusal})
             print(row_line(rows[-1], sheet), flush=True)
             save()
             continue
@@ -365,7 +431,7 @@ def main(argv=None) -> int:
         apply_execution(build.model, execution)
         build.execution = execution
         apply_variant(build.model, backend, loss)
-        row = {**dict(zip(AXES, case)), **run_case(build, config, args.steps, args.warmup, device), **figures,
+        row = {**dict(zip(AXES, case)), **run_case(build, config, args.steps, args.warmup, device, stability), **figures,
                "build": "reused" if shared else f"built in {build.seconds:.0f} s",
                "build_seconds": 0.0 if shared else build.seconds}
         row["mfu"] = row["achieved_flops"] / peak
