@@ -201,6 +201,9 @@ class GuardConfig:
     action: str = "off"  # off | warn (record) | skip (do not apply the step) | rollback (skip; reload when that fails)
     window: int = 50  # applied steps the mean and standard deviation are taken over
     sigmas: float = 6.0  # an outlier lies more than this many standard deviations above the window's mean
+    # ... and more than this fraction above it: a window of near-equal values (a steady gradient norm) has a tiny
+    # standard deviation, which would make ordinary noise an outlier.
+    min_rise: float = 0.1
     warmup_steps: int = 50  # no step is judged before this many applied steps (the early loss falls too fast)
     loss_ceiling: float = 0.0  # a loss above it is an outlier whatever the window says; 0 = none
     grad_norm_ceiling: float = 0.0  # the same for the gradient norm; 0 = none
@@ -226,7 +229,7 @@ class GuardConfig:
         _require(self.window >= 2, f"{prefix}.window", self.window, "at least 2 (a standard deviation needs two)")
         for name in ("warmup_steps", "skip_batches_before", "lr_factor_steps"):
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 or a positive integer")
-        for name in ("loss_ceiling", "grad_norm_ceiling", "collapse_tolerance"):
+        for name in ("loss_ceiling", "grad_norm_ceiling", "collapse_tolerance", "min_rise"):
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "a number >= 0 (0 = none)")
         _require(self.sigmas > 0, f"{prefix}.sigmas", self.sigmas, "a positive number")
         _require(0 < self.lr_factor <= 1, f"{prefix}.lr_factor", self.lr_factor, "a number in (0, 1]")

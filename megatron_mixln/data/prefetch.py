@@ -5,11 +5,11 @@ from __future__ import annotations
 import queue
 import threading
 from functools import partial
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from megatron_mixln.data.sampling import GlobalBatchSampler, SequenceDataset, collate
+from megatron_mixln.data.sampling import GlobalBatchSampler, SequenceDataset, batch_of_step, collate
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), int64 [micro_batch, seq_len]
 
@@ -18,15 +18,18 @@ class StepBatch(NamedTuple):
     step: int  # the optimiser step (1-based, as the loop counts) these batches belong to
     micro_batches: list[Batch]  # this rank's, in order
     global_targets: int  # target tokens in the whole global batch (every DP rank): what the loss divides by
+    batch: int = 0  # the global batch (1-based) the step reads: the step itself unless a rollback skipped batches
 
 
 def build_step_batch(dataset: SequenceDataset, sampler: GlobalBatchSampler, step: int, *, dp_rank: int, dp: int,
-                     micro_batch_size: int, accumulation: int) -> StepBatch:
-    """Step `step`'s micro-batches for data-parallel rank `dp_rank`, and the global batch's target count."""
-    mine = sampler.rank_indices(step - 1, dp_rank, dp)
+                     micro_batch_size: int, accumulation: int, skipped: Sequence[Sequence[int]] = ()) -> StepBatch:
+    """Step `step`'s micro-batches for data-parallel rank `dp_rank`, and the global batch's target count; the
+    `skipped` [first, last] global batches (the guard's rollbacks) are passed over."""
+    batch = batch_of_step(step, skipped)
+    mine = sampler.rank_indices(batch - 1, dp_rank, dp)
     micro_batches = [collate(dataset, mine[i * micro_batch_size:(i + 1) * micro_batch_size])
                      for i in range(accumulation)]
-    return StepBatch(step, micro_batches, int(dataset.target_counts(sampler.global_indices(step - 1)).sum()))
+    return StepBatch(step, micro_batches, int(dataset.target_counts(sampler.global_indices(batch - 1)).sum()), batch)
 
 
 class _Failure(NamedTuple):
@@ -57,10 +60,11 @@ class BatchPrefetcher:
 
     @classmethod
     def for_training(cls, dataset: SequenceDataset, sampler: GlobalBatchSampler, first_step: int, last_step: int, *,
-                     dp_rank: int, dp: int, micro_batch_size: int, accumulation: int, **options) -> BatchPrefetcher:
+                     dp_rank: int, dp: int, micro_batch_size: int, accumulation: int,
+                     skipped: Sequence[Sequence[int]] = (), **options) -> BatchPrefetcher:
         """Steps first_step .. last_step of a run, as `build_step_batch` builds them (options: depth, pin, ...)."""
         build = partial(build_step_batch, dataset, sampler, dp_rank=dp_rank, dp=dp, micro_batch_size=micro_batch_size,
-                        accumulation=accumulation)
+                        accumulation=accumulation, skipped=[tuple(window) for window in skipped])
         return cls(build, range(first_step, last_step + 1), **options)
 
     def __enter__(self) -> BatchPrefetcher:

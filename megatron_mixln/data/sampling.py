@@ -111,6 +111,17 @@ class GlobalBatchSampler:
         return self.global_indices(step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
 
+def batch_of_step(step: int, skipped: Sequence[Sequence[int]] = ()) -> int:
+    """The global batch (1-based) optimiser step `step` reads when the batches of the `skipped` [first, last]
+    windows are passed over: the step-th batch outside every window. Without windows, the step itself."""
+    batch = step
+    for first, last in sorted(skipped):  # disjoint windows (LossSpikeGuard merges them), in order
+        if batch < first:
+            break
+        batch += last - first + 1
+    return batch
+
+
 def collate(dataset: SequenceDataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) LongTensors of shape [len(indices), seq_len]."""
     pairs = [dataset[int(i)] for i in indices]

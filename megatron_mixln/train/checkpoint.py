@@ -84,6 +84,11 @@ def _read_pointer(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace").strip()
 
 
+def step_of(folder: str | Path) -> int:
+    """The step of a checkpoint folder named as tag_for_step names it."""
+    return int(STEP_FOLDER.fullmatch(Path(folder).name).group(1))
+
+
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -317,9 +322,11 @@ def _all_ranks_files(written: dict[str, dict[str, int]]) -> dict[str, dict[str, 
     return {name: sums for rank_files in found for name, sums in rank_files.items()}
 
 
-def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int,
+                    keep_before: int | None = None) -> Path:
     """Save engine state (weights, optimiser, LR schedule) and `trainer_state` for step `step`, atomically, with
-    the size and CRC-32 of every file in `checksums.json`.
+    the size and CRC-32 of every file in `checksums.json`. Old checkpoints beyond the `keep` newest are removed,
+    except the newest one before step `keep_before` (the loss-spike guard's way back, train/guard.py).
 
     On a failed write on any rank (ENOSPC, EDQUOT, EIO, ...) every rank raises the same CheckpointError; the
     `<tag>.partial` folder is gone and `latest` still names the previous checkpoint."""
@@ -371,8 +378,11 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[
             # Keep the `keep` newest up to this step. Never this save itself, and never a folder newer than it:
             # that one is from before a resume from an older checkpoint, and is replaced when its step is saved.
             older = [p for p in _step_folders(root) if int(STEP_FOLDER.fullmatch(p.name).group(1)) < step]
+            way_back = next((p for p in older if keep_before is not None
+                             and int(STEP_FOLDER.fullmatch(p.name).group(1)) < keep_before), None)
             for old in older[keep - 1:]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != way_back:
+                    shutil.rmtree(old, ignore_errors=True)
     if (problem := _agree(problem)) is not None:
         raise _abandon_save(root, partial_tag, problem)
     return final

@@ -21,6 +21,7 @@ from megatron_mixln.storage import StorageError, remedy, storage_error, writing
 from megatron_mixln.output_folder import check_output_folder
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
+from megatron_mixln.train.guard import GuardStop, LossSpikeGuard, RollbackPlan, collapse_levels
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
 from megatron_mixln.train.metrics import (DISCARDED_FILE, METRICS_FILE, MetricsWriter, console_line,
@@ -31,6 +32,10 @@ from megatron_mixln.train.step import EvalResult, StepEngine, StepResult, make_s
 
 class NonFiniteError(RuntimeError):
     """Training stopped because a loss, a gradient or the weights stopped being finite; nothing bad was saved."""
+
+
+class UnstableError(NonFiniteError):
+    """The loss-spike guard stopped the run (train/guard.py): it could not bring it back within its bounds."""
 
 
 @dataclass
@@ -44,7 +49,8 @@ class TrainResult:
     stopped_early: bool = False  # train.stop_after_step, or a stop signal
     stop_signal: str | None = None  # the signal that stopped the run (SIGTERM, SIGUSR1, SIGINT), if one did
     already_finished: bool = False  # the out_dir held a finished run: nothing was trained
-    skipped_steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update was not applied (kept ones only)
+    guard_events: list[dict] = field(default_factory=list)  # the loss-spike guard's events, rollbacks included
 
 
 def _resume_source(config: Config) -> tuple[str, Path | None]:
@@ -163,6 +169,8 @@ def _step_record(step: int, lr: float, outcome: StepResult, seconds: float, posi
               "memory_mb": memory, "peak_memory_mb": peak}
     if not outcome.applied:
         record["skipped"] = True
+        if outcome.outlier:
+            record["outlier"] = True  # the loss-spike guard withheld it; metrics.jsonl has the event beside it
     if outcome.layer_grad_norms:
         record["layer_grad_norms"] = outcome.layer_grad_norms
     if outcome.layer_update_norms:
@@ -228,16 +236,48 @@ class StepClock:
 
 
 def _stop_if_skips_must_stop(tcfg, step: int, outcome: StepResult, skipped_in_a_row: int, last_good: str) -> None:
-    """After a skipped update: raise NonFiniteError under on_nonfinite=stop, or after too many in a row."""
+    """After a skipped update: raise NonFiniteError under on_nonfinite=stop, or after too many in a row (outliers the
+    guard skipped count too: a run that only skips them does not recover)."""
     what = (f"step {step}: the loss or a gradient is not finite (loss {outcome.loss:.4g}, gradient norm "
             f"{outcome.grad_norm}); the update was skipped")
-    if tcfg.on_nonfinite == "stop":
+    if outcome.outlier:
+        what = (f"step {step}: the guard skipped an outlier (loss {outcome.loss:.4g}, gradient norm "
+                f"{outcome.grad_norm:.4g})")
+    elif tcfg.on_nonfinite == "stop":
         raise NonFiniteError(f"{what} and training stopped with the weights untouched (last checkpoint: "
                              f"{last_good}; set train.on_nonfinite=skip to skip such steps).")
     if skipped_in_a_row >= tcfg.max_consecutive_skips:
-        raise NonFiniteError(f"{what}; that makes {skipped_in_a_row} skipped updates in a row, so training "
-                             f"stopped (train.max_consecutive_skips={tcfg.max_consecutive_skips}; last "
-                             f"checkpoint: {last_good}).")
+        raise (UnstableError if outcome.outlier else NonFiniteError)(
+            f"{what}; that makes {skipped_in_a_row} skipped updates in a row, so training stopped "
+            f"(train.max_consecutive_skips={tcfg.max_consecutive_skips}; last checkpoint: {last_good}"
+            + ("; guard.action=rollback reloads an earlier checkpoint instead)." if outcome.outlier else ")."))
+
+
+def _lower_lr_when_guard_says(scheduler, guard: LossSpikeGuard) -> None:
+    """The LR schedule, times the guard's factor for the updates after a rollback (guard.lr_factor). A closure,
+    not an object: LambdaLR saves no function in its state, so checkpoints stay as they were."""
+    def scaled(schedule):
+        return lambda step: schedule(step) * guard.lr_scale(step)
+
+    scheduler.lr_lambdas = [scaled(schedule) for schedule in scheduler.lr_lambdas]
+
+
+def guard_line(event: dict) -> str:
+    """The console line of a guard event."""
+    step, kind = event["step"], event["event"]
+    if kind == "outlier":
+        bound = event["loss_threshold"] if event["reason"].startswith("loss") else event["grad_norm_threshold"]
+        value = event["loss"] if event["reason"].startswith("loss") else event["grad_norm"]
+        done = {"warn": "applied (guard.action=warn)", "skip": "skipped", "rollback": "skipped"}[event["action"]]
+        return f"guard: step {step} is an outlier ({event['reason']} {value:.4g} > {bound:.4g}): {done}"
+    if kind == "rollback":
+        first, last = event["skipped_batches"]
+        return (f"guard: rolled back to step {step} after step {event['trigger_step']} ({event['reason']}); global "
+                f"batches {first}-{last} are skipped; rollback {event['rollbacks']}"
+                + (f"; LR x{event['lr_factor']} for updates {event['lr_lowered_updates'][0] + 1}-"
+                   f"{event['lr_lowered_updates'][1]}"
+                   if event["lr_factor"] < 1 else ""))
+    return f"guard: step {step}: {kind} ({event['reason']}, since step {event.get('since_step')})"
 
 
 def _eval_record(step: int, result: EvalResult) -> dict:
@@ -317,6 +357,7 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
     """The recipe, once the data is open and the process group is up: lock, resume, model, engine, steps,
     evaluation, checkpoints, export."""
     from megatron_mixln.data import GlobalBatchSampler
+    from megatron_mixln.data.sampling import batch_of_step
     from megatron_mixln.data.prefetch import BatchPrefetcher
 
     tcfg = config.train
@@ -334,6 +375,10 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         print(_layout_summary(config, layout))
     engine, optimizer, scheduler = build_engine(model, config, layout)
     steps: StepEngine = make_step_engine(engine, config, layout)
+    guard = None
+    if config.guard.action != "off":
+        guard = steps.guard = LossSpikeGuard(config.guard, collapse_levels(train_data, config.model.vocab_size))
+        _lower_lr_when_guard_says(scheduler, guard)
 
     start_step, state = 0, {}
     if resume_kind == "checkpoint":
@@ -342,6 +387,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         else:
             state = ckpt.load_checkpoint(engine, resume_from)
         start_step = int(state["step"])
+        if guard is not None:
+            guard.load_state_dict(state.get("guard"))
         _apply_schedule(optimizer, scheduler, tcfg)
     elif resume_kind == "export":
         # The weights, and the optimiser's state (moments, step count) where the export carries it.
@@ -385,9 +432,12 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
     if is_main and (note := repeated_data_note(tcfg.steps, tcfg.global_batch_size, len(train_data))):
         print(note)
     sampler = GlobalBatchSampler(len(train_data), tcfg.global_batch_size, tcfg.seed)
-    prefetcher = BatchPrefetcher.for_training(train_data, sampler, start_step + 1, tcfg.steps, dp_rank=layout.dp_rank,
-                                              dp=layout.dp, micro_batch_size=tcfg.micro_batch_size,
-                                              accumulation=accumulation)
+
+    def prefetch_from(first_step: int) -> BatchPrefetcher:
+        return BatchPrefetcher.for_training(train_data, sampler, first_step, tcfg.steps, dp_rank=layout.dp_rank,
+                                            dp=layout.dp, micro_batch_size=tcfg.micro_batch_size,
+                                            accumulation=accumulation,
+                                            skipped=guard.skipped_batches if guard is not None else ())
     positions = tcfg.global_batch_size * config.data.seq_len
     last_saved = start_step if resume_kind == "checkpoint" else None
     skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
@@ -402,9 +452,48 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                                  f"checkpoint: {last_good()}); lower train.lr or set train.grad_clip.")
         ckpt.save_checkpoint(engine, out, step, {"step": step, "seed": tcfg.seed, "config": config.to_dict(),
                                                  "data": meta, "skipped_in_a_row": skipped_in_a_row,
-                                                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}},
-                             keep=tcfg.keep_checkpoints)
+                                                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                                                 **({"guard": guard.state_dict()} if guard is not None else {})},
+                             keep=tcfg.keep_checkpoints, keep_before=guard.keep_before(step) if guard else None)
         last_saved = step
+
+    def record_guard_event(event: dict) -> None:
+        result.guard_events.append(event)
+        writer.write(event)
+        if is_main:
+            print(guard_line(event), flush=True)
+
+    def roll_back(plan: RollbackPlan, pending: list) -> int:
+        """Reload the newest checkpoint from before `plan.first_step`, skip the trouble's batches, go on; returns
+        the step reloaded. Every rank takes the same plan (the guard's state is the same everywhere)."""
+        nonlocal last_saved, skipped_in_a_row
+        if pending:
+            _read_pending(pending, result)
+        folder = next((f for f in ckpt.checkpoint_candidates(out) if ckpt.step_of(f) < plan.first_step), None)
+        if folder is None:
+            raise UnstableError(f"step {plan.trigger_step}: {plan.reason}, and there is no checkpoint from before step "
+                                f"{plan.first_step} to roll back to (last checkpoint: {last_good()}); save more often "
+                                "(train.save_every) or lower guard.skip_batches_before.")
+        first_batch = batch_of_step(plan.first_step, guard.skipped_batches)
+        last_batch = batch_of_step(plan.trigger_step, guard.skipped_batches)
+        reloaded = ckpt.load_checkpoint(engine, folder)
+        back_to = int(reloaded["step"])
+        _apply_schedule(optimizer, scheduler, tcfg)
+        event = {"step": back_to, **guard.rolled_back(plan, first_batch, last_batch, reloaded.get("guard"),
+                                                        scheduler.last_epoch)}
+        _set_schedule_step(scheduler, scheduler.last_epoch)  # the lowered LR, if the guard lowers it
+        skipped_in_a_row = int(reloaded.get("skipped_in_a_row", 0))
+        for kept in (result.losses, result.grad_norms):
+            for later in [s for s in kept if s > back_to]:
+                del kept[later]
+        result.skipped_steps[:] = [s for s in result.skipped_steps if s <= back_to]
+        if is_main:
+            moved = discard_metrics_after(out, back_to)
+            writer.restart_at(back_to)
+            event["records_moved"] = moved
+        record_guard_event(event)
+        save(back_to)  # the same weights with the rollback in their state: a resume from here is exact
+        return back_to
 
     def stop_if_metrics_failed(step: int) -> None:
         """Rank 0 could not append to metrics.jsonl (a full disk, a quota): save a checkpoint, so that the steps
@@ -446,53 +535,70 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         try:
             clock = StepClock()
             pending: list[tuple[int, StepResult]] = []  # steps whose loss has not been read to the host yet
-            with prefetcher:  # leaving the loop in any way stops and joins its thread
-                batches = iter(prefetcher)
-                for step in range(start_step + 1, tcfg.steps + 1):
-                    clock.start()
-                    _, micro_batches, global_targets = next(batches)
-                    lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
-                    want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
-                    outcome = steps.train_step(step, micro_batches, global_targets, want_layer_norms)
-                    clock.stop()
-                    pending.append((step, outcome))
+            first_step, rollback = start_step + 1, None
+            while first_step <= tcfg.steps:  # once, or again from a checkpoint after each guard rollback
+                with prefetch_from(first_step) as prefetcher:  # leaving in any way stops and joins its thread
+                    batches = iter(prefetcher)
+                    for step in range(first_step, tcfg.steps + 1):
+                        clock.start()
+                        _, micro_batches, global_targets, batch = next(batches)
+                        lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
+                        want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
+                        outcome = steps.train_step(step, micro_batches, global_targets, want_layer_norms, batch)
+                        clock.stop()
+                        pending.append((step, outcome))
 
-                    if outcome.applied:
-                        skipped_in_a_row = 0
-                    else:
-                        skipped_in_a_row += 1
-                        result.skipped_steps.append(step)
-                    if progress is not None:
-                        progress.update(1)
-                    if step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied:
-                        outcome = _read_pending(pending, result)
-                        if is_main:
-                            record = _step_record(step, lr, outcome, clock.seconds(), positions)
-                            writer.write(record)
-                            if lines:
-                                seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
-                                print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)),
-                                      flush=True)
+                        if outcome.applied:
+                            skipped_in_a_row = 0
+                        else:
+                            skipped_in_a_row += 1
+                            result.skipped_steps.append(step)
                         if progress is not None:
-                            progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
-                    if not outcome.applied:
-                        _stop_if_skips_must_stop(tcfg, step, outcome, skipped_in_a_row, last_good())
+                            progress.update(1)
+                        if step % tcfg.log_every == 0 or step == tcfg.steps or not outcome.applied:
+                            outcome = _read_pending(pending, result)
+                            if is_main:
+                                record = _step_record(step, lr, outcome, clock.seconds(), positions)
+                                writer.write(record)
+                                if lines:
+                                    seconds_per_step = (time.perf_counter() - loop_started) / (step - start_step)
+                                    print(console_line(record, tcfg.steps, seconds_per_step * (tcfg.steps - step)),
+                                          flush=True)
+                            if progress is not None:
+                                progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
+                        if guard is not None:
+                            decision = guard.after_step(step, outcome.applied)
+                            for event in decision.events:
+                                record_guard_event(event)
+                            if decision.stop is not None:
+                                raise UnstableError(f"{decision.stop} (last checkpoint: {last_good()}).")
+                            if decision.rollback is not None:
+                                rollback = decision.rollback
+                                break
+                        if not outcome.applied:
+                            _stop_if_skips_must_stop(tcfg, step, outcome, skipped_in_a_row, last_good())
 
-                    if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
-                        evaluate(step)
-                    stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
-                    if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
-                        save(step)
-                    if stop_now:
-                        result.stopped_early = True
-                        break
-                    if step != tcfg.steps and steps.any_rank(stop.received is not None or writer.failure is not None):
-                        stop_if_metrics_failed(step)
-                        # Every rank stops here, on whichever rank's signal: save (unless just saved) and leave.
-                        if last_saved != step:
+                        if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
+                            evaluate(step)
+                        stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
+                        if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
                             save(step)
-                        result.stopped_early, result.stop_signal = True, stop.received or "a signal on another rank"
-                        break
+                        if stop_now:
+                            result.stopped_early = True
+                            break
+                        if step != tcfg.steps and steps.any_rank(stop.received is not None or writer.failure is not None):
+                            stop_if_metrics_failed(step)
+                            # Every rank stops here, on whichever rank's signal: save (unless just saved) and leave.
+                            if last_saved != step:
+                                save(step)
+                            result.stopped_early, result.stop_signal = True, stop.received or "a signal on another rank"
+                            break
+                if rollback is None:
+                    break
+                step = roll_back(rollback, pending)
+                first_step, rollback = step + 1, None
+                if progress is not None:
+                    progress.n = step
             if pending:  # left early between logged steps
                 _read_pending(pending, result)
             result.last_step = step

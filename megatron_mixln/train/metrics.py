@@ -62,6 +62,11 @@ class MetricsWriter:
         if self.monitor is not None:
             self.monitor.write_events(monitor_events(record))
 
+    def restart_at(self, step: int) -> None:
+        """The run goes on from `step` again (a guard rollback): TensorBoard hides the later events, as a resume."""
+        if self.enabled:
+            _hide_tensorboard_steps_after(self.monitor, step)
+
     def close(self) -> None:
         pass
 
@@ -94,7 +99,9 @@ def console_line(record: dict[str, Any], total_steps: int, eta_seconds: float | 
     parts.append(f"{record['tokens_per_second']:,.0f} tok/s")
     if "memory_mb" in record:
         parts.append(f"mem {record['memory_mb'] / 1024:.2f} GB (peak {record['peak_memory_mb'] / 1024:.2f} GB)")
-    if record.get("skipped"):
+    if record.get("outlier"):
+        parts.append("SKIPPED (outlier)")
+    elif record.get("skipped"):
         parts.append("SKIPPED (non-finite)")
     if eta_seconds is not None:
         parts.append(f"eta {_duration(eta_seconds)}")

@@ -21,7 +21,7 @@ FREE = {"model.kernels", "model.fused_cross_entropy", "model.init_from", "train.
         "train.tensorboard", "train.wandb", "train.wandb_project", "train.progress_bar", "train.micro_batch_size",
         "parallel.activation_checkpointing", "parallel.pipeline_partition", "parallel.startup_timeout_minutes"}
 # The guard watches the run and may be switched on (or off) at a resume, e.g. after a spike.
-FREE |= {f"guard.{name}" for name in ("action", "window", "sigmas", "warmup_steps", "loss_ceiling", "grad_norm_ceiling",
+FREE |= {f"guard.{name}" for name in ("action", "window", "sigmas", "min_rise", "warmup_steps", "loss_ceiling", "grad_norm_ceiling",
                                        "rollback_outliers", "rollback_within", "skip_batches_before", "lr_factor",
                                        "lr_factor_steps", "max_rollbacks", "collapse_steps", "collapse_tolerance")}
 # The LR schedule and the optimiser's hyper-parameters: carried on with train.resume_changes=allow.

@@ -30,7 +30,10 @@ from megatron_mixln.model import IGNORE_INDEX, layer_index_of
 from megatron_mixln.model.norms import has_embedding_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), int64 [micro_batch, seq_len], on the host
-FAULT_VARIABLE = "MIXLN_TEST_FAULT"  # test-only: "loss@STEP" or "grad@STEP" makes that step non-finite
+# Test-only: "loss@STEP" or "grad@STEP" makes that step non-finite; "batch@B" multiplies the LR of the update made
+# on global batch B by BAD_BATCH_LR_FACTOR (a harmful update tied to the data, whatever step reads it).
+FAULT_VARIABLE = "MIXLN_TEST_FAULT"
+BAD_BATCH_LR_FACTOR = 1e3
 
 
 @dataclass
@@ -44,6 +47,7 @@ class StepResult:
     grad_norm: torch.Tensor | float | None  # global L2 norm of the gradient before clipping
     layer_grad_norms: dict[str, float] = field(default_factory=dict)
     layer_update_norms: dict[str, float] = field(default_factory=dict)  # ||w_after - w_before|| per layer
+    outlier: bool = False  # not applied because the loss-spike guard judged it an outlier (train/guard.py)
 
 
 @dataclass
@@ -87,10 +91,11 @@ def counts_here(param: torch.nn.Parameter) -> bool:
 @dataclass(frozen=True)
 class Fault:
     """Test-only fault switch (MIXLN_TEST_FAULT): make step `step` non-finite through its loss or, with a
-    finite loss, through one gradient. Injected on the last rank only, so every rank must agree to skip."""
+    finite loss, through one gradient (injected on the last rank only, so every rank must agree to skip); or
+    ("batch") make the update on global batch `step` harmful, on every rank."""
 
     kind: str
-    step: int
+    step: int  # the step, or for "batch" the global batch
 
     @staticmethod
     def from_env() -> "Fault | None":
@@ -98,8 +103,8 @@ class Fault:
         if not spec:
             return None
         kind, _, step = spec.partition("@")
-        if kind not in ("loss", "grad") or not step.isdigit():
-            raise ValueError(f"{FAULT_VARIABLE}={spec!r} is invalid: expected loss@STEP or grad@STEP.")
+        if kind not in ("loss", "grad", "batch") or not step.isdigit():
+            raise ValueError(f"{FAULT_VARIABLE}={spec!r} is invalid: expected loss@STEP, grad@STEP or batch@BATCH.")
         return Fault(kind, int(step))
 
 
@@ -124,22 +129,33 @@ class StepEngine:
         self._want_layer_norms = False
         self._layer_norms: dict[str, float] = {}
         self._update_norms: dict[str, float] = {}
+        self.guard = None  # the loss-spike guard (train/guard.py), set by the loop when guard.action is not off
+        self._step_loss: torch.Tensor | None = None  # the global batch's loss, on every rank before the update
+        self._vetoed = False
         # Per-layer norms must read the reduced, unclipped gradients, which exist only between the last backward
         # and the update: both engines pass through _take_model_step there (DeepSpeed 0.19.8).
         take_model_step = engine._take_model_step
 
         def take_model_step_after_reading_gradients(*args, **kwargs):
-            if not self._want_layer_norms:
-                return take_model_step(*args, **kwargs)
-            self._layer_norms = self._read_layer_norms()
-            before = self._local_weights()
-            result = take_model_step(*args, **kwargs)
-            self._update_norms = self._read_update_norms(before)
-            return result
+            global _judge
+            if self.guard is not None:
+                self._step_loss = self._loss_before_update()
+                _judge = self._judge
+            try:
+                if not self._want_layer_norms:
+                    return take_model_step(*args, **kwargs)
+                self._layer_norms = self._read_layer_norms()
+                before = self._local_weights()
+                result = take_model_step(*args, **kwargs)
+                self._update_norms = self._read_update_norms(before)
+                return result
+            finally:
+                _judge = None
 
         engine._take_model_step = take_model_step_after_reading_gradients
         if engine.optimizer is engine.basic_optimizer:  # fp32 ZeRO-0: DeepSpeed hands our optimiser through bare
             engine.optimizer.guard = self._norm_and_clip
+        _let_the_guard_judge_norms()
 
     # ------------------------------------------------------------------ collectives (all on self.device)
     def all_reduce(self, tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -179,28 +195,72 @@ class StepEngine:
         return poison_if_nonfinite(loss)
 
     def train_step(self, step: int, micro_batches: Sequence[Batch], global_targets: int,
-                   want_layer_norms: bool = False) -> StepResult:
-        """Forward, backward and (unless non-finite) the update of optimiser step `step` on this rank's
-        micro-batches; `global_targets` counts target tokens over the whole global batch (all DP ranks)."""
+                   want_layer_norms: bool = False, batch: int | None = None) -> StepResult:
+        """Forward, backward and (unless non-finite, or an outlier the guard vetoes) the update of optimiser step
+        `step` on this rank's micro-batches; `global_targets` counts target tokens over the whole global batch (all
+        DP ranks); `batch` is the global batch the step reads (the step itself unless a rollback skipped some)."""
         if len(micro_batches) != self.micro_batches:
             raise ValueError(f"expected {self.micro_batches} micro-batches per step, got {len(micro_batches)}")
         self._step = step
         self._token_scale = self.micro_batches * self.layout.dp / max(global_targets, 1)
         self._want_layer_norms, self._layer_norms, self._update_norms = want_layer_norms, {}, {}
+        self._vetoed, self._step_loss = False, None
         hook = self._inject_gradient_fault() if self.fault is not None and self.fault.step == step else None
+        bad_batch = self.fault is not None and self.fault.kind == "batch" and self.fault.step == (batch or step)
+        lrs = self._multiply_lr(BAD_BATCH_LR_FACTOR) if bad_batch else None
         try:
             mean_loss = self._forward_backward_update(micro_batches)
         finally:
             if hook is not None:
                 hook.remove()
+            if lrs is not None:
+                self._restore_lr(*lrs)
         applied = bool(self.engine.was_step_applied())  # DeepSpeed decides that on the host
         norm = self.engine.get_global_grad_norm()  # a device tensor under bf16 and ZeRO-1/2/3, else a float
         if isinstance(norm, torch.Tensor):
             norm = norm.detach()
+        if self.guard is not None:
+            judged = self.guard.judgement
+            if applied and judged is None:  # a DeepSpeed whose optimisers no longer ask is_invalid_grad_norm
+                raise RuntimeError("the loss-spike guard was not consulted by the optimiser step: this DeepSpeed "
+                                   "version checks gradient norms elsewhere than the pinned 0.19.8 does")
+            if self._vetoed:
+                norm = judged.grad_norm  # DeepSpeed records inf for a step it skipped; this is the real norm
         return StepResult(loss=mean_loss.detach(), target_tokens=int(global_targets), applied=applied,
                           grad_norm=norm if norm is None or isinstance(norm, torch.Tensor) else float(norm),
                           layer_grad_norms=self._layer_norms if applied else {},
-                          layer_update_norms=self._update_norms if applied else {})
+                          layer_update_norms=self._update_norms if applied else {}, outlier=self._vetoed)
+
+    def _multiply_lr(self, factor: float):
+        groups = self.engine.basic_optimizer.param_groups
+        saved = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] *= factor
+        return groups, saved, [group["lr"] for group in groups]
+
+    @staticmethod
+    def _restore_lr(groups, saved, multiplied) -> None:
+        """Undo _multiply_lr unless the LR schedule has set the next step's LR meanwhile (an applied step)."""
+        for group, old, bad in zip(groups, saved, multiplied):
+            if group["lr"] == bad:
+                group["lr"] = old
+
+    # ------------------------------------------------------------------ the loss-spike guard
+    def _judge(self, norm) -> bool:
+        """Whether the guard vetoes this update, asked where the optimiser checks its gradient norm (first ask of
+        the step decides; a later ask in the same step, e.g. ZeRO-1/2's clipping, gets the same answer). The
+        norm's host read is the optimiser's own; the loss was computed before the norm, so reading it waits for
+        nothing more."""
+        if self.guard.judgement is None:
+            loss = self._step_loss.detach().double()
+            loss, norm = torch.stack([loss, torch.as_tensor(norm).to(loss.device, torch.float64)]).tolist()
+            judgement = self.guard.judge(loss, norm)
+            self._vetoed = judgement.outlier and self.guard.vetoes
+        return self._vetoed
+
+    def _loss_before_update(self) -> torch.Tensor:
+        """The global batch's objective as the engine reports it, on every rank, before the update."""
+        raise NotImplementedError
 
     def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         """Run the step; return the objective averaged as DeepSpeed averages it (over micro-batches and DP)."""
@@ -266,6 +326,8 @@ class StepEngine:
         gradients; clips them to train.grad_clip when it is finite."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = math.sqrt(self._squared_norms(self._counted_gradients(lambda p: p.grad)).sum().item())
+        if math.isfinite(norm) and _judge is not None and _judge(norm):
+            return math.inf  # a vetoed outlier takes the non-finite path (GuardedStep skips it)
         if math.isfinite(norm) and self.config.train.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.config.train.grad_clip,
                                                  torch.tensor(norm, device=self.device))
@@ -318,14 +380,19 @@ class MicroBatchSteps(StepEngine):
 
     def _forward_backward_update(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for inputs, labels in micro_batches:
+        for index, (inputs, labels) in enumerate(micro_batches):
             inputs = inputs.to(self.device, non_blocking=True)  # from pinned memory on a GPU: an async copy
             labels = labels.to(self.device, non_blocking=True)
             loss = self.objective(self.engine(inputs, labels), labels)
             self.engine.backward(loss)
-            self.engine.step()
             total += loss.detach().float()
-        return self.all_reduce(total, group=self.layout.dp_group) / (self.micro_batches * self.layout.dp)
+            if index == len(micro_batches) - 1:  # the global loss exists before the update, for the guard
+                self._mean_loss = self.all_reduce(total, group=self.layout.dp_group) / (self.micro_batches * self.layout.dp)
+            self.engine.step()
+        return self._mean_loss
+
+    def _loss_before_update(self) -> torch.Tensor:
+        return self._mean_loss
 
     def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
         total = loss_sum(self.module, batches, self.device)
@@ -352,10 +419,44 @@ class PipelineSteps(StepEngine):
         # DeepSpeed's mean over micro-batches and DP ranks, broadcast from the last stage to every stage.
         return self.engine.train_batch(iter(micro_batches)).float()
 
+    def _loss_before_update(self) -> torch.Tensor:
+        """DeepSpeed broadcasts the loss after the schedule, the update included; the guard needs it before: the
+        last stage's sum over its micro-batches (`total_loss`), as a mean over micro-batches and DP replicas, summed
+        over the world from the last stage's TP rank 0 of each replica (one all-reduce of one scalar)."""
+        share = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.layout.is_last_stage and self.tp.rank == 0:
+            share += self.engine.total_loss.detach().float() / (self.micro_batches * self.layout.dp)
+        return self.all_reduce(share)
+
     def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
         # eval_batch averages the loss sums over micro-batches and DP ranks and broadcasts it to every stage.
         mean = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
         return mean.float() * (len(batches) * self.layout.dp)
+
+
+# The guard's judge for the optimiser step under way (StepEngine._judge), or None: DeepSpeed's optimisers ask it
+# through their is_invalid_grad_norm check (see _let_the_guard_judge_norms); GuardedStep through _norm_and_clip.
+_judge: Callable[[object], bool] | None = None
+
+
+def _let_the_guard_judge_norms() -> None:
+    """Wrap `is_invalid_grad_norm` where DeepSpeed 0.19.8's bf16, ZeRO-1/2 and ZeRO-3 optimisers call it, right
+    after computing the global gradient norm and before any update (bf16_optimizer.step, stage_1_and_2.step,
+    stage3.step): an outlier the guard vetoes is then an invalid norm, skipped by DeepSpeed's own path. Outside a
+    guarded step (`_judge` None) the check is DeepSpeed's alone. Idempotent."""
+    from deepspeed.runtime import bf16_optimizer
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    for module in (bf16_optimizer, stage_1_and_2, stage3):
+        check = module.is_invalid_grad_norm
+        if getattr(check, "asks_the_guard", False):
+            continue
+
+        def invalid_or_vetoed(norm, check=check) -> bool:
+            return check(norm) or (_judge is not None and _judge(norm))
+
+        invalid_or_vetoed.asks_the_guard = True
+        module.is_invalid_grad_norm = invalid_or_vetoed
 
 
 def squared_change(old: torch.Tensor, new: torch.Tensor, device: torch.device) -> torch.Tensor:
