@@ -16,7 +16,8 @@ from megatron_mixln.model.linear_cross_entropy import linear_cross_entropy_sum
 from megatron_mixln.model.norms import DEEPNORM, RMSNorm, deepnorm_init_gain, has_embedding_norm
 from megatron_mixln.parallel.mappings import copy_to_tensor_parallel
 from megatron_mixln.parallel.tensor_parallel import (NO_TP, ColumnParallelLinear, TensorParallel,
-                                                     VocabParallelEmbedding, loss_dtype, vocab_parallel_token_losses)
+                                                     VocabParallelEmbedding, log_partition_summary, loss_dtype,
+                                                     vocab_parallel_token_losses)
 
 IGNORE_INDEX = -100
 
@@ -56,21 +57,56 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
     The loss is computed in this module's forward, so ZeRO-3, which gathers a parameter only while its own
     module runs, gathers the head's weight for it.
+
+    `z_loss` (set from `train.z_loss` by `set_z_loss`; 0 = off): in training mode each target token's loss adds
+    z_loss * (log Z)^2, log Z the logsumexp of its logits over the whole vocabulary (PaLM's z-loss). In eval mode
+    the loss is the pure cross-entropy, so held-out losses do not depend on it.
+
+    `record_log_partition` (telemetry; off by default): while True, every forward given labels overwrites
+    `log_partition_stats` with a float64 device tensor [sum of log Z, max of log Z, number of targets] over this
+    forward's target tokens (max -inf without one), in train and eval mode alike, without a host sync. The
+    statistics cover the whole vocabulary, so every TP rank of a replica holds the same values; across
+    data-parallel ranks all-reduce sum and count with SUM and max with MAX (over the DP group: under pipeline
+    parallelism only the last stage holds a head, see `log_partition_modules`). Only the latest forward's
+    tokens are held, e.g. the last micro-batch of a step.
     """
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__(config.hidden_size, config.vocab_size, tp)
         self.fused = config.fused_cross_entropy
+        self.z_loss = 0.0
+        self.record_log_partition = False
+        self.log_partition_stats: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return super().forward(x)
+        z_loss = self.z_loss if self.training else 0.0
+        record = self.record_log_partition
         if not self.fused:
-            return token_losses(super().forward(x), labels, self.tp).sum()
-        group = self.tp.group if self.tp.size > 1 else None
-        if group is not None:
-            x = copy_to_tensor_parallel(x, group)  # its backward sums the ranks' partial input gradients
-        return linear_cross_entropy_sum(x, self.weight, labels, self.tp.rank * self.weight.shape[0], group)
+            losses = token_losses(super().forward(x), labels, self.tp, z_loss, with_log_partition=record)
+        else:
+            group = self.tp.group if self.tp.size > 1 else None
+            if group is not None:
+                x = copy_to_tensor_parallel(x, group)  # its backward sums the ranks' partial input gradients
+            losses = linear_cross_entropy_sum(x, self.weight, labels, self.tp.rank * self.weight.shape[0], group,
+                                              z_loss=z_loss, with_log_partition=record)
+        if record:
+            losses, self.log_partition_stats = losses
+        return losses.sum()
+
+
+def log_partition_modules(module: nn.Module) -> list[VocabParallelLMHead]:
+    """The LM heads inside `module` (a whole model, a pipeline stage or a DeepSpeed engine's module): the modules
+    whose `record_log_partition` / `log_partition_stats` the telemetry sets and reads (see VocabParallelLMHead).
+    Empty for a pipeline stage without the head; one entry otherwise."""
+    return [m for m in module.modules() if isinstance(m, VocabParallelLMHead)]
+
+
+def set_z_loss(module: nn.Module, coefficient: float) -> None:
+    """Give every LM head in `module` the z-loss coefficient (`train.z_loss`; 0 = off)."""
+    for head in log_partition_modules(module):
+        head.z_loss = float(coefficient)
 
 
 class LMHead(nn.Module):
@@ -200,16 +236,25 @@ class MixLNForCausalLM(nn.Module):
         return [layer.placement for layer in self.model.layers]
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP, z_loss: float = 0.0,
+                 with_log_partition: bool = False):
     """Per-position cross-entropy (fp32; float64 for a float64 model), 0 where the label is IGNORE_INDEX; labels
     are already shifted.
 
-    Under tensor parallelism `logits` is this rank's vocabulary slice and the loss is vocab-parallel.
+    Under tensor parallelism `logits` is this rank's vocabulary slice and the loss is vocab-parallel. `z_loss` adds
+    z_loss * (log Z)^2 per target (log Z: logsumexp over the whole vocabulary), through the vocab-parallel loss's
+    hand-written gradient at any TP size. `with_log_partition`: returns (losses, the float64 [sum, max, count] of
+    log Z over the targets) instead.
     """
-    if tp.size > 1:
-        return vocab_parallel_token_losses(logits, labels, tp)
-    return F.cross_entropy(logits.to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="none")
+    if tp.size > 1 or z_loss:
+        return vocab_parallel_token_losses(logits, labels, tp, z_loss, with_log_partition)
+    losses = F.cross_entropy(logits.to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    if not with_log_partition:
+        return losses
+    # Telemetry only: one more pass over the logits, leaving the loss exactly as without it.
+    log_partition = torch.logsumexp(logits.detach().to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1]), -1)
+    return losses, log_partition_summary(log_partition, labels.reshape(-1) != IGNORE_INDEX)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:

@@ -8,6 +8,7 @@ gains are sharded like the q/k/v columns they scale (`ColumnParallelRMSNorm`, mo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,13 +116,15 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group=None):
+def cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group=None,
+                        z_loss: float = 0.0):
     """Per-row cross-entropy of fp32 (or float64) `logits` [rows, local vocab] and what its gradient needs.
 
     With a `group`, the logits are this rank's vocabulary slice starting at `vocab_start`, and the statistics
     take three all-reduces (max, target logit, sum of exp; Megatron's vocab-parallel cross-entropy). Returns
-    (loss [rows], softmax [rows, local vocab], safe local labels, whether this rank holds each label); the
-    gradient of the loss with respect to the logits is softmax - onehot(label) on the rank that holds it.
+    (loss [rows], softmax [rows, local vocab], safe local labels, whether this rank holds each label, log Z [rows]),
+    log Z being the logsumexp of the row over the whole vocabulary (every rank's slice). With `z_loss`, the loss
+    adds PaLM's z-loss z_loss * (log Z)^2. `loss_gradient` turns these into d loss / d logits.
     """
     local_vocab = logits.shape[-1]
     row_max = logits.max(dim=-1).values
@@ -137,39 +140,67 @@ def cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor, vocab_start:
     if group is not None:
         dist.all_reduce(target, group=group)
         dist.all_reduce(sum_exp, group=group)
-    return sum_exp.log() - target, exp.div_(sum_exp.unsqueeze(-1)), safe_labels, mine
+    log_sum_exp = sum_exp.log()
+    loss = log_sum_exp - target
+    log_partition = row_max + log_sum_exp
+    if z_loss:
+        loss = loss + z_loss * log_partition.square()
+    return loss, exp.div_(sum_exp.unsqueeze(-1)), safe_labels, mine, log_partition
 
 
-def softmax_minus_onehot(softmax: torch.Tensor, safe_labels: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-    """d loss / d logits from `cross_entropy_parts`' outputs, in place on `softmax`."""
+def loss_gradient(softmax: torch.Tensor, safe_labels: torch.Tensor, mine: torch.Tensor, log_partition: torch.Tensor,
+                  z_loss: float = 0.0) -> torch.Tensor:
+    """d loss / d logits from `cross_entropy_parts`' outputs, in place on `softmax`: softmax - onehot(label) (on the
+    rank that holds the label), plus the z-loss's 2 z_loss log Z softmax."""
+    if z_loss:
+        softmax.mul_((1 + 2 * z_loss * log_partition).unsqueeze(-1))
     return softmax.scatter_add_(-1, safe_labels.unsqueeze(-1), -mine.to(softmax.dtype).unsqueeze(-1))
 
 
+def log_partition_summary(log_partition: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """float64 [sum, max, count] of log Z over the rows where `keep` (max -inf where there is none), on the device:
+    masks, not boolean indexing, which would wait for the device to learn the count."""
+    values = log_partition.detach().double()
+    return torch.stack([(values * keep).sum(), values.masked_fill(~keep, -math.inf).max(), keep.sum().double()])
+
+
+def merge_log_partition_summaries(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The summary of two row sets from theirs: sums and counts add, the max is the larger."""
+    return torch.stack([a[0] + b[0], torch.maximum(a[1], b[1]), a[2] + b[2]])
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy from vocab-sharded logits with three all-reduces (max, target logit, sum of exp)."""
+    """Per-token cross-entropy (+ z-loss) from vocab-sharded logits with three all-reduces (max, target logit, sum
+    of exp); also returns log Z per token, which carries no gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group):
-        loss, softmax, safe_labels, mine = cross_entropy_parts(logits.to(loss_dtype(logits.dtype)), labels,
-                                                               vocab_start, group)
-        ctx.save_for_backward(softmax, safe_labels, mine)
-        return loss
+    def forward(ctx, logits, labels, vocab_start, group, z_loss):
+        loss, softmax, safe_labels, mine, log_partition = cross_entropy_parts(
+            logits.to(loss_dtype(logits.dtype)), labels, vocab_start, group, z_loss)
+        ctx.save_for_backward(softmax, safe_labels, mine, log_partition)
+        ctx.z_loss = z_loss
+        ctx.mark_non_differentiable(log_partition)
+        return loss, log_partition
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, safe_labels, mine = ctx.saved_tensors
-        grad = softmax_minus_onehot(softmax.clone(), safe_labels, mine)
-        return grad * grad_loss.unsqueeze(-1), None, None, None
+    def backward(ctx, grad_loss, grad_log_partition):
+        softmax, safe_labels, mine, log_partition = ctx.saved_tensors
+        grad = loss_gradient(softmax.clone(), safe_labels, mine, log_partition, ctx.z_loss)
+        return grad * grad_loss.unsqueeze(-1), None, None, None, None
 
 
-def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """Per-position cross-entropy, 0 where the label is IGNORE_INDEX; logits [..., vocab / tp] are this rank's
-    vocabulary slice, never gathered."""
+def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel,
+                                z_loss: float = 0.0, with_log_partition: bool = False):
+    """Per-position cross-entropy (+ `z_loss` (log Z)^2), 0 where the label is IGNORE_INDEX; logits [..., vocab / tp]
+    are this rank's vocabulary slice, never gathered (TP size 1: the whole vocabulary, no collective).
+    `with_log_partition`: returns (losses, the float64 [sum, max, count] of log Z over the targets) instead."""
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
     keep = flat_labels != IGNORE_INDEX
-    per_token = _VocabParallelCrossEntropy.apply(flat_logits, flat_labels.masked_fill(~keep, 0),
-                                                 tp.rank * logits.shape[-1], tp.group)
+    per_token, log_partition = _VocabParallelCrossEntropy.apply(flat_logits, flat_labels.masked_fill(~keep, 0),
+                                                                tp.rank * logits.shape[-1], tp.group, z_loss)
+    if with_log_partition:
+        return per_token * keep, log_partition_summary(log_partition, keep)
     return per_token * keep
 
 

@@ -151,7 +151,7 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     from megatron_mixln.model import ops
     from megatron_mixln.model.hf import init_from_applies, load_init_from
     from megatron_mixln.model.llama import (MixLNForCausalLM, compile_decoder_layers, gather_whole_layers_under_zero3,
-                                            initialize_weights)
+                                            initialize_weights, set_z_loss)
     from megatron_mixln.model.stages import build_pipeline
     from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
     from megatron_mixln.train.export import gathered
@@ -174,6 +174,7 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
         if config.parallel.zero_stage == 3:
             gather_whole_layers_under_zero3(model)
     mark_norm_owners(model, layout.tensor_parallel)
+    set_z_loss(model, config.train.z_loss)  # the head adds it in training (under PP: the last stage's head)
     return model
 
 
