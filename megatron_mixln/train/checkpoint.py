@@ -734,7 +734,19 @@ def load_checkpoint(engine, folder: str | Path) -> dict[str, Any]:
                                       f"); {way_on}.", "another data-parallel size")
     if (problem := _agree(problem)) is not None:
         raise _damaged(problem, folder)
+    _relink_optimizer_states(engine.optimizer)
     return state
+
+
+def _relink_optimizer_states(optimizer) -> None:
+    """After a load into an engine that has already stepped (a guard rollback): DeepSpeed 0.19.8's bf16 and
+    ZeRO-1/2 optimisers re-link each parameter's fp32 fragment when they load optimiser states
+    (`_link_all_hp_params`), which drops the fragment's link to the Adam moments, but they leave
+    `_hp_optimizer_states_linked` set, so the moments are never linked again and safe_get_full_optimizer_state (the
+    export) fails. A fresh engine has not linked them yet and links them at its first step, as before."""
+    if getattr(optimizer, "_hp_optimizer_states_linked", False):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def load_latest_intact(engine, out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
