@@ -33,7 +33,7 @@ STEPS = 26
 GUARD = ["guard.window=6", "guard.warmup_steps=6", "guard.sigmas=6", "guard.rollback_outliers=2",
          "guard.rollback_within=5", "guard.skip_batches_before=2"]
 RUN = [f"train.steps={STEPS}", "train.save_every=3", "train.keep_checkpoints=1", "train.lr=1e-3",
-       "train.layer_grad_norm_every=0", "train.eval_sequences=8"]
+       "train.micro_batch_size=2", "train.layer_grad_norm_every=0", "train.eval_sequences=8"]
 # What the rollback must do with those settings: outliers at steps 15 and 16 (the loss after the bad update), so
 # the batches of steps 13-16 are skipped and the newest checkpoint before step 13 (step 12) is reloaded. The save at
 # step 15 would prune step 12 (train.keep_checkpoints=1) but for the guard's way back.
@@ -227,8 +227,12 @@ def test_rollback_reloads_skips_the_window_and_ends_as_a_run_that_never_read_it(
     records = read_metrics(out / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r and "event" not in r]
     assert steps == list(range(1, STEPS + 1))  # each step once: the discarded ones were moved aside
-    discarded = [r["step"] for r in read_metrics(out / DISCARDED_FILE) if "event" not in r]
-    assert discarded == list(range(BACK_TO + 1, BAD_BATCH + 3))
+    discarded = read_metrics(out / DISCARDED_FILE)
+    assert [r["step"] for r in discarded if "lr" in r] == list(range(BACK_TO + 1, BAD_BATCH + 3))
+    # telemetry in full at each event step (train.telemetry_every=0 here), set aside with the steps it measured
+    telemetry = [r for r in discarded if r.get("telemetry")]
+    assert [r["step"] for r in telemetry] == [BAD_BATCH + 1, BAD_BATCH + 2]
+    assert set(telemetry[0]["activation_rms"]) >= {"layer_000", "layer_003"}
     assert any(r.get("event") == "rollback" for r in records)
     state = ckpt.read_json(ckpt.latest_checkpoint(out) / ckpt.STATE_FILE, "")
     assert state["guard"]["skipped_batches"] == [SKIPPED] and state["guard"]["rollbacks"] == 1

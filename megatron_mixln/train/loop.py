@@ -28,6 +28,7 @@ from megatron_mixln.train.metrics import (DISCARDED_FILE, METRICS_FILE, MetricsW
                                           discard_metrics_after, plot_loss_curve, read_metrics)
 from megatron_mixln.train.signals import StopRequests
 from megatron_mixln.train.step import EvalResult, StepEngine, StepResult, make_step_engine
+from megatron_mixln.train.telemetry import measure, telemetry_due
 
 
 class NonFiniteError(RuntimeError):
@@ -543,7 +544,9 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                         clock.start()
                         _, micro_batches, global_targets, batch = next(batches)
                         lr = scheduler.get_last_lr()[0]  # the LR this step's update applies
-                        want_layer_norms = bool(tcfg.layer_grad_norm_every and step % tcfg.layer_grad_norm_every == 0)
+                        telemetry = telemetry_due(tcfg, step)  # its update-to-weight ratios need the update norms
+                        want_layer_norms = telemetry or bool(tcfg.layer_grad_norm_every
+                                                             and step % tcfg.layer_grad_norm_every == 0)
                         outcome = steps.train_step(step, micro_batches, global_targets, want_layer_norms, batch)
                         clock.stop()
                         pending.append((step, outcome))
@@ -566,8 +569,10 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                                           flush=True)
                             if progress is not None:
                                 progress.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
-                        if guard is not None:
-                            decision = guard.after_step(step, outcome.applied)
+                        decision = guard.after_step(step, outcome.applied) if guard is not None else None
+                        if telemetry or (decision is not None and decision.events):  # in full at every event
+                            writer.write({"step": step, **measure(steps, micro_batches, outcome)})
+                        if decision is not None:
                             for event in decision.events:
                                 record_guard_event(event)
                             if decision.stop is not None:
