@@ -308,8 +308,9 @@ def _steps_list(text: str) -> list[int]:
 def _analyze_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixln-analyze", description=(
         "The paper's analyses of one or more runs (docs/method.md#analyses): angular distance between layers, "
-        "the held-out loss with each layer removed, gradient norm by depth and the loss curves, as PNG figures, "
-        "analysis.json and report.md; several runs are overlaid in each figure."))
+        "the held-out loss with each layer removed, gradient norm by depth and the loss curves (with the loss-spike "
+        "guard's events marked), the stability telemetry (train.telemetry_every) by layer and step "
+        "(docs/stability.md), as PNG figures, analysis.json and report.md; several runs are overlaid in each figure."))
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="a run folder (its export, else its latest checkpoint), an export folder (mixln-export, "
                              "with or without --hf) or a checkpoint folder")
