@@ -6,6 +6,10 @@ them (held-out perplexity, per-layer gradient norms, angular distance, layer rem
 runs a short learning-rate sweep per placement (the largest LR that trains without diverging, and the per-layer
 gradient and update norms where a run diverges), and writes a markdown report with figures and a JSON of every
 number. Runs go to <out>/runs and <out>/sweep; a run that finished is not trained again, so the command resumes.
+
+With --guard-sweep it runs the loss-spike guard study instead (studies/cpu_guard/): the LR sweep's unstable
+(placement, LR) pairs with the guard off, skipping and rolling back, over seeds, with stability telemetry, into
+<out>/guard/<placement>-lr<lr>-<action>-s<seed> (study_report.guard_report writes its report).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ PLACEMENTS = ("pre", "post", "mix", "lns", "peri")
 EMBED_INITS = {"default": "false", "scaled": "true"}  # model.scaled_embed_init
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 # A finished study holds study.json; one stopped part-way (it resumes) holds the runs it began.
-STUDY_OUTPUT = OutputKind("study", (("study.json",), ("runs",)))
+STUDY_OUTPUT = OutputKind("study", (("study.json",), ("runs",), ("guard",)))
 # Two-sided 5 % points of Student's t by degrees of freedom: |Welch t| above the one for 2 (seeds - 1) degrees
 # of freedom is called outside the seed-to-seed spread (4 for two groups of three seeds: 2.78).
 T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
@@ -104,32 +108,94 @@ def welch_t(a: list[float], b: list[float]) -> float:
     return (ma - mb) / scale if scale > 0 else (0.0 if ma == mb else math.copysign(math.inf, ma - mb))
 
 
+# ---------------------------------------------------------------------------------------------------- outcome
+# The sweep's outcome of one run (docs/study.md "How a run is classified"). A spike: the loss rises this many
+# nats above its lowest so far (batch-to-batch noise at this scale is a tenth of a nat).
+SPIKE_RISE = 1.0
+# Recovered: by the end the loss is back to within this many nats of its lowest before the spike.
+RECOVERY_MARGIN = 0.1
+# Trained at all: the end is this many nats below the start (the unigram level is 1.4 nats below ln(4096)).
+MIN_PROGRESS = 0.5
+# Stuck at the uniform distribution: the end within this many nats of ln(vocab).
+UNIFORM_MARGIN = 0.1
+OUTCOMES = ("trained", "recovered", "diverged")
+
+
+def _loss(record: dict) -> float:
+    value = record.get("loss")
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def classify(records: list[dict], vocab_size: int | None = None, planned_steps: int | None = None) -> dict:
+    """The outcome of one run from its step records (metrics.jsonl: each kept step once), one of:
+
+    - ``diverged``: a broken run. Any of: a non-finite loss in the last tenth of the steps; fewer steps than
+      `planned_steps` (the run stopped); the final loss (mean of the last tenth of the steps, at least one) not
+      MIN_PROGRESS nats below the start (mean of the first five); the final loss within UNIFORM_MARGIN of
+      ln(`vocab_size`); or a spike (below) it did not come back from: the final loss more than RECOVERY_MARGIN
+      above the lowest loss before its first spike.
+    - ``recovered``: not diverged, after at least one spike: a step whose loss is non-finite or more than
+      SPIKE_RISE nats above the lowest loss of the steps before it.
+    - ``trained``: neither.
+
+    Returns {"outcome", "first_spike" (step or None), "spikes" (steps that start a spike), "peak" (the highest
+    finite loss from the first spike on, or None), "pre_spike_best", "start", "final", "diverged_at" (the step
+    a diverged run went wrong at: its first spike, its first non-finite step in the last tenth, or its last
+    step), "reason"}.
+    """
+    steps = [r for r in records if "loss" in r and isinstance(r.get("step"), int)]
+    out = {"outcome": "trained", "first_spike": None, "spikes": [], "peak": None, "pre_spike_best": None,
+           "start": None, "final": None, "diverged_at": None, "reason": ""}
+    if not steps:
+        return {**out, "outcome": "diverged", "reason": "no step records"}
+    losses = [_loss(r) for r in steps]
+    lowest, in_spike = math.inf, False
+    for record, loss in zip(steps, losses):
+        rising = not math.isfinite(loss) or loss > lowest + SPIKE_RISE
+        if rising and not in_spike:
+            out["spikes"].append(record["step"])
+            if out["first_spike"] is None:
+                out["first_spike"], out["pre_spike_best"] = record["step"], lowest
+        in_spike = rising
+        if math.isfinite(loss):
+            lowest = min(lowest, loss)
+    if out["first_spike"] is not None:
+        after = [loss for r, loss in zip(steps, losses) if r["step"] >= out["first_spike"] and math.isfinite(loss)]
+        out["peak"] = max(after) if after else None
+    head = [loss for loss in losses[:5] if math.isfinite(loss)]
+    tail_records = steps[-max(1, len(steps) // 10):]
+    tail = [_loss(r) for r in tail_records]
+    out["start"] = statistics.fmean(head) if head else None
+    out["final"] = statistics.fmean(tail) if all(map(math.isfinite, tail)) else math.nan
+
+    def broken(step: int, reason: str) -> dict:
+        return {**out, "outcome": "diverged", "diverged_at": step, "reason": reason}
+
+    bad_tail = next((r["step"] for r, loss in zip(tail_records, tail) if not math.isfinite(loss)), None)
+    if bad_tail is not None:
+        return broken(bad_tail, "a non-finite loss in the last tenth of the steps")
+    if planned_steps is not None and steps[-1]["step"] < planned_steps:
+        return broken(steps[-1]["step"], f"stopped at step {steps[-1]['step']} of {planned_steps}")
+    if out["start"] is None or out["final"] > out["start"] - MIN_PROGRESS:
+        return broken(steps[-1]["step"], f"the final loss is not {MIN_PROGRESS} nats below the start")
+    if vocab_size and abs(out["final"] - math.log(vocab_size)) <= UNIFORM_MARGIN:
+        return broken(steps[-1]["step"], "the final loss is at ln(vocab): the uniform distribution")
+    if out["first_spike"] is not None:
+        if not math.isfinite(out["pre_spike_best"]) or out["final"] > out["pre_spike_best"] + RECOVERY_MARGIN:
+            return broken(out["first_spike"], "the loss did not come back to its level before the spike")
+        return {**out, "outcome": "recovered", "reason": "spiked, then came back below its level before the spike"}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- sweep
 def sweep_runs(out: Path, placements, lrs) -> list[tuple[str, float, Path]]:
     return [(p, lr, out / "sweep" / f"{p}-lr{lr:g}") for p in placements for lr in lrs]
 
 
-def divergence(records: list[dict]) -> int | None:
-    """The first step at which a run diverged, or None: a skipped (non-finite) update, a loss more than one nat
-    above the lowest so far, or no progress at all (the last tenth of steps no lower than the first five)."""
-    steps = [r for r in records if "loss" in r]
-    lowest = math.inf
-    for record in steps:
-        loss = record["loss"] if isinstance(record["loss"], (int, float)) else math.nan
-        if record.get("skipped") or not math.isfinite(loss) or loss > lowest + 1.0:
-            return record["step"]
-        lowest = min(lowest, loss)
-    if len(steps) >= 20:
-        head = statistics.fmean(r["loss"] for r in steps[:5])
-        tail = statistics.fmean(r["loss"] for r in steps[-max(1, len(steps) // 10):])
-        if tail >= head:
-            return steps[-1]["step"]
-    return None
-
-
 def run_sweep(out: Path, config: str, overrides: list[str], placements, lrs, steps: int, jobs: int) -> dict:
-    """Short runs per (placement, LR); the largest LR each placement trains at without diverging, and the
-    per-layer gradient and update norms at the step its first diverging run went wrong."""
+    """Short runs per (placement, LR), each classified (`classify`); the largest LR each placement trains at
+    without diverging, and the per-layer gradient and update norms at the step where its first run that spiked
+    or diverged went wrong."""
     runs = sweep_runs(out, placements, lrs)
     todo = [(p, lr, folder) for p, lr, folder in runs if not (folder / "metrics.jsonl").is_file()
             or not any(r.get("peak_memory_mb_per_rank") for r in metrics(folder))]
@@ -151,15 +217,103 @@ def run_sweep(out: Path, config: str, overrides: list[str], placements, lrs, ste
             if p != placement:
                 continue
             records = metrics(folder)
-            at = divergence(records)
+            outcome = classify(records, planned_steps=steps)
+            at = outcome["diverged_at"] if outcome["outcome"] == "diverged" else outcome["first_spike"]
             losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
-            rows.append({"lr": lr, "diverged_at": at, "final_loss": losses[-1] if losses else None,
+            rows.append({"lr": lr, "outcome": outcome["outcome"], "diverged_at": outcome["diverged_at"],
+                         "first_spike": outcome["first_spike"], "final_loss": losses[-1] if losses else None,
                          "norms": _norms_at(records, at) if at is not None else None})
-        stable = [row["lr"] for row in rows if row["diverged_at"] is None]
-        first_bad = next((row for row in sorted(rows, key=lambda r: r["lr"]) if row["diverged_at"] is not None), None)
+        stable = [row["lr"] for row in rows if row["outcome"] != "diverged"]
+        # The first LR (ascending) whose run spiked or diverged: its norms are the report's.
+        first_bad = next((row for row in sorted(rows, key=lambda r: r["lr"]) if row["outcome"] != "trained"), None)
         result["placements"][placement] = {"runs": rows, "max_stable_lr": max(stable) if stable else None,
                                            "first_divergence": first_bad}
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- guard sweep
+GUARD_ACTIONS = ("off", "skip", "rollback")
+# The guard's settings for a 100-step run (docs/study.md "The guard study"): the defaults (a 50-step window and
+# warm-up) would judge nothing before step 50, and the sweep's spikes came at steps 8 to 20. A window of 8
+# fills by step 8; two outliers within 8 steps roll back to a checkpoint saved every 4 steps (two kept: the
+# guard keeps its way back itself), skipping the trouble's batches and 4 before them, at half the LR for the
+# next 20 updates (a fifth of the run) so the replay does not walk into the same spike.
+GUARD_OVERRIDES = ("guard.window=8", "guard.warmup_steps=8")
+ROLLBACK_OVERRIDES = ("guard.rollback_outliers=2", "guard.rollback_within=8", "guard.skip_batches_before=4",
+                      "train.save_every=4", "train.keep_checkpoints=2", "guard.lr_factor=0.5",
+                      "guard.lr_factor_steps=20")
+# Every guard run: loss every step, telemetry every other step (one extra forward each), the held-out loss at
+# the end, non-finite updates skipped as in the LR sweep.
+GUARD_RUN_OVERRIDES = ("train.log_every=1", "train.telemetry_every=2", "train.eval_sequences=128",
+                       "train.on_nonfinite=skip", "train.max_consecutive_skips=3", "train.layer_grad_norm_every=0")
+GUARD_EXIT = "study_exit.json"  # written when a guard run's process ends: the run is not trained again
+
+
+@dataclass(frozen=True)
+class GuardRun:
+    placement: str
+    lr: float
+    action: str
+    seed: int
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def parse_guard_lrs(values: list[str], placements) -> list[tuple[str, float]]:
+    """`--guard-lrs` values: `1e-2` (every placement) or `mix=1e-2` (that placement only) -> (placement, lr)."""
+    pairs = []
+    for value in values:
+        placement, _, lr = value.rpartition("=")
+        try:
+            rate = float(lr)
+        except ValueError:
+            rate = math.nan
+        if not rate > 0 or (placement and placement not in placements):
+            raise ValueError(f"--guard-lrs {value} is invalid: expected a positive learning rate, or PLACEMENT=LR "
+                             f"with PLACEMENT one of --guard-placements ({', '.join(placements)})")
+        pairs += [(p, rate) for p in ([placement] if placement else placements) if (p, rate) not in pairs]
+    return pairs
+
+
+def guard_grid(out: Path, pairs, actions, seeds) -> list[GuardRun]:
+    """Seed by seed, so a study cut short has every (placement, LR, action) at the same seeds."""
+    return [GuardRun(p, lr, a, s, out / "guard" / f"{p}-lr{lr:g}-{a}-s{s}")
+            for s in seeds for p, lr in pairs for a in actions]
+
+
+def guard_overrides(action: str) -> list[str]:
+    """The guard's settings for one action (GUARD_OVERRIDES; the rollback's need checkpoints)."""
+    if action == "off":
+        return ["guard.action=off"]
+    return [f"guard.action={action}", *GUARD_OVERRIDES, *(ROLLBACK_OVERRIDES if action == "rollback" else ())]
+
+
+def run_guard_sweep(runs: list[GuardRun], config: str, overrides: list[str], steps: int, jobs: int) -> dict:
+    """Train every guard run whose process has not ended yet, `jobs` at a time, one thread each; returns run
+    name -> exit status (also of runs trained before, from their GUARD_EXIT)."""
+    import json
+    import time
+
+    todo = [run for run in runs if not (run.folder / GUARD_EXIT).is_file()]
+    print(f"study: {len(runs) - len(todo)} of {len(runs)} guard runs already done; training {len(todo)}", flush=True)
+
+    def one(run: GuardRun) -> None:
+        began = time.monotonic()
+        status = mixln_train(config, [*GUARD_RUN_OVERRIDES, *guard_overrides(run.action), *overrides,
+                                      f"train.steps={steps}", f"model.norm_placement={run.placement}",
+                                      f"train.lr={run.lr}", f"train.seed={run.seed}", f"train.out_dir={run.folder}"],
+                             run.folder / "train.log")
+        seconds = time.monotonic() - began
+        (run.folder / GUARD_EXIT).write_text(json.dumps({"exit": status, "seconds": round(seconds, 1)}) + "\n")
+        print(f"study: guard {run.name}: exit {status} after {seconds:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, todo))
+    return {run.name: json.loads((run.folder / GUARD_EXIT).read_text())
+            for run in runs if (run.folder / GUARD_EXIT).is_file()}
 
 
 def _norms_at(records: list[dict], step: int) -> dict:
@@ -188,6 +342,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-steps", type=int, default=150)
     parser.add_argument("--sweep-placements", nargs="+", help="placements the sweep runs (default: --placements)")
     parser.add_argument("--sequences", type=int, default=128, help="held-out sequences for the analyses")
+    parser.add_argument("--guard-sweep", action="store_true",
+                        help="run the loss-spike guard study instead of the placement grid and LR sweep: each "
+                             "--guard-placements x --guard-lrs x --guard-actions x --guard-seeds run, then its report")
+    parser.add_argument("--guard-placements", nargs="+", default=["pre", "mix"])
+    parser.add_argument("--guard-lrs", nargs="+", default=["mix=3e-3", "mix=1e-2", "pre=3e-2", "pre=1e-1"],
+                        help="LR for every guard placement (1e-2), or for one (mix=1e-2); default: where the "
+                             "committed LR sweep spiked or diverged")
+    parser.add_argument("--guard-actions", nargs="+", default=list(GUARD_ACTIONS), choices=["off", "warn", "skip",
+                                                                                            "rollback"])
+    parser.add_argument("--guard-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--guard-steps", type=int, default=100, help="steps per guard run (default 100, as the "
+                                                                     "committed LR sweep)")
     parser.add_argument("overrides", nargs="*", help="section.field=value for every run, e.g. train.steps=300")
     args = parser.parse_intermixed_args(argv)
     args.command = "mixln-study " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
@@ -195,10 +361,18 @@ def main(argv=None) -> int:
     from megatron_mixln.study_report import analyse_and_report
 
     try:
+        pairs = parse_guard_lrs(args.guard_lrs, args.guard_placements) if args.guard_sweep else []
         check_output_folder(args.out, STUDY_OUTPUT, [args.config], args.force)
-    except OutputFolderError as err:
+    except (ValueError, OutputFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.guard_sweep:
+        from megatron_mixln.study_report import guard_report
+
+        guard_runs = guard_grid(args.out, pairs, args.guard_actions, args.guard_seeds)
+        statuses = run_guard_sweep(guard_runs, args.config, args.overrides, args.guard_steps, args.jobs)
+        guard_report(args.out, guard_runs, statuses, args)
+        return 0
     runs = grid(args.out, args.placements, args.inits, args.seeds)
     statuses = train_grid(runs, args.config, args.overrides, args.jobs)
     sweep = (run_sweep(args.out, args.config, args.overrides, args.sweep_placements or args.placements,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_mixln.study import Run, final_eval, mean_sd, metrics, run_dicts, t_critical, welch_t
+from megatron_mixln.study import OUTCOMES, Run, final_eval, mean_sd, metrics, run_dicts, t_critical, welch_t
 
 PER_RUN = "study_numbers.json"  # each run's analysed numbers, kept in the run folder so a re-run is cheap
 
@@ -283,29 +283,379 @@ def markdown(study: dict, groups, placements, inits, compared, sweep, written) -
                          + " | " + " ".join(f"{v:.3f}" for v in group.get("removal_increase_mean") or []) + " |")
         lines.append("")
     if sweep:
-        lines += ["## Stability sweep", "",
-                  f"Each placement trained {sweep['steps']} steps at each learning rate "
-                  f"({', '.join(f'{lr:g}' for lr in sweep['lrs'])}), one seed, default init. A run diverged when an "
-                  "update was skipped as non-finite, the loss rose more than one nat above its lowest, or the last "
-                  "tenth of steps was no lower than the first five.", "",
-                  "| placement | largest LR that trains | diverged at (lr: step) |", "|---|---|---|"]
-        for placement, value in sweep["placements"].items():
-            bad = [f"{row['lr']:g}: {row['diverged_at']}" for row in value["runs"] if row["diverged_at"] is not None]
-            largest = value["max_stable_lr"]
-            lines.append(f"| {placement} | {'none' if largest is None else f'{largest:g}'} | "
-                         f"{', '.join(bad) or 'none'} |")
-        lines += ["", "Per-layer gradient and update norms (layer 0 first) of each placement's first diverging run, at "
-                  "the step it diverged:", "", "| placement | lr | step | gradient norm by layer | update norm by layer |",
-                  "|---|---|---|---|---|"]
-        for placement, value in sweep["placements"].items():
-            bad = value["first_divergence"]
-            at = (bad or {}).get("norms") or {}
-            at = at.get("at") or {}
-            if not at:
-                continue
-            grad, update = (_by_layer(at.get(key) or {}) for key in ("grad", "update"))
-            lines.append(f"| {placement} | {bad['lr']:g} | {at['step']} | {grad} | {update} |")
-        if "sweep" in written:
-            lines += ["", f"![divergence]({written['sweep']})"]
-        lines.append("")
+        lines += sweep_markdown(sweep, written)
     return "\n".join(lines)
+
+def sweep_markdown(sweep: dict, written: dict) -> list[str]:
+    """The report's stability-sweep section: each run's outcome (`classify`; a sweep made before it, as the
+    committed studies/cpu_deep_narrow, has only "diverged_at", the old one-nat rule's step) and the per-layer norms."""
+    lines: list[str] = []
+    lines += ["## Stability sweep", "",
+              f"Each placement trained {sweep['steps']} steps at each learning rate "
+              f"({', '.join(f'{lr:g}' for lr in sweep['lrs'])}), one seed, default init. Each run is classified "
+              "(`megatron_mixln.study.classify`): **trained** (no spike), **recovered** (a loss more than 1 nat "
+              "above its lowest so far, or a non-finite one, then back to within 0.1 nats of the lowest before "
+              "it by the end: the mean of the last tenth of the steps) or **diverged** (non-finite at the end, "
+              "stopped, no 0.5-nat progress from the start, or a spike it did not come back from).", "",
+              "| placement | largest LR that does not diverge | spiked and recovered (lr: step) | "
+              "diverged (lr: step) |", "|---|---|---|---|"]
+    if any("outcome" not in row for value in sweep["placements"].values() for row in value["runs"]):
+        lines[-3:-2] = ["This sweep was classified before: its \"diverged\" is the old rule's flag (an update skipped "
+                        "as non-finite, a loss one nat above its lowest, or no progress), which a recovered spike "
+                        "also raises.", ""]
+    for placement, value in sweep["placements"].items():
+        # Rows of a sweep made before the classification (no "outcome") count any flag as diverged.
+        outcome = lambda row: row.get("outcome") or ("trained" if row["diverged_at"] is None  # noqa: E731
+                                                     else "diverged")
+        spiked = [f"{row['lr']:g}: {row.get('first_spike')}" for row in value["runs"]
+                  if outcome(row) == "recovered"]
+        bad = [f"{row['lr']:g}: {row['diverged_at']}" for row in value["runs"] if outcome(row) == "diverged"]
+        largest = value["max_stable_lr"]
+        lines.append(f"| {placement} | {'none' if largest is None else f'{largest:g}'} | "
+                     f"{', '.join(spiked) or 'none'} | {', '.join(bad) or 'none'} |")
+    lines += ["", "Per-layer gradient and update norms (layer 0 first) of each placement's first run that spiked "
+              "or diverged, at that step:", "",
+              "| placement | lr | step | gradient norm by layer | update norm by layer |",
+              "|---|---|---|---|---|"]
+    for placement, value in sweep["placements"].items():
+        bad = value["first_divergence"]
+        at = (bad or {}).get("norms") or {}
+        at = at.get("at") or {}
+        if not at:
+            continue
+        grad, update = (_by_layer(at.get(key) or {}) for key in ("grad", "update"))
+        lines.append(f"| {placement} | {bad['lr']:g} | {at['step']} | {grad} | {update} |")
+    if "sweep" in written:
+        lines += ["", f"![divergence]({written['sweep']})"]
+    lines.append("")
+    return lines
+
+
+
+# ---------------------------------------------------------------------------------------------------- guard study
+# A telemetry quantity "rises" at the first telemetry step where it exceeds this many times its own median over
+# the early run (the first half of the telemetry steps up to the spike).
+RISE_FACTOR = 2.0
+LEAD_QUANTITIES = ("activation_rms", "activation_max", "max_attention_logit", "update_ratio")
+ACTION_COLOURS = {"off": "tab:red", "warn": "tab:orange", "skip": "tab:blue", "rollback": "tab:green"}
+
+
+def _run_model(folder: Path):
+    """The run's model config (config.json of its folder), or None."""
+    from megatron_mixln.config import model_config_from_dict
+
+    path = folder / "config.json"
+    return model_config_from_dict(json.loads(path.read_text())["model"]) if path.is_file() else None
+
+
+def _all_events(folder: Path) -> list[dict]:
+    """The guard's events, of kept steps (metrics.jsonl) and of those a rollback discarded."""
+    from megatron_mixln.analysis.measures import guard_events
+    from megatron_mixln.train.metrics import DISCARDED_FILE
+
+    return [event for name in ("metrics.jsonl", DISCARDED_FILE) if (folder / name).is_file()
+            for event in guard_events(folder / name)]
+
+
+def telemetry_lead(folder: Path, spike_step: int, post_ln: list[bool] | None = None,
+                   factor: float = RISE_FACTOR) -> dict | None:
+    """What the telemetry showed before a spike at `spike_step` (a loss `classify` calls a spike).
+
+    Per quantity of LEAD_QUANTITIES and decoder layer: the baseline is the median over the early run (the first
+    half of the telemetry steps up to and including the spike step); the layer "rises" at the first later
+    telemetry step up to the spike step whose value exceeds `factor` x baseline. The update ratio is divided by
+    the step's LR first, so the warm-up's growing LR is not read as a rise. A telemetry record of step s is of
+    the weights after step s's update, logged before step s + 1's loss, so lead = spike_step - rise step is how
+    many steps before the loss the telemetry showed it (0: only at the spike step). Returns None when fewer
+    than two telemetry steps precede the spike; else {"spike_step", "baseline_steps", "quantities": {q:
+    {"rise_step": {layer: step or None}, "lead" (of the earliest layer, or None), "first_layers"}},
+    "jump" (`_jump`)}}, "post_ln_rms_lead" and "post_ln_max_lead" (the Post-LN layers' activation RMS and max;
+    None without Post-LN layers or no rise), "max_logit_lead"}. `post_ln`: which layers (depth order) are Post-LN.
+    """
+    from megatron_mixln.analysis.measures import telemetry_by_depth
+    from megatron_mixln.train.metrics import read_metrics
+
+    telemetry = telemetry_by_depth(folder / "metrics.jsonl")
+    upto = [j for j, step in enumerate(telemetry.steps) if step <= spike_step]
+    if len(upto) < 2 or not telemetry.layers:
+        return None
+    early, later = upto[:max(1, len(upto) // 2)], upto[max(1, len(upto) // 2):]
+    lrs = {r["step"]: r["lr"] for r in read_metrics(folder / "metrics.jsonl")
+           if isinstance(r.get("lr"), (int, float)) and isinstance(r.get("step"), int)}
+    result = {"spike_step": spike_step, "baseline_steps": [telemetry.steps[j] for j in early], "quantities": {}}
+    for quantity in LEAD_QUANTITIES:
+        table = np.array(telemetry.by_layer[quantity], dtype=float)
+        if quantity == "update_ratio":
+            table = table / np.array([lrs.get(step, math.nan) or math.nan for step in telemetry.steps])
+        rises = {}
+        for i, layer in enumerate(telemetry.layers):
+            base = np.nanmedian(table[i, early]) if np.isfinite(table[i, early]).any() else math.nan
+            rise = next((telemetry.steps[j] for j in later if base > 0 and table[i, j] > factor * base), None)
+            rises[layer] = rise
+        risen = [step for step in rises.values() if step is not None]
+        first = min(risen) if risen else None
+        result["quantities"][quantity] = {
+            "rise_step": rises, "lead": None if first is None else spike_step - first,
+            "first_layers": [layer for layer, step in rises.items() if first is not None and step == first]}
+        result["quantities"][quantity]["jump"] = _jump(telemetry.steps, telemetry.layers, table, spike_step)
+    for quantity, key in (("activation_rms", "post_ln_rms_lead"), ("activation_max", "post_ln_max_lead")):
+        rises = result["quantities"][quantity]["rise_step"]
+        post = [rises[layer] for layer, is_post in zip(telemetry.layers, post_ln or []) if is_post and rises[layer]]
+        result[key] = spike_step - min(post) if post else None
+    result["max_logit_lead"] = result["quantities"]["max_attention_logit"]["lead"]
+    return result
+
+
+def _jump(steps: list[int], layers: list[str], table: np.ndarray, spike_step: int) -> dict | None:
+    """The update that made the spike: per layer, the ratio of the last telemetry record before the spike's loss
+    (the weights that produced it) to the record before that; the layer with the largest, and the median of the
+    same ratio over all layers and earlier pairs of records (what an ordinary early step does)."""
+    before = [j for j, step in enumerate(steps) if step <= spike_step - 1]
+    if len(before) < 2:
+        return None
+    a, b = before[-2], before[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = table[:, b] / table[:, a]
+        earlier = (table[:, before[1:-1]] / table[:, before[:-2]]).ravel() if len(before) > 2 else np.array([])
+    finite = {layer: float(r) for layer, r in zip(layers, ratios) if math.isfinite(r)}
+    if not finite:
+        return None
+    largest = max(finite, key=finite.get)
+    earlier = earlier[np.isfinite(earlier)]
+    return {"from": steps[a], "to": steps[b], "ratio": finite, "largest": largest, "largest_ratio": finite[largest],
+            "typical_ratio": float(np.median(earlier)) if earlier.size else None}
+
+
+def guard_run_numbers(run, status: dict | None, steps: int) -> dict:
+    """One guard run: its outcome (`classify`), final held-out loss, the guard's interventions and their cost,
+    and (guard off, after a spike) what its telemetry showed before the spike."""
+    from megatron_mixln.model.norms import norm_placement
+    from megatron_mixln.study import classify
+
+    records = metrics(run.folder) if (run.folder / "metrics.jsonl").is_file() else []
+    model = _run_model(run.folder)
+    outcome = classify(records, vocab_size=model.vocab_size if model else None, planned_steps=steps)
+    events = _all_events(run.folder)
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    outliers = [e for e in events if e["event"] == "outlier"]
+    evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float))]
+    numbers = {"name": run.name, "placement": run.placement, "lr": run.lr, "action": run.action, "seed": run.seed,
+               "exit": (status or {}).get("exit"), "seconds": (status or {}).get("seconds"), **outcome,
+               "eval_loss": evals[-1]["eval_loss"] if evals else None,
+               "eval_ppl": evals[-1].get("eval_ppl") if evals else None,
+               "outliers": len(outliers),
+               "outliers_skipped": sum(1 for e in outliers if e.get("action") in ("skip", "rollback")),
+               "collapses": sum(1 for e in events if e["event"] == "collapse"),
+               "rollbacks": len(rollbacks),
+               "steps_replayed": sum(e["trigger_step"] - e["step"] for e in rollbacks),
+               "batches_skipped": sum(e["skipped_batches"][1] - e["skipped_batches"][0] + 1 for e in rollbacks),
+               "lead": None}
+    if run.action == "off" and outcome["first_spike"] is not None:
+        post_ln = None
+        if model is not None:
+            post_ln = [norm_placement(i, model.num_layers, model) in ("post", "deepnorm")
+                       for i in range(model.num_layers)]
+        numbers["lead"] = telemetry_lead(run.folder, outcome["first_spike"], post_ln)
+    return numbers
+
+
+def guard_groups(numbers: list[dict]) -> dict[tuple[str, float, str], dict]:
+    """(placement, lr, action) -> over seeds: outcome counts, held-out loss and perplexity mean and sd, and the
+    guard's interventions summed."""
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for item in numbers:
+        groups.setdefault((item["placement"], item["lr"], item["action"]), []).append(item)
+    out = {}
+    for key, items in groups.items():
+        losses = [i["eval_loss"] for i in items if i["eval_loss"] is not None and math.isfinite(i["eval_loss"])]
+        ppls = [i["eval_ppl"] for i in items if i["eval_ppl"] is not None and math.isfinite(i["eval_ppl"])]
+        out[key] = {"runs": len(items), "seeds": [i["seed"] for i in items],
+                    **{outcome: sum(i["outcome"] == outcome for i in items) for outcome in OUTCOMES},
+                    "stopped": sum(1 for i in items if i["exit"] not in (0, None)),
+                    "eval_loss": mean_sd(losses) if losses else None, "eval_ppl": mean_sd(ppls) if ppls else None,
+                    "evaluated": len(losses),
+                    **{name: sum(i[name] for i in items)
+                       for name in ("steps_replayed", "batches_skipped", "outliers_skipped", "rollbacks")}}
+    return out
+
+
+def guard_conversions(numbers: list[dict], actions) -> list[dict]:
+    """Per (placement, lr, seed): the guard-off run's outcome beside each action's."""
+    by_key = {(i["placement"], i["lr"], i["seed"], i["action"]): i for i in numbers}
+    rows = []
+    for placement, lr, seed in sorted({(i["placement"], i["lr"], i["seed"]) for i in numbers}):
+        row = {"placement": placement, "lr": lr, "seed": seed}
+        for action in actions:
+            item = by_key.get((placement, lr, seed, action))
+            row[action] = None if item is None else item["outcome"]
+        rows.append(row)
+    return rows
+
+
+def guard_verdict(groups: dict, conversions: list[dict], actions) -> dict:
+    """How many guard-off runs diverged, how many of those each action turned into a run that trained or
+    recovered, how many runs that were fine without the guard it broke, and what that cost."""
+    verdict = {"off_diverged": sum(1 for r in conversions if r.get("off") == "diverged"),
+               "off_spiked": sum(1 for r in conversions if r.get("off") in ("recovered", "diverged")), "actions": {}}
+    for action in actions:
+        if action == "off":
+            continue
+        fixed = sum(1 for r in conversions if r.get("off") == "diverged" and r.get(action) in ("trained", "recovered"))
+        broke = sum(1 for r in conversions if r.get("off") in ("trained", "recovered") and r.get(action) == "diverged")
+        cost = {name: sum(g[name] for (p, lr, a), g in groups.items() if a == action)
+                for name in ("steps_replayed", "batches_skipped", "outliers_skipped", "rollbacks")}
+        verdict["actions"][action] = {"fixed": fixed, "broke": broke, **cost}
+    return verdict
+
+
+def guard_figure(out: Path, runs, numbers: list[dict]) -> str | None:
+    """Loss curves per (placement, LR), one colour per action, every seed, the guard's events marked by the
+    analysis package's own marker (megatron_mixln.analysis.figures._mark_guard_events)."""
+    from types import SimpleNamespace
+
+    from megatron_mixln.analysis.figures import _event_legend_entries, _mark_guard_events
+    from megatron_mixln.analysis.measures import guard_events, loss_curves
+
+    panels = sorted({(run.placement, run.lr) for run in runs})
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, (placement, lr) in zip(axes[0], panels):
+        kinds, labelled = set(), set()
+        for run in runs:
+            path = run.folder / "metrics.jsonl"
+            if (run.placement, run.lr) != (placement, lr) or not path.is_file():
+                continue
+            colour = ACTION_COLOURS.get(run.action, "0.4")
+            a = SimpleNamespace(curves=loss_curves(path), events=guard_events(path), colour=colour)
+            if a.curves["train"]:
+                ax.plot(*zip(*a.curves["train"]), lw=0.9, alpha=0.8, color=colour,
+                        label=None if run.action in labelled else f"guard {run.action}")
+                labelled.add(run.action)
+            kinds |= _mark_guard_events(ax, a)
+        ax.set_title(f"{placement} at LR {lr:g} (all seeds)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=handles + _event_legend_entries(kinds), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "guard_loss_curves.png")
+    plt.close(fig)
+    return "guard_loss_curves.png"
+
+
+def _pm(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+
+def _lead_text(lead) -> str:
+    return "none by the spike" if lead is None else f"{lead} step{'s' if lead != 1 else ''}"
+
+
+def guard_markdown(study: dict) -> str:
+    groups, verdict = study["groups"], study["verdict"]
+    lines = ["# The loss-spike guard on the LR sweep's unstable runs (CPU)", "",
+             f"Made by `{study['command']}` (runs of `{study['config']}`, {study['steps']} steps, seeds "
+             f"{', '.join(map(str, study['seeds']))}). Guard settings: {' '.join(study['guard_overrides'])}; "
+             f"rollback adds {' '.join(study['rollback_overrides'])}. Every run: {' '.join(study['run_overrides'])}. "
+             "Every number is in `study.json`.", "",
+             "A run is classified (`megatron_mixln.study.classify`, docs/study.md) as **trained** (no spike), "
+             "**recovered** (a spike, then back to within 0.1 nats of its best before the spike by the end: the "
+             "mean of the last tenth of the steps) or **diverged** (a non-finite loss at the end, the run stopped, "
+             "no 0.5-nat progress from the start, the loss at ln(vocab), or a spike it did not come back from). A "
+             "spike: a loss more than 1 nat above the lowest before it.", "",
+             "## Outcomes and cost, per placement × LR × guard action (over seeds)", "",
+             "| placement | LR | guard | trained / recovered / diverged | stopped | held-out loss | held-out ppl "
+             "| steps replayed | batches skipped | outliers skipped | rollbacks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, g in groups.items():
+        placement, lr, action = key.split("/")
+        lines.append(f"| {placement} | {lr} | {action} | {g['trained']} / {g['recovered']} / {g['diverged']} | "
+                     f"{g['stopped']} | {_pm(g['eval_loss'])} (n={g['evaluated']}) | "
+                     f"{_pm(g['eval_ppl'], 1)} | "
+                     f"{g['steps_replayed']} | {g['batches_skipped']} | {g['outliers_skipped']} | {g['rollbacks']} |")
+    lines += ["", "Held-out loss: the run's final evaluation (a run the guard stopped has none). Steps replayed: the "
+              "sum over rollbacks of the trigger step minus the step reloaded. Batches skipped: global batches a "
+              "rollback left out.", "", "## Did the guard turn a diverging run into a trained one?", "",
+              "| placement | LR | seed | " + " | ".join(study["actions"]) + " |",
+              "|---|---|---|" + "---|" * len(study["actions"])]
+    for row in study["conversions"]:
+        lines.append(f"| {row['placement']} | {row['lr']:g} | {row['seed']} | "
+                     + " | ".join(str(row.get(a)) for a in study["actions"]) + " |")
+    lines += ["", f"Guard-off runs that spiked: {verdict['off_spiked']}; that diverged: {verdict['off_diverged']}."]
+    for action, v in verdict["actions"].items():
+        lines.append(f"- **{action}**: turned {v['fixed']} of {verdict['off_diverged']} diverging runs into runs "
+                     f"that trained or recovered; broke {v['broke']} that trained or recovered without the guard; "
+                     f"cost {v['steps_replayed']} steps replayed, {v['batches_skipped']} batches skipped, "
+                     f"{v['outliers_skipped']} outlier updates skipped, {v['rollbacks']} rollbacks in all.")
+    if study.get("figure"):
+        lines += ["", f"![loss curves]({study['figure']})", "",
+                  "x: an outlier step; shaded: a rollback (from the step reloaded to the step that triggered it). "
+                  "A rollback run's discarded steps are not drawn (metrics.discarded.jsonl)."]
+    lines += ["", "## The telemetry before each spike of the guard-off runs", "",
+              "Per quantity and layer: the first telemetry step, up to the spike, at which it exceeded "
+              f"{RISE_FACTOR:g} × "
+              "its median over the first half of the telemetry steps before the spike (update ratio per unit LR). "
+              "Lead: spike step − that step (0: only at the spike step; the record of step s is logged before step "
+              "s + 1's loss).", "",
+              "| run | spike step | activation RMS | activation max | max attention logit | update ratio / LR | "
+              "Post-LN layers' RMS | Post-LN layers' max | max logit |", "|---|---|---|---|---|---|---|---|---|"]
+    for item in study["runs"]:
+        lead = item.get("lead")
+        if item["action"] != "off" or item["first_spike"] is None:
+            continue
+        if lead is None:
+            lines.append(f"| {item['name']} | {item['first_spike']} | too few telemetry steps before the spike | "
+                         "| | | | | |")
+            continue
+        cells = []
+        for quantity in LEAD_QUANTITIES:
+            q = lead["quantities"][quantity]
+            cells.append("no rise" if q["lead"] is None else
+                         f"{_lead_text(q['lead'])} ({', '.join(l.removeprefix('layer_') for l in q['first_layers'])})")
+        lines.append(f"| {item['name']} | {item['first_spike']} | " + " | ".join(cells) +
+                     f" | {_lead_text(lead['post_ln_rms_lead'])} | {_lead_text(lead['post_ln_max_lead'])} | "
+                     f"{_lead_text(lead['max_logit_lead'])} |")
+    lines += ["", "Layers in brackets: those that rose first (layer index). A Post-LN layer hands on its normalised "
+              "output, so its activation RMS stays near its norm's gain by construction; its activation max can "
+              "still rise.", "",
+              "The update that made each spike: per quantity, the layer whose value grew most between the last two "
+              "telemetry records before the spike's loss (ratio), against the median ratio of earlier pairs of "
+              "records over all layers (what an ordinary early update does).", "",
+              "| run | records | activation RMS | activation max | max attention logit | update ratio / LR |",
+              "|---|---|---|---|---|---|"]
+    for item in study["runs"]:
+        lead = item.get("lead")
+        if item["action"] != "off" or not lead:
+            continue
+        jumps = [lead["quantities"][q].get("jump") for q in LEAD_QUANTITIES]
+        known = [j for j in jumps if j]
+        if not known:
+            continue
+        cells = ["—" if j is None else f"layer {j['largest'].removeprefix('layer_')}: × {j['largest_ratio']:.3g} "
+                 f"(typical × {'—' if j['typical_ratio'] is None else format(j['typical_ratio'], '.3g')})"
+                 for j in jumps]
+        lines.append(f"| {item['name']} | {known[0]['from']} → {known[0]['to']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def guard_report(out: Path, runs, statuses: dict, args) -> dict:
+    """The guard study's numbers per run, aggregated, figure, study.json and report.md in `out`."""
+    from megatron_mixln.study import GUARD_OVERRIDES, GUARD_RUN_OVERRIDES, ROLLBACK_OVERRIDES
+
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = [guard_run_numbers(run, statuses.get(run.name), args.guard_steps) for run in runs]
+    groups = guard_groups(numbers)
+    conversions = guard_conversions(numbers, args.guard_actions)
+    study = {"command": args.command, "config": args.config, "overrides": args.overrides, "steps": args.guard_steps,
+             "seeds": args.guard_seeds, "actions": args.guard_actions, "guard_overrides": list(GUARD_OVERRIDES),
+             "rollback_overrides": list(ROLLBACK_OVERRIDES), "run_overrides": list(GUARD_RUN_OVERRIDES),
+             "runs": numbers, "groups": {f"{p}/{lr:g}/{a}": g for (p, lr, a), g in groups.items()},
+             "conversions": conversions, "verdict": guard_verdict(groups, conversions, args.guard_actions),
+             "figure": guard_figure(out, runs, numbers)}
+    (out / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n")
+    (out / "report.md").write_text(guard_markdown(study))
+    return study
