@@ -429,7 +429,6 @@ def _jump(steps: list[int], layers: list[str], table: np.ndarray, spike_step: in
 def guard_run_numbers(run, status: dict | None, steps: int) -> dict:
     """One guard run: its outcome (`classify`), final held-out loss, the guard's interventions and their cost,
     and (guard off, after a spike) what its telemetry showed before the spike."""
-    from megatron_mixln.model.norms import norm_placement
     from megatron_mixln.study import classify
 
     records = metrics(run.folder) if (run.folder / "metrics.jsonl").is_file() else []
@@ -451,10 +450,7 @@ def guard_run_numbers(run, status: dict | None, steps: int) -> dict:
                "batches_skipped": sum(e["skipped_batches"][1] - e["skipped_batches"][0] + 1 for e in rollbacks),
                "lead": None}
     if run.action == "off" and outcome["first_spike"] is not None:
-        post_ln = None
-        if model is not None:
-            post_ln = [norm_placement(i, model.num_layers, model) in ("post", "deepnorm")
-                       for i in range(model.num_layers)]
+        post_ln = [_is_post_ln(model, i) for i in range(model.num_layers)] if model is not None else None
         numbers["lead"] = telemetry_lead(run.folder, outcome["first_spike"], post_ln)
     return numbers
 
@@ -546,6 +542,57 @@ def guard_figure(out: Path, runs, numbers: list[dict]) -> str | None:
     return "guard_loss_curves.png"
 
 
+def telemetry_figure(out: Path, runs, numbers: list[dict]) -> str | None:
+    """For each guard-off run that spiked: each telemetry quantity against step, its largest value over the Post-LN
+    layers (solid) and over the other layers (dashed), divided by the same curve's early-run median (the lead's
+    baseline), with the spike step marked."""
+    from megatron_mixln.analysis.measures import telemetry_by_depth
+
+    spiked = [(run, item) for run, item in zip(runs, numbers) if item.get("lead")]
+    if not spiked:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(LEAD_QUANTITIES), figsize=(4.2 * len(LEAD_QUANTITIES), 3.8), dpi=110)
+    for index, (run, item) in enumerate(spiked):
+        telemetry = telemetry_by_depth(run.folder / "metrics.jsonl")
+        model = _run_model(run.folder)
+        post = np.array([_is_post_ln(model, i) for i in range(len(telemetry.layers))], dtype=bool)
+        steps = np.array(telemetry.steps)
+        early = np.isin(steps, item["lead"]["baseline_steps"])
+        lrs = {r["step"]: r["lr"] for r in metrics(run.folder) if isinstance(r.get("lr"), (int, float))}
+        colour = f"C{index % 10}"
+        for ax, quantity in zip(axes, LEAD_QUANTITIES):
+            table = np.array(telemetry.by_layer[quantity], dtype=float)
+            if quantity == "update_ratio":
+                table = table / np.array([lrs.get(int(step), math.nan) for step in steps])
+            for rows, style, what in ((post, "-", "Post-LN"), (~post, "--", "other")):
+                if not rows.any():
+                    continue
+                with np.errstate(all="ignore"):
+                    curve = np.nanmax(table[rows], axis=0)
+                base = np.nanmedian(curve[early]) if early.any() else math.nan
+                ax.plot(steps, curve / base, style, lw=1, color=colour,
+                        label=f"{run.placement} lr {run.lr:g} s{run.seed} {what}")
+            ax.axvline(item["first_spike"], color=colour, ls=":", lw=1)
+    for ax, quantity in zip(axes, LEAD_QUANTITIES):
+        ax.set_yscale("log")
+        ax.set_title(quantity + (" / LR" if quantity == "update_ratio" else ""), fontsize=9)
+        ax.set_xlabel("step (dotted: the spike)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("largest over layers / early-run median")
+    axes[-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "guard_telemetry.png")
+    plt.close(fig)
+    return "guard_telemetry.png"
+
+
+def _is_post_ln(model, index: int) -> bool:
+    from megatron_mixln.model.norms import norm_placement
+
+    return model is not None and norm_placement(index, model.num_layers, model) in ("post", "deepnorm")
+
+
 def _pm(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
@@ -618,6 +665,10 @@ def guard_markdown(study: dict) -> str:
         lines.append(f"| {item['name']} | {item['first_spike']} | " + " | ".join(cells) +
                      f" | {_lead_text(lead['post_ln_rms_lead'])} | {_lead_text(lead['post_ln_max_lead'])} | "
                      f"{_lead_text(lead['max_logit_lead'])} |")
+    if study.get("telemetry_figure"):
+        lines += ["", f"![telemetry before the spikes]({study['telemetry_figure']})", "",
+                  "Each quantity's largest value over the Post-LN layers (solid) and over the other layers (dashed), "
+                  "divided by its median over the lead's baseline steps; dotted: the spike."]
     lines += ["", "Layers in brackets: those that rose first (layer index). A Post-LN layer hands on its normalised "
               "output, so its activation RMS stays near its norm's gain by construction; its activation max can "
               "still rise.", "",
@@ -655,7 +706,7 @@ def guard_report(out: Path, runs, statuses: dict, args) -> dict:
              "rollback_overrides": list(ROLLBACK_OVERRIDES), "run_overrides": list(GUARD_RUN_OVERRIDES),
              "runs": numbers, "groups": {f"{p}/{lr:g}/{a}": g for (p, lr, a), g in groups.items()},
              "conversions": conversions, "verdict": guard_verdict(groups, conversions, args.guard_actions),
-             "figure": guard_figure(out, runs, numbers)}
+             "figure": guard_figure(out, runs, numbers), "telemetry_figure": telemetry_figure(out, runs, numbers)}
     (out / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n")
     (out / "report.md").write_text(guard_markdown(study))
     return study

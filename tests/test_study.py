@@ -207,6 +207,7 @@ def test_the_guard_report_counts_outcomes_costs_conversions_and_the_telemetry_le
     assert jump["largest_ratio"] == pytest.approx(2.5) and jump["typical_ratio"] == pytest.approx(1.0)
     assert "| mix-lr0.01-off-s0 | 8 → 10 |" in report
     assert (tmp_path / study["figure"]).stat().st_size > 10000
+    assert (tmp_path / study["telemetry_figure"]).stat().st_size > 10000
     assert json.loads((tmp_path / "study.json").read_text())["verdict"] == study["verdict"]
 
 
