@@ -45,9 +45,9 @@ def signal_after_step(monkeypatch, at_step: int, signum: int, again_during_save:
     if again_during_save:
         real_save = ckpt.save_checkpoint
 
-        def save_signalled_again(engine, out_dir, step, state, keep):
+        def save_signalled_again(engine, out_dir, step, state, keep, **options):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the save is under way
-            return real_save(engine, out_dir, step, state, keep)
+            return real_save(engine, out_dir, step, state, keep, **options)
 
         monkeypatch.setattr(ckpt, "save_checkpoint", save_signalled_again)
 

@@ -81,12 +81,12 @@ def test_killed_during_save_the_previous_checkpoint_still_loads(tmp_path, data_c
     out = tmp_path / "run"
     original = ckpt.save_checkpoint
 
-    def dying_save(engine, out_dir, step, state, keep):
+    def dying_save(engine, out_dir, step, state, keep, **options):
         if step == 4:  # die after DeepSpeed wrote some files but before the rename
             engine.save_checkpoint(str(out_dir / ckpt.CHECKPOINTS), tag=ckpt.tag_for_step(step) + ckpt.PARTIAL,
                                    save_latest=False)
             raise KeyboardInterrupt("killed during save")
-        return original(engine, out_dir, step, state, keep)
+        return original(engine, out_dir, step, state, keep, **options)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
