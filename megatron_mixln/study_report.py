@@ -597,6 +597,14 @@ def _pm(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
 
+def _layer_list(layers: list[str], total: int) -> str:
+    """Layer indices, shortened when many rose at once (then no one layer led)."""
+    names = [layer.removeprefix("layer_") for layer in layers]
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{'all' if len(names) == total else len(names)} of {total} layers: {names[0]} … {names[-1]}"
+
+
 def _lead_text(lead) -> str:
     return "none by the spike" if lead is None else f"{lead} step{'s' if lead != 1 else ''}"
 
@@ -661,7 +669,7 @@ def guard_markdown(study: dict) -> str:
         for quantity in LEAD_QUANTITIES:
             q = lead["quantities"][quantity]
             cells.append("no rise" if q["lead"] is None else
-                         f"{_lead_text(q['lead'])} ({', '.join(l.removeprefix('layer_') for l in q['first_layers'])})")
+                         f"{_lead_text(q['lead'])} ({_layer_list(q['first_layers'], len(q['rise_step']))})")
         lines.append(f"| {item['name']} | {item['first_spike']} | " + " | ".join(cells) +
                      f" | {_lead_text(lead['post_ln_rms_lead'])} | {_lead_text(lead['post_ln_max_lead'])} | "
                      f"{_lead_text(lead['max_logit_lead'])} |")
