@@ -298,6 +298,8 @@ class Config:
         self.train.validate()
         self.parallel.validate()
         self.guard.validate()
+        _require(self.guard.action != "rollback" or self.train.save_every > 0, "guard.action", self.guard.action,
+                 "off, warn or skip with train.save_every=0 (a rollback reloads a checkpoint: set train.save_every)")
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_seq_len={self.model.max_seq_len}")
         tp, m = self.parallel.tp, self.model

@@ -17,7 +17,7 @@ import statistics
 import pytest
 import torch
 
-from megatron_mixln.config import GuardConfig, load_config
+from megatron_mixln.config import ConfigError, GuardConfig, load_config
 from megatron_mixln.data import prefetch
 from megatron_mixln.data.sampling import batch_of_step
 from megatron_mixln.train import checkpoint as ckpt
@@ -243,7 +243,9 @@ def test_rollback_needs_a_checkpoint_from_before_the_trouble_which_pruning_keeps
     # checkpoint early enough the run stops with one sentence.
     monkeypatch.setenv("MIXLN_TEST_FAULT", f"batch@{BAD_BATCH}")
     with pytest.raises(UnstableError, match=r"no checkpoint from before step 13 to roll back to .*train.save_every"):
-        train(load_config(None, overrides(cache, tmp_path, "rollback", "train.save_every=0")))
+        train(load_config(None, overrides(cache, tmp_path, "rollback", "train.save_every=20")))
+    with pytest.raises(ConfigError, match=r"guard.action='rollback' is invalid: .*set train.save_every"):
+        load_config(None, overrides(cache, tmp_path, "rollback", "train.save_every=0"))
 
 
 def test_skip_leaves_weights_moments_and_schedule_untouched_at_the_outlier(cache, tmp_path, monkeypatch):
