@@ -175,7 +175,7 @@ def _step_folders(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)), reverse=True)
+    return sorted(found, key=step_of, reverse=True)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -204,7 +204,7 @@ def checkpoint_candidates(out_dir: str | Path) -> list[Path]:
     if match is None:  # not a name a save writes (edited by hand): every step folder, newest first
         return folders
     newest = int(match.group(1))
-    return [root / match.group(0), *(p for p in folders if int(STEP_FOLDER.fullmatch(p.name).group(1)) < newest)]
+    return [root / match.group(0), *(p for p in folders if step_of(p) < newest)]
 
 
 def remove_partial_saves(out_dir: str | Path) -> None:
@@ -377,9 +377,8 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[
         else:
             # Keep the `keep` newest up to this step. Never this save itself, and never a folder newer than it:
             # that one is from before a resume from an older checkpoint, and is replaced when its step is saved.
-            older = [p for p in _step_folders(root) if int(STEP_FOLDER.fullmatch(p.name).group(1)) < step]
-            way_back = next((p for p in older if keep_before is not None
-                             and int(STEP_FOLDER.fullmatch(p.name).group(1)) < keep_before), None)
+            older = [p for p in _step_folders(root) if step_of(p) < step]
+            way_back = next((p for p in older if keep_before is not None and step_of(p) < keep_before), None)
             for old in older[keep - 1:]:
                 if old != way_back:
                     shutil.rmtree(old, ignore_errors=True)

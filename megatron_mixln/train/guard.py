@@ -23,10 +23,6 @@ from dataclasses import dataclass, field
 from megatron_mixln.config import GuardConfig
 
 
-class GuardStop(RuntimeError):
-    """The guard stopped the run: too many rollbacks, no checkpoint to roll back to, or a collapse under skip."""
-
-
 @dataclass
 class Judgement:
     """The guard's view of one step, made inside the optimiser step."""
@@ -44,8 +40,8 @@ class Judgement:
 
 @dataclass
 class Decision:
-    """What the loop does after a step: `events` to record; `rollback` to the newest checkpoint before batch
-    `first_batch`... (see RollbackPlan), or `stop` with a sentence."""
+    """What the loop does after a step: record `events`; then roll back (`rollback`), stop with the sentence
+    `stop`, or go on (both None)."""
 
     events: list[dict] = field(default_factory=list)
     rollback: "RollbackPlan | None" = None

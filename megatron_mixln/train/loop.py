@@ -21,7 +21,7 @@ from megatron_mixln.storage import StorageError, remedy, storage_error, writing
 from megatron_mixln.output_folder import check_output_folder
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
-from megatron_mixln.train.guard import GuardStop, LossSpikeGuard, RollbackPlan, collapse_levels
+from megatron_mixln.train.guard import LossSpikeGuard, RollbackPlan, collapse_levels
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
 from megatron_mixln.train.metrics import (DISCARDED_FILE, METRICS_FILE, MetricsWriter, console_line,
