@@ -27,6 +27,7 @@ setup(
         "PyYAML>=6",
         "tensorboard",  # run metrics through DeepSpeed's monitor, on by default (train.tensorboard)
         "psutil",  # host memory per logged step (also a DeepSpeed dependency)
+        "lm-eval>=0.4.9",  # mixln-eval --tasks and train.downstream_tasks: lm-evaluation-harness's tasks and metrics
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "mpi4py>=4", "mpich"],
@@ -43,6 +44,7 @@ setup(
             "mixln-export=megatron_mixln.cli:export_main",
             "mixln-import=megatron_mixln.cli:import_main",
             "mixln-eval=megatron_mixln.cli:eval_main",
+            "mixln-finetune=megatron_mixln.finetune.command:main",
             "mixln-bench=megatron_mixln.cli:bench_main",
             "mixln-compare=megatron_mixln.summary:main",
             "mixln-analyze=megatron_mixln.cli:analyze_main",
