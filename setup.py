@@ -27,7 +27,7 @@ setup(
         "PyYAML>=6",
         "tensorboard",  # run metrics through DeepSpeed's monitor, on by default (train.tensorboard)
         "psutil",  # host memory per logged step (also a DeepSpeed dependency)
-        "lm-eval>=0.4.9",  # mixln-eval --tasks and train.downstream_tasks: lm-evaluation-harness's tasks and metrics
+        "lm-eval[hf]>=0.4.9",  # mixln-eval --tasks and train.downstream_tasks: lm-evaluation-harness's tasks and metrics ([hf]: its accelerate, for the hf backend our tests compare with)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "mpi4py>=4", "mpich"],
