@@ -137,6 +137,13 @@ class TrainConfig:
     z_loss: float = 0.0
     eval_every: int = 0  # 0 = only at the end
     eval_sequences: int = 256
+    # lm-evaluation-harness tasks scored during training in the run's own layout (docs/evaluation.md): registry names
+    # or task YAML paths, comma-separated; "" = none. Every downstream_every steps (0 = only at the end), on at most
+    # downstream_limit documents per task (0 = all), with downstream_num_fewshot examples in each prompt.
+    downstream_tasks: str = ""
+    downstream_every: int = 0
+    downstream_limit: int = 0
+    downstream_num_fewshot: int = 0
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint folder
@@ -162,7 +169,8 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "a positive integer")
-        for name in ("layer_grad_norm_every", "telemetry_every", "eval_every", "save_every", "stop_after_step", "eval_sequences"):
+        for name in ("layer_grad_norm_every", "telemetry_every", "eval_every", "save_every", "stop_after_step", "eval_sequences",
+                     "downstream_every", "downstream_limit", "downstream_num_fewshot"):
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "0 or a positive integer")
         _require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "a positive integer")
         _require(self.optimizer in ("adam", "adamw", "sgd"), f"{prefix}.optimizer", self.optimizer,

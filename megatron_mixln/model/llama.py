@@ -5,6 +5,7 @@ import math
 import zlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
@@ -77,10 +78,15 @@ class VocabParallelLMHead(ColumnParallelLinear):
         self.z_loss = 0.0
         self.record_log_partition = False
         self.log_partition_stats: torch.Tensor | None = None
+        self.row_scores: list[torch.Tensor] | None = None  # a list: forwards given labels append `row_scores`
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return super().forward(x)
+        if self.row_scores is not None:  # downstream scoring (eval mode): whole logits, one micro-batch at a time
+            logits = super().forward(x)
+            self.row_scores.append(row_scores(logits, labels, self.tp))
+            return token_losses(logits, labels, self.tp).sum()
         z_loss = self.z_loss if self.training else 0.0
         record = self.record_log_partition
         if not self.fused:
@@ -255,6 +261,26 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel 
     # Telemetry only: one more pass over the logits, leaving the loss exactly as without it.
     log_partition = torch.logsumexp(logits.detach().to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1]), -1)
     return losses, log_partition_summary(log_partition, labels.reshape(-1) != IGNORE_INDEX)
+
+
+@torch.no_grad()
+def row_scores(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:
+    """float64 [rows, 2] per row of [rows, seq] `labels` (shifted, IGNORE_INDEX where none): the summed
+    log-probability of the row's targets, and 1.0 where every target is the greedy (arg-max) token, else 0.0 - what
+    lm-eval's loglikelihood requests return. Under TP `logits` is this rank's vocabulary slice; the result is the
+    same on every TP rank (a MAX and a SUM all-reduce over the TP group, nothing gathered)."""
+    losses = token_losses(logits, labels, tp).reshape(labels.shape)
+    keep = labels != IGNORE_INDEX
+    top = logits.float().amax(-1)
+    offset = tp.rank * logits.shape[-1]
+    local = keep & (labels >= offset) & (labels < offset + logits.shape[-1])
+    target = torch.where(local, logits.float().gather(-1, (labels - offset).clamp(0, logits.shape[-1] - 1)
+                                                      .unsqueeze(-1)).squeeze(-1), torch.zeros_like(top))
+    if tp.size > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp.group)
+        dist.all_reduce(target, group=tp.group)  # each target's logit lives on one rank
+    greedy = ((target >= top) | ~keep).all(-1)
+    return torch.stack([-losses.double().sum(-1), greedy.double()], dim=-1)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = NO_TP) -> torch.Tensor:

@@ -20,6 +20,8 @@ FREE = {"model.kernels", "model.fused_cross_entropy", "model.init_from", "train.
         "train.resume_changes", "train.stop_after_step", "train.on_nonfinite", "train.max_consecutive_skips",
         "train.tensorboard", "train.wandb", "train.wandb_project", "train.progress_bar", "train.micro_batch_size",
         "parallel.activation_checkpointing", "parallel.pipeline_partition", "parallel.startup_timeout_minutes"}
+# Downstream evaluation observes the run: its tasks and schedule may change at any resume.
+FREE |= {f"train.downstream_{name}" for name in ("tasks", "every", "limit", "num_fewshot")}
 # The guard watches the run and may be switched on (or off) at a resume, e.g. after a spike.
 FREE |= {f"guard.{name}" for name in ("action", "window", "sigmas", "min_rise", "warmup_steps", "loss_ceiling", "grad_norm_ceiling",
                                        "rollback_outliers", "rollback_within", "skip_batches_before", "lr_factor",

@@ -369,6 +369,37 @@ class StepEngine:
             self._evaluating = False
         return EvalResult(loss=float(total) / tokens if tokens else None, sequences=len(indices), tokens=tokens)
 
+    def score_rows(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """float64 [rows of all `batches`, 2] on the host, identical on every rank: each row's summed target
+        log-probability and whether every target is the greedy token (`model.llama.row_scores`), for downstream
+        evaluation in the training layout. Every rank passes the same `batches` (each of the training micro-batch's
+        shape, as the pipeline needs); DP ranks share them out as `evaluate` does, the heads of the last stage
+        record their rows, and one SUM all-reduce hands every row to every rank. Nothing is gathered but the
+        layers ZeRO-3 gathers for any forward."""
+        from megatron_mixln.model.llama import log_partition_modules
+
+        if not batches:
+            return torch.zeros((0, 2), dtype=torch.float64)
+        rows, dp = batches[0][0].shape[0], self.layout.dp
+        mine = list(range(self.layout.dp_rank, len(batches), dp))
+        padding = -(-len(batches) // dp) - len(mine)
+        heads = log_partition_modules(self.module)  # the last stage's head; none on other pipeline stages
+        for head in heads:
+            head.row_scores = []
+        self._evaluating = True
+        try:
+            self._loss_sum([batches[i] for i in mine] + [zero_weight(batches[0])] * padding)
+            recorded = heads[0].row_scores if heads else []
+        finally:
+            self._evaluating = False
+            for head in heads:
+                head.row_scores = None
+        scores = torch.zeros((len(batches) * rows, 2), dtype=torch.float64, device=self.device)
+        if heads and self.tp.rank == 0:  # every TP rank holds the same rows; count them once
+            for index, row_block in zip(mine, recorded):  # the padding's blocks come last and are left out
+                scores[index * rows:(index + 1) * rows] = row_block.to(self.device)
+        return self.all_reduce(scores).cpu()
+
     def _loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
         """Sum of per-token losses over every DP rank's `batches` (identical on every rank)."""
         raise NotImplementedError
