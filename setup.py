@@ -46,9 +46,9 @@ setup(
             "mixln-eval=megatron_mixln.cli:eval_main",
             "mixln-finetune=megatron_mixln.finetune.command:main",
             "mixln-bench=megatron_mixln.cli:bench_main",
-            "mixln-compare=megatron_mixln.summary:main",
+            "mixln-compare=megatron_mixln.research.compare:main",
             "mixln-analyze=megatron_mixln.cli:analyze_main",
-            "mixln-study=megatron_mixln.study:console_main",
+            "mixln-study=megatron_mixln.research.study:console_main",
             "mixln-preflight=megatron_mixln.cli:preflight_main",
         ]
     },

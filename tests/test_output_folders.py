@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mixln import cli, study, summary
+from megatron_mixln import cli
+from megatron_mixln.research import compare, study
 from megatron_mixln.analysis.report import ANALYSIS_OUTPUT
 from megatron_mixln.config import load_config
 from megatron_mixln.model.hf import HF_OUTPUT
@@ -240,7 +241,7 @@ def test_analyze_study_and_compare_refuse_to_write_over_a_run(run, tmp_path, cap
     assert command(ANALYZE, run, "--out", run, "--force", capsys=capsys)[0] == 2
     assert command(ANALYZE, run, "--out", run / "analysis", capsys=capsys)[0] == 2
     assert command(study.main, run, capsys=capsys)[0] == 2  # holds other files: before any run is trained
-    assert command(summary.main, run, "--json", run / "metrics.jsonl", capsys=capsys)[0] == 2
+    assert command(compare.main, run, "--json", run / "metrics.jsonl", capsys=capsys)[0] == 2
     assert hashes(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_mixln.study import (GUARD_EXIT, classify, guard_grid, main, parse_guard_lrs, run_guard_sweep,
-                                  t_critical, welch_t)
+from megatron_mixln.research.runs import GUARD_EXIT, classify, t_critical, welch_t
+from megatron_mixln.research.study import guard_grid, main, parse_guard_lrs, run_guard_sweep
 
 
 def records(losses, skipped=()):
@@ -86,7 +86,7 @@ def test_guard_lrs_per_placement_and_a_bad_one_exits_2_before_anything_is_writte
 
 
 def test_the_guard_sweep_passes_each_actions_settings_and_does_not_train_a_run_twice(tmp_path, monkeypatch):
-    import megatron_mixln.study as study
+    import megatron_mixln.research.study as study
 
     calls = []
 
@@ -149,7 +149,7 @@ def fake_telemetry():
 
 
 def test_the_guard_report_counts_outcomes_costs_conversions_and_the_telemetry_lead(tmp_path):
-    from megatron_mixln.study_report import guard_report, telemetry_lead
+    from megatron_mixln.research.report import guard_report, telemetry_lead
 
     base = [8.3 - 0.05 * i for i in range(40)]
     recovered = base[:11] + [11.0, 9.0] + base[13:]  # spike at step 12, back by step 13
@@ -214,7 +214,7 @@ def test_the_guard_report_counts_outcomes_costs_conversions_and_the_telemetry_le
 def test_the_sweep_section_reads_both_the_old_flags_and_the_new_outcomes():
     from pathlib import Path
 
-    from megatron_mixln.study_report import sweep_markdown
+    from megatron_mixln.research.report import sweep_markdown
 
     committed = json.loads((Path(__file__).parent.parent / "studies/cpu_deep_narrow/study.json").read_text())
     text = "\n".join(sweep_markdown(committed["sweep"], {}))

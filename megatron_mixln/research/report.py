@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from megatron_mixln.study import OUTCOMES, Run, final_eval, mean_sd, metrics, run_dicts, t_critical, welch_t
+from megatron_mixln.research.runs import (GUARD_OVERRIDES, GUARD_RUN_OVERRIDES, OUTCOMES, ROLLBACK_OVERRIDES, Run,
+                                          classify, final_eval, mean_sd, metrics, run_dicts, t_critical, welch_t)
 
 PER_RUN = "study_numbers.json"  # each run's analysed numbers, kept in the run folder so a re-run is cheap
 
@@ -293,7 +294,7 @@ def sweep_markdown(sweep: dict, written: dict) -> list[str]:
     lines += ["## Stability sweep", "",
               f"Each placement trained {sweep['steps']} steps at each learning rate "
               f"({', '.join(f'{lr:g}' for lr in sweep['lrs'])}), one seed, default init. Each run is classified "
-              "(`megatron_mixln.study.classify`): **trained** (no spike), **recovered** (a loss more than 1 nat "
+              "(`megatron_mixln.research.runs.classify`): **trained** (no spike), **recovered** (a loss more than 1 nat "
               "above its lowest so far, or a non-finite one, then back to within 0.1 nats of the lowest before "
               "it by the end: the mean of the last tenth of the steps) or **diverged** (non-finite at the end, "
               "stopped, no 0.5-nat progress from the start, or a spike it did not come back from).", "",
@@ -429,8 +430,6 @@ def _jump(steps: list[int], layers: list[str], table: np.ndarray, spike_step: in
 def guard_run_numbers(run, status: dict | None, steps: int) -> dict:
     """One guard run: its outcome (`classify`), final held-out loss, the guard's interventions and their cost,
     and (guard off, after a spike) what its telemetry showed before the spike."""
-    from megatron_mixln.study import classify
-
     records = metrics(run.folder) if (run.folder / "metrics.jsonl").is_file() else []
     model = _run_model(run.folder)
     outcome = classify(records, vocab_size=model.vocab_size if model else None, planned_steps=steps)
@@ -616,7 +615,7 @@ def guard_markdown(study: dict) -> str:
              f"{', '.join(map(str, study['seeds']))}). Guard settings: {' '.join(study['guard_overrides'])}; "
              f"rollback adds {' '.join(study['rollback_overrides'])}. Every run: {' '.join(study['run_overrides'])}. "
              "Every number is in `study.json`.", "",
-             "A run is classified (`megatron_mixln.study.classify`, docs/study.md) as **trained** (no spike), "
+             "A run is classified (`megatron_mixln.research.runs.classify`, docs/study.md) as **trained** (no spike), "
              "**recovered** (a spike, then back to within 0.1 nats of its best before the spike by the end: the "
              "mean of the last tenth of the steps) or **diverged** (a non-finite loss at the end, the run stopped, "
              "no 0.5-nat progress from the start, the loss at ln(vocab), or a spike it did not come back from). A "
@@ -703,8 +702,6 @@ def guard_markdown(study: dict) -> str:
 
 def guard_report(out: Path, runs, statuses: dict, args) -> dict:
     """The guard study's numbers per run, aggregated, figure, study.json and report.md in `out`."""
-    from megatron_mixln.study import GUARD_OVERRIDES, GUARD_RUN_OVERRIDES, ROLLBACK_OVERRIDES
-
     out.mkdir(parents=True, exist_ok=True)
     numbers = [guard_run_numbers(run, statuses.get(run.name), args.guard_steps) for run in runs]
     groups = guard_groups(numbers)
