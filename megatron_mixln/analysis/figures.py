@@ -19,6 +19,7 @@ GRADIENT_MAPS = "gradient_norms_heatmap.png"
 LOSS_CURVES = "loss_curves.png"
 TELEMETRY_MAPS = "telemetry_heatmaps.png"
 TELEMETRY_CURVES = "telemetry_post_ln_vs_rest.png"
+DOWNSTREAM = "downstream_scores.png"
 # Block kinds that end by normalising the residual stream (DeepNorm is Post-LN with an up-weighted residual):
 # removing such a layer also removes that normalisation, so the layer-removal chart hatches their bars.
 POST_LN_KINDS = ("post", "deepnorm")
@@ -431,8 +432,31 @@ def plot_telemetry_curves(analyses):
     return fig, []
 
 
+def plot_downstream(analyses):
+    """Each downstream score (train.downstream_tasks: task/metric) against step, one panel per score, one colour per
+    run: how the placements compare on the tasks while they train."""
+    names = sorted({name for a in analyses if a.downstream for name in a.downstream})
+    if not names:
+        return None, []
+    notes = [f"downstream scores: {a.label} logged none (train.downstream_tasks), so it is left out."
+             for a in analyses if not a.downstream]
+    fig, axes = _grid(len(names))
+    for ax, name in zip(axes, names):
+        for a in analyses:
+            if a.downstream and a.downstream.get(name):
+                ax.plot(*zip(*a.downstream[name]), "o-", ms=4, lw=1.2, color=a.colour, label=a.label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        _integer_ticks(ax, x=True)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle("downstream scores during training (lm-evaluation-harness)")
+    return fig, notes
+
+
 # (file, figure) in the order report.md shows them
 PLOTS = ((LOSS_CURVES, plot_loss_curves), (ANGULAR_PROFILE, plot_angular_profile), (ANGULAR_MAPS, plot_angular_maps),
          (LAYER_REMOVAL, plot_layer_removal), (GRADIENT_PROFILES, plot_gradient_profiles),
          (GRADIENT_MAPS, plot_gradient_maps), (TELEMETRY_MAPS, plot_telemetry_maps),
-         (TELEMETRY_CURVES, plot_telemetry_curves))
+         (TELEMETRY_CURVES, plot_telemetry_curves), (DOWNSTREAM, plot_downstream))

@@ -258,6 +258,22 @@ def loss_curves(metrics_path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def downstream_curves(metrics_path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{"task/metric": [(step, value)]} of the downstream records of a metrics.jsonl (train.downstream_tasks),
+    by step; a step scored twice (a replay after a guard rollback) keeps its later record."""
+    from megatron_mixln.train.metrics import read_metrics
+
+    by_step: dict[int, dict] = {}
+    for record in read_metrics(metrics_path):
+        if isinstance(record.get("downstream"), dict) and isinstance(record.get("step"), int):
+            by_step[record["step"]] = record["downstream"]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for step in sorted(by_step):
+        for name, value in by_step[step].items():
+            curves.setdefault(name, []).append((step, _number(value)))
+    return curves
+
+
 # Telemetry fields of a metrics.jsonl record (train/telemetry.py), per layer key.
 TELEMETRY_FIELDS = ("activation_rms", "activation_max", "max_attention_logit", "update_ratio")
 # Guard events (the loss-spike guard, docs/stability.md) drawn on the loss curves.

@@ -13,7 +13,8 @@ import torch
 
 from megatron_mixln.analysis import figures
 from megatron_mixln.analysis.measures import (GradientNorms, Telemetry, _angular, gradient_norms_by_depth,
-                                              guard_events, layer_removal, loss_curves, telemetry_by_depth)
+                                              downstream_curves, guard_events, layer_removal, loss_curves,
+                                              telemetry_by_depth)
 from megatron_mixln.analysis.runs import HeldOut, Run, choose_device, find_run, finite_or_text, held_out
 from megatron_mixln.config import ConfigError
 from megatron_mixln.data.errors import DataError
@@ -39,6 +40,7 @@ class RunAnalysis:
     curves: dict | None = None
     telemetry: Telemetry | None = None
     events: list[dict] | None = None  # the loss-spike guard's event records
+    downstream: dict | None = None  # {"task/metric": [(step, value)]}: train.downstream_tasks during training
 
     @property
     def num_layers(self) -> int:
@@ -122,6 +124,7 @@ def analyse(runs: Iterable[str | Path | Run], data: str | None = None, sequences
         a.curves = loss_curves(metrics)
         a.telemetry = telemetry_by_depth(metrics)
         a.events = guard_events(metrics)
+        a.downstream = downstream_curves(metrics)
     show = progress and sys.stderr.isatty()
     for a in analyses:
         a.held_out = held_out(a.run, sequences, batch_size, data, progress=show)
@@ -244,6 +247,9 @@ def _run_numbers(a: RunAnalysis) -> dict[str, Any]:
             "log_partition": {kind: _floats(values) for kind, values in t.log_partition.items()}}
     if a.events:
         numbers["guard_events"] = a.events
+    if a.downstream:
+        numbers["downstream"] = {name: [[step, finite_or_text(value)] for step, value in points]
+                                 for name, points in a.downstream.items()}
     if a.curves is not None:
         numbers["loss_curves"] = {split: [[step, finite_or_text(loss)] for step, loss in points]
                                   for split, points in a.curves.items()}
@@ -359,5 +365,17 @@ def markdown(numbers: dict[str, Any]) -> str:
                         [[str(e["step"]), str(e["event"]),
                           ", ".join(f"{key}={value}" for key, value in e.items() if key not in ("step", "event"))]
                          for e in events])
+    lines += ["## Downstream scores during training", "",
+              "lm-evaluation-harness tasks scored every train.downstream_every steps in the run's own layout "
+              "(docs/evaluation.md).", "", *_figure(numbers, "downstream", "downstream scores against step")]
+    for r in runs:
+        scores = r.get("downstream")
+        if not scores:
+            continue
+        steps = sorted({step for points in scores.values() for step, _ in points})
+        lines += [f"{r['label']}:", ""]
+        lines += _table(["score", *(f"step {step}" for step in steps)],
+                        [[name, *(_cell(dict(map(tuple, points)).get(step)) for step in steps)]
+                         for name, points in sorted(scores.items())])
     lines += [f"Every number is in [{ANALYSIS_JSON}]({ANALYSIS_JSON}).", ""]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from megatron_mixln.train.metrics import (DISCARDED_FILE, METRICS_FILE, MetricsW
                                           discard_metrics_after, plot_loss_curve, read_metrics)
 from megatron_mixln.train.signals import StopRequests
 from megatron_mixln.train.step import EvalResult, StepEngine, StepResult, make_step_engine
+from megatron_mixln.train.downstream import DownstreamEvaluator, downstream_line
 from megatron_mixln.train.telemetry import measure, telemetry_due
 
 
@@ -376,6 +377,7 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         print(_layout_summary(config, layout))
     engine, optimizer, scheduler = build_engine(model, config, layout)
     steps: StepEngine = make_step_engine(engine, config, layout)
+    downstream = DownstreamEvaluator.build(config, steps, layout, meta, is_main)  # a wrong task name stops here
     guard = None
     if config.guard.action != "off":
         guard = steps.guard = LossSpikeGuard(config.guard, collapse_levels(train_data, config.model.vocab_size))
@@ -523,6 +525,12 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
             writer.write(_eval_record(step, evaluation))
         return evaluation
 
+    def score_downstream(step: int) -> None:
+        record = downstream(step)
+        if is_main:
+            writer.write(record)
+            (progress.write if progress is not None else print)(downstream_line(record))
+
     # A bar on a terminal; under SLURM (stdout a file) one plain line per logged step instead.
     progress = None
     if is_main and tcfg.progress_bar and sys.stdout.isatty():
@@ -585,6 +593,9 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
 
                         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
                             evaluate(step)
+                        if downstream is not None and tcfg.downstream_every and step % tcfg.downstream_every == 0 \
+                                and step != tcfg.steps:
+                            score_downstream(step)
                         stop_now = tcfg.stop_after_step and step >= tcfg.stop_after_step and step != tcfg.steps
                         if (tcfg.save_every and step % tcfg.save_every == 0) or stop_now:
                             save(step)
@@ -616,6 +627,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                 if last_saved != step:
                     save(step)
                 result.eval_loss = evaluate(step).loss
+                if downstream is not None:
+                    score_downstream(step)
             # The consolidated export also at train.stop_after_step: it is how a run moves to another layout.
             # Not after a stop signal: the time left before the job is killed belongs to the checkpoint.
             if result.stop_signal is None:
