@@ -17,6 +17,7 @@ import yaml
 NORM_PLACEMENTS = ("pre", "post", "mix", "deepnorm", "sandwich", "lns", "peri", "hybrid", "hybrid_star")
 KERNEL_CHOICES = ("auto", "triton", "torch", "apex")
 LOSS_REDUCTIONS = ("tokens", "micro_batch_mean")
+DATA_FORMATS = ("text", "instruction", "chat")
 
 
 class ConfigError(ValueError):
@@ -96,9 +97,27 @@ class DataConfig:
     # true: cache_dir is on a file system every node sees and global rank 0 prepares; false: each node has its
     # own cache_dir and local rank 0 of each node prepares.
     cache_shared: bool = True
+    # What a record is (docs/data.md#instruction-and-chat-data): "text" (pre-training documents); "instruction"
+    # (Alpaca / Commonsense170K records: instruction, optional input, output) or "chat" (a list of role/content
+    # messages), both trained on the response only: the prompt's tokens carry no target.
+    format: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str = "input"  # optional in each record; an empty or absent input takes the no-input prompt
+    output_field: str = "output"
+    messages_field: str = "messages"
+    # format=instruction: "alpaca" (Alpaca's standard prompt, with and without input, as the Commonsense170K
+    # fine-tuning code uses) or a template with {instruction} (and optionally {input}) that ends where the
+    # response starts.
+    prompt_template: str = "alpaca"
 
     def validate(self, prefix: str = "data") -> None:
         _require(bool(self.source), f"{prefix}.source", self.source, "a dataset name or a path")
+        _require(self.format in DATA_FORMATS, f"{prefix}.format", self.format, "one of " + ", ".join(DATA_FORMATS))
+        for name in ("instruction_field", "input_field", "output_field", "messages_field"):
+            _require(bool(getattr(self, name)), f"{prefix}.{name}", getattr(self, name), "a record field name")
+        _require(self.prompt_template == "alpaca" or _is_prompt_template(self.prompt_template),
+                 f"{prefix}.prompt_template", self.prompt_template,
+                 "alpaca or a template holding {instruction}, optionally {input}, and no other {field}")
         _require(self.mode in ("document", "packed"), f"{prefix}.mode", self.mode, "one of document, packed")
         _require(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "an integer >= 2")
         _require(0.0 <= self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction, "a number in [0, 1)")
@@ -338,6 +357,16 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "par
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _is_prompt_template(template: str) -> bool:
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:  # an unmatched brace
+        return False
+    return "instruction" in fields and fields <= {"instruction", "input"}
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 from megatron_mixln.config import DataConfig
 from megatron_mixln.data.errors import DataError, first_line
-from megatron_mixln.data.sources import Shard, hub_dataset_name, local_source_files, shard_documents, source_shards
+from megatron_mixln.data.instructions import DropCounts, ExampleEncoder, example_texts
+from megatron_mixln.data.sources import (Shard, hub_dataset_name, local_source_files, shard_documents, shard_records,
+                                         source_shards)
 from megatron_mixln.data.tokenizers import Tokenizer, load_tokenizer, train_bpe
 
 if TYPE_CHECKING:
@@ -144,6 +146,11 @@ def cache_key_fields(data_cfg: DataConfig, limits: TrainLimits | None = None) ->
         "train_limit": {"documents": limits.max_documents, "tokens": limits.max_tokens},
         "max_eval_documents": data_cfg.max_eval_documents,
     }
+    if data_cfg.format != "text":
+        # Instruction and chat folders also hold prompt lengths, and drop the prompts that fill seq_len.
+        fields["examples"] = {name: getattr(data_cfg, name) for name in (
+            "format", "instruction_field", "input_field", "output_field", "messages_field", "prompt_template",
+            "seq_len")}
     tokenizer_path = Path(data_cfg.tokenizer).expanduser()
     if data_cfg.tokenizer != "bpe" and tokenizer_path.exists():
         files = [tokenizer_path] if tokenizer_path.is_file() else sorted(p for p in tokenizer_path.rglob("*")
@@ -248,7 +255,9 @@ def _build(data_cfg: DataConfig, key_fields: dict, folder: Path, progress: bool,
     if data_cfg.tokenizer == "bpe":
         # Trained once, here, on the first train documents (those the run reads when the bound counts documents);
         # pool workers then load the saved tokenizer.json.
-        texts = chain.from_iterable(shard_documents(shard, "train", data_cfg) for shard in shards["train"])
+        texts = chain.from_iterable(
+            shard_documents(shard, "train", data_cfg) if data_cfg.format == "text"
+            else example_texts(shard_records(shard, "train", data_cfg), data_cfg) for shard in shards["train"])
         tokenizer = train_bpe(islice(texts, limits.max_documents), data_cfg.bpe_vocab_size, save_dir=folder)
         tokenizer_spec = str(folder / "tokenizer.json")
     else:
@@ -258,17 +267,25 @@ def _build(data_cfg: DataConfig, key_fields: dict, folder: Path, progress: bool,
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 - 1 else np.uint32
     eval_limits = TrainLimits(max_documents=data_cfg.max_eval_documents or None)
     processes = resolve_num_proc(num_proc, max(len(shards["train"]), len(shards["eval"])))
-    splits, max_token_id = {}, -1
+    splits, max_token_id, dropped = {}, -1, {}
     with ShardPool(processes) as pool:
         for split, split_limits in (("train", limits), ("eval", eval_limits)):
             counts = tokenize_split(pool, data_cfg, split, shards[split], tokenizer_spec, dtype, folder,
                                     split_limits, progress)
             splits[split] = {"documents": counts["documents"], "tokens": counts["tokens"], "shards": counts["shards"]}
             max_token_id = max(max_token_id, counts["max_token_id"])
+            for where, shard_counts in counts["examples"].items():  # both splits read each file: one count
+                dropped.setdefault(where, DropCounts(where)).merge(shard_counts)
     shutil.rmtree(folder / "parts", ignore_errors=True)
+    sentences = [sentence for counts in dropped.values() if (sentence := counts.sentence(data_cfg))]
     if splits["train"]["documents"] == 0:
+        if data_cfg.format != "text" and sentences:
+            raise DataError(f"data.source={data_cfg.source!r} has no usable training example: "
+                            + " ".join(sentences).rstrip("."))
         raise DataError(f"data.source={data_cfg.source!r} gave no training documents: check the source and "
                         f"data.max_train_documents.")
+    for sentence in sentences:
+        print(f"note: {sentence}", flush=True)
     meta = {
         "format": FORMAT_VERSION,
         "source": data_cfg.source,
@@ -281,6 +298,8 @@ def _build(data_cfg: DataConfig, key_fields: dict, folder: Path, progress: bool,
         "max_token_id": max_token_id,
         "dtype": np.dtype(dtype).name,
         "splits": splits,
+        "data_format": data_cfg.format,
+        "examples": [counts.to_dict() for counts in dropped.values()] if data_cfg.format != "text" else None,
         "cache_key": key_fields,
         "processes": processes,
         "prepare_seconds": round(time.perf_counter() - start, 2),
@@ -313,6 +332,7 @@ class ShardResult:
     complete: bool  # False when stopped early because earlier shards already filled the split
     part: str
     cpu_seconds: float  # the tokenising process's CPU time on this shard (throughput that other load cannot skew)
+    examples: DropCounts | None = None  # instruction / chat: the records read and why some were dropped
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}  # per process: a worker loads each tokenizer once, not once per shard
@@ -321,26 +341,40 @@ _WORKER: dict = {}  # in a pool worker: "queue" for progress, "stop" event
 
 def tokenize_shard(task: ShardTask, report: Callable[[int, int], None] = lambda documents, tokens: None,
                    should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
-    """Tokenise one shard's documents (+ eos each) into <part>.tokens and their lengths into <part>.lengths.npy,
-    stopping once the shard alone reaches task.limits; report(documents, tokens) after each batch."""
+    """Tokenise one shard's documents (+ eos each) into <part>.tokens and their lengths into <part>.lengths.npy
+    (instruction / chat records: also their prompt lengths into <part>.prompts.npy), stopping once the shard alone
+    reaches task.limits; report(documents, tokens) after each batch."""
     tokenizer = _TOKENIZERS.get(task.tokenizer)
     if tokenizer is None:
         tokenizer = _TOKENIZERS[task.tokenizer] = load_tokenizer(task.tokenizer)
     dtype = np.dtype(task.dtype)
     limits = task.limits
     cpu_start = time.process_time()
-    documents = islice(shard_documents(task.shard, task.split, task.data_cfg), limits.max_documents)
+    examples = None
+    if task.data_cfg.format == "text":
+        documents = islice(shard_documents(task.shard, task.split, task.data_cfg), limits.max_documents)
+
+        def encode(batch: list) -> tuple[list[list[int]], list[int]]:
+            return [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(batch)], []
+    else:  # no islice: the bound counts the examples kept, not the records read
+        documents = shard_records(task.shard, task.split, task.data_cfg)
+        examples = ExampleEncoder(task.data_cfg, tokenizer, task.shard.where)
+        encode = examples.encode_batch
     lengths: list[int] = []
+    prompt_lengths: list[int] = []
     total_tokens, max_token_id, complete = 0, -1, True
     with open(f"{task.part}.tokens", "wb") as out:
         for batch in _batches(documents, ENCODE_BATCH_DOCUMENTS):
             if should_stop():
                 complete = False
                 break
-            encoded = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(batch)]
+            encoded, prompts = encode(batch)
+            if not encoded:
+                continue
             if limits.max_tokens is not None:  # keep documents up to the one that reaches the token bound
                 ends = np.cumsum([len(ids) for ids in encoded]) + total_tokens
                 encoded = encoded[:int(np.searchsorted(ends, limits.max_tokens)) + 1]
+            prompt_lengths.extend(prompts[:len(encoded)])
             flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=sum(map(len, encoded)))
             max_token_id = max(max_token_id, int(flat.max()))
             if max_token_id > np.iinfo(dtype).max:
@@ -353,9 +387,14 @@ def tokenize_shard(task: ShardTask, report: Callable[[int, int], None] = lambda 
             if limits.reached(len(lengths), total_tokens):
                 break
     np.save(f"{task.part}.lengths.npy", np.asarray(lengths, dtype=np.int64))
+    if examples is not None:
+        if complete and not limits.reached(len(lengths), total_tokens):  # the whole shard was read
+            examples.check_schema()
+        np.save(f"{task.part}.prompts.npy", np.asarray(prompt_lengths, dtype=np.int64))
     return ShardResult(index=task.shard.index, documents=len(lengths), tokens=total_tokens,
                        max_token_id=max_token_id, complete=complete, part=task.part,
-                       cpu_seconds=time.process_time() - cpu_start)
+                       cpu_seconds=time.process_time() - cpu_start,
+                       examples=None if examples is None else examples.counts)
 
 
 def _init_worker(progress_queue, stop_event) -> None:
@@ -496,6 +535,7 @@ class _JoinedSplit:
         self.cpu_seconds = 0.0
         self.max_token_id = -1
         self.kept: list[tuple[str, int]] = []  # (part, documents kept from it)
+        self.examples: dict[str, DropCounts] = {}  # instruction / chat: per shard, records read and dropped
 
     @property
     def full(self) -> bool:
@@ -526,6 +566,8 @@ class _JoinedSplit:
         self.tokens += kept_tokens
         self.shards += 1
         self.cpu_seconds += result.cpu_seconds
+        if result.examples is not None:
+            self.examples[result.examples.where] = result.examples
 
     def finish(self) -> dict:
         """Write {split}.offsets.npy (offsets[i] is where document i starts) and drop the part files."""
@@ -540,8 +582,16 @@ class _JoinedSplit:
             os.unlink(f"{part}.lengths.npy")
         offsets.flush()
         del offsets
+        if any(os.path.exists(f"{part}.prompts.npy") for part, _ in self.kept):
+            # How many leading tokens of each document are its prompt (no target there): sampling.py masks them.
+            prompts = [np.load(f"{part}.prompts.npy")[:keep] for part, keep in self.kept]
+            np.save(self.folder / f"{self.split}.prompt_lengths.npy",
+                    np.concatenate(prompts) if prompts else np.zeros(0, np.int64))
+        for part, _ in self.kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{part}.prompts.npy")
         return {"documents": self.documents, "tokens": self.tokens, "max_token_id": self.max_token_id,
-                "shards": self.shards, "cpu_seconds": self.cpu_seconds}
+                "shards": self.shards, "cpu_seconds": self.cpu_seconds, "examples": self.examples}
 
 
 def _copy_bytes(source, target, count: int) -> None:

@@ -10,7 +10,7 @@ from megatron_mixln.config import ConfigError
 from megatron_mixln.data.errors import DataError
 from megatron_mixln.data.token_files import TokenFile
 
-IGNORE_INDEX = -100  # label of positions without a target (pad, and the last real token of a document)
+IGNORE_INDEX = -100  # label of positions without a target (pad, the last real token of a document, a prompt)
 MODES = ("document", "packed")
 
 
@@ -20,6 +20,11 @@ class SequenceDataset:
 
     document (the paper): one document per sequence, truncated to seq_len and right-padded with pad_id.
     packed: the split as one stream of documents cut into consecutive windows, no padding.
+
+    Instruction / chat data (the token file has prompt lengths): a position whose target is a prompt token gets
+    IGNORE_INDEX, so only response tokens (and their eos) are predicted, each weighted as a pre-training token.
+    Document mode is then padding (one example per sequence), packed mode packing (examples back to back, each
+    keeping its mask).
     """
 
     def __init__(self, token_file: TokenFile, seq_len: int, mode: str, pad_id: int):
@@ -31,11 +36,28 @@ class SequenceDataset:
         self.seq_len = seq_len
         self.mode = mode
         self.pad_id = pad_id
+        self.prompt_lengths = token_file.prompt_lengths  # None for pre-training text
         if mode == "document":
-            # A one-token document has no target at all.
-            self.document_index = np.flatnonzero(token_file.document_lengths() >= 2)
+            # A one-token document has no target at all, nor an example whose prompt fills the sequence.
+            everything = np.arange(token_file.num_documents)
+            self.document_index = np.flatnonzero(self._document_targets(everything) >= 1)
         else:
             self.document_index = None
+            if self.prompt_lengths is not None:
+                self._prompts_before = np.concatenate([[0], np.cumsum(self.prompt_lengths, dtype=np.int64)])
+
+    def _document_targets(self, documents: np.ndarray) -> np.ndarray:
+        """Targets of each document's sequence in document mode: tokens max(prompt, 1) .. min(length, S) - 1."""
+        lengths = self.token_file.document_lengths()[documents]
+        first = 1 if self.prompt_lengths is None else np.maximum(self.prompt_lengths[documents], 1)
+        return np.minimum(lengths, self.seq_len) - first
+
+    def _prompt_tokens_below(self, positions: np.ndarray) -> np.ndarray:
+        """How many prompt tokens of the stream lie before each of `positions` (packed mode)."""
+        offsets = self.token_file.offsets
+        documents = np.clip(np.searchsorted(offsets, positions, side="right") - 1, 0, len(self.prompt_lengths) - 1)
+        return self._prompts_before[documents] + np.minimum(positions - offsets[documents],
+                                                            self.prompt_lengths[documents])
 
     def __len__(self) -> int:
         if self.mode == "document":
@@ -48,9 +70,12 @@ class SequenceDataset:
         what the token-weighted loss divides by, known on every rank without communication."""
         indices = np.asarray(indices, dtype=np.int64)
         if self.mode == "packed":
-            return np.full(len(indices), self.seq_len, dtype=np.int64)
-        lengths = self.token_file.document_lengths()[self.document_index[indices]]
-        return np.minimum(lengths, self.seq_len) - 1
+            if self.prompt_lengths is None:
+                return np.full(len(indices), self.seq_len, dtype=np.int64)
+            # Window i predicts stream tokens i*S + 1 .. i*S + S; those inside a prompt have no target.
+            first = indices * self.seq_len + 1
+            return self.seq_len - (self._prompt_tokens_below(first + self.seq_len) - self._prompt_tokens_below(first))
+        return self._document_targets(self.document_index[indices])
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
@@ -58,12 +83,21 @@ class SequenceDataset:
         if self.mode == "packed":
             start = index * self.seq_len
             window = np.asarray(self.token_file.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-            return window[:-1], window[1:]
-        tokens = np.asarray(self.token_file.document(int(self.document_index[index]))[:self.seq_len], dtype=np.int64)
+            labels = window[1:].copy()
+            if self.prompt_lengths is not None:
+                targets = np.arange(start + 1, start + self.seq_len + 1)
+                offsets = self.token_file.offsets
+                documents = np.searchsorted(offsets, targets, side="right") - 1
+                labels[targets - offsets[documents] < self.prompt_lengths[documents]] = IGNORE_INDEX
+            return window[:-1], labels
+        document = int(self.document_index[index])
+        tokens = np.asarray(self.token_file.document(document)[:self.seq_len], dtype=np.int64)
         input_ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
         input_ids[:len(tokens)] = tokens
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         labels[:len(tokens) - 1] = tokens[1:]
+        if self.prompt_lengths is not None:
+            labels[:max(int(self.prompt_lengths[document]) - 1, 0)] = IGNORE_INDEX  # position t predicts token t+1
         return input_ids, labels
 
 

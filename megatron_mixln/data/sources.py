@@ -78,6 +78,21 @@ def shard_documents(shard: Shard, split: str, data_cfg: DataConfig) -> Iterator[
     return documents
 
 
+def shard_records(shard: Shard, split: str, data_cfg: DataConfig) -> Iterator[dict]:
+    """The records of `split` in one shard, in order, as read (data.format instruction and chat)."""
+    if shard.path is not None:
+        if shard.path.name.endswith(TEXT_SUFFIXES):
+            raise DataError(f"data file {str(shard.path)!r} is plain text, but data.format={data_cfg.format} reads "
+                            "records: expected a .json or .jsonl file (or data.format=text).")
+        records = _file_records(shard.path)
+    else:
+        records = (shard.dataset if shard.num_shards == 1
+                   else shard.dataset.shard(num_shards=shard.num_shards, index=shard.index))
+    if shard.held_out:
+        records = held_out_split(records, split, data_cfg.eval_fraction, shard.index)
+    return records
+
+
 def hub_dataset_name(source: str) -> tuple[str, str | None] | None:
     """("allenai/c4", "en") for "c4", (NAME, CONFIG) for "hf:NAME[:CONFIG]", None for local sources."""
     if source == "c4":
@@ -200,6 +215,15 @@ def _hub_shards(name: str, config: str | None, data_cfg: DataConfig) -> dict[str
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     """Stream one local file through `datasets`; on failure, find the offending line and say which it is."""
+    yield from _file_items(path, lambda records: _record_texts(records, text_field, repr(str(path))))
+
+
+def _file_records(path: Path) -> Iterator[dict]:
+    """The records of one local .json / .jsonl file, as `datasets` reads them."""
+    yield from _file_items(path, lambda records: records)
+
+
+def _file_items(path: Path, from_records) -> Iterator:
     import logging
 
     import datasets
@@ -216,7 +240,7 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
             documents = _paragraphs(row["text"] for row in lines)
         else:
             records = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
-            documents = _record_texts(records, text_field, repr(str(path)))
+            documents = from_records(records)
         for document in documents:
             count += 1
             yield document

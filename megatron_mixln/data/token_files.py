@@ -28,6 +28,12 @@ class TokenFile:
                             f"offsets say {int(self.offsets[-1])}: delete the folder and prepare again.")
         # numpy cannot memory-map an empty file (an eval split of eval_fraction=0).
         self.tokens = np.memmap(tokens_path, dtype=dtype, mode="r") if self.offsets[-1] > 0 else np.zeros(0, dtype)
+        # Instruction / chat data: the number of leading prompt tokens of each document (no target there).
+        prompts_path = self.folder / f"{split}.prompt_lengths.npy"
+        self.prompt_lengths = np.load(prompts_path) if prompts_path.is_file() else None
+        if self.prompt_lengths is not None and len(self.prompt_lengths) != self.num_documents:
+            raise DataError(f"{str(prompts_path)!r} holds {len(self.prompt_lengths)} prompt lengths for "
+                            f"{self.num_documents} documents: delete the folder and prepare again.")
 
     @property
     def num_documents(self) -> int:
