@@ -281,7 +281,7 @@ def _build(data_cfg: DataConfig, key_fields: dict, folder: Path, progress: bool,
     if splits["train"]["documents"] == 0:
         if data_cfg.format != "text" and sentences:
             raise DataError(f"data.source={data_cfg.source!r} has no usable training example: "
-                            + " ".join(sentences).rstrip("."))
+                            + " ".join(sentences))
         raise DataError(f"data.source={data_cfg.source!r} gave no training documents: check the source and "
                         f"data.max_train_documents.")
     for sentence in sentences:
