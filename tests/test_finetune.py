@@ -177,6 +177,24 @@ def test_prompt_positions_get_no_gradient(pretrained, tmp_path):
         assert model(inputs, labels).item() == pytest.approx(loss.item(), rel=1e-10)
 
 
+def test_hub_names_read_the_same_examples_as_the_local_file(pretrained, tmp_path):
+    """hf:NAME goes through datasets.load_dataset(NAME) like a hub dataset; here NAME is a local folder holding the
+    sample as its train split, and the prepared tokens and prompt lengths equal those of the file itself."""
+    import shutil
+
+    folder = tmp_path / "hub_copy"
+    folder.mkdir()
+    shutil.copy(SAMPLE, folder / "train.jsonl")
+    splits = {}
+    for name, source in (("file", SAMPLE), ("hub", f"hf:{folder}")):
+        config = load_config(None, finetune_overrides(pretrained, tmp_path / "cache", tmp_path / "out",
+                                                      f"data.source={source}", "data.eval_fraction=0"))
+        splits[name] = TokenFile(prepare_dataset(config.data, progress=False), "train")
+    assert splits["file"].num_documents == splits["hub"].num_documents > 30
+    assert np.array_equal(splits["file"].tokens, splits["hub"].tokens)
+    assert np.array_equal(splits["file"].prompt_lengths, splits["hub"].prompt_lengths)
+
+
 # ---------------------------------------------------------------- bad files
 
 
