@@ -196,7 +196,7 @@ def _export(argv) -> int:
     if args.hf:
         import warnings
 
-        from megatron_mixln.model.hf import export_hf
+        from megatron_mixln.hf_interop import export_hf
 
         with warnings.catch_warnings():  # the missing tokenizer is said below, in one line
             warnings.simplefilter("ignore")
@@ -235,7 +235,7 @@ def _import_parser() -> argparse.ArgumentParser:
 def _import(argv) -> int:
     args = _import_parser().parse_args(argv)  # before the imports: --help needs no torch
     _select_accelerator()
-    from megatron_mixln.model.hf import import_hf
+    from megatron_mixln.hf_interop import import_hf
 
     out, model_config, kind = import_hf(args.hf_folder, args.out, force=args.force)
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

@@ -18,7 +18,7 @@ from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.data.errors import DataError
 from megatron_mixln.data.prepare import prepared_tokenizer
 from megatron_mixln.model import IGNORE_INDEX, hidden_state
-from megatron_mixln.train.checkpoint import CheckpointError
+from megatron_mixln.saved_files import CheckpointError
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
 from megatron_mixln.train.step import loss_sum
@@ -265,7 +265,8 @@ def analysed(runs):
 
 
 def test_an_hf_export_measures_what_its_run_folder_does(runs, analysed, tmp_path):
-    from megatron_mixln.model.hf import RUN_RECORD, export_hf
+    from megatron_mixln.hf_interop import export_hf
+    from megatron_mixln.model.hf_format import RUN_RECORD
 
     hf = export_hf(runs["mix"], tmp_path / "hf").out  # what `mixln-export RUN OUT --hf` writes
     [from_hf] = analysis.analyse([hf], sequences=1, device="cpu", progress=False)

@@ -19,10 +19,11 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_mixln import ModelConfig, build_model  # noqa: E402
 from megatron_mixln.config import NORM_PLACEMENTS, ConfigError, load_config  # noqa: E402
-from megatron_mixln.model import hf  # noqa: E402
+from megatron_mixln import hf_interop  # noqa: E402
+from megatron_mixln.model import hf_format  # noqa: E402
 from megatron_mixln.parallel.tensor_parallel import TensorParallel  # noqa: E402
-from megatron_mixln.train import export  # noqa: E402
-from megatron_mixln.train.checkpoint import CheckpointError  # noqa: E402
+from megatron_mixln.saved_files import CheckpointError  # noqa: E402
+from megatron_mixln.train import export, init_from  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -78,14 +79,14 @@ def hf_llama(folder, seed=0, tied=False, **overrides):
 @pytest.mark.parametrize("placement,extra", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_export_loads_in_transformers_with_our_logits(placement, extra, tmp_path):
     config, model = ours(placement, **extra)
-    out = hf.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf", data_meta={"eos_id": 1, "pad_id": 0})
+    out = hf_format.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf", data_meta={"eos_id": 1, "pad_id": 0})
     saved = json.loads((out / "config.json").read_text())
     if placement == "pre":  # a plain LLaMA: no code in the folder, nothing to trust
         assert saved["model_type"] == "llama" and "auto_map" not in saved
         assert not list(out.glob("*.py"))
     else:
-        assert saved["model_type"] == "mixln_llama" and saved["auto_map"] == hf.AUTO_MAP
-        assert sorted(p.name for p in out.glob("*.py")) == sorted(hf.MODELING_FILES)
+        assert saved["model_type"] == "mixln_llama" and saved["auto_map"] == hf_format.AUTO_MAP
+        assert sorted(p.name for p in out.glob("*.py")) == sorted(hf_format.MODELING_FILES)
         assert saved["layer_placements"] == [layer.placement for layer in model.model.layers]
     assert (saved["eos_token_id"], saved["pad_token_id"], saved["bos_token_id"]) == (1, 0, None)
     loaded = load_hf(out)
@@ -98,7 +99,7 @@ def test_export_loads_in_transformers_with_our_logits(placement, extra, tmp_path
 @pytest.mark.parametrize("placement", ["pre", "mix"])
 def test_hf_loss_convention_is_the_transformers_loss(placement, tmp_path):
     config, model = ours(placement, seed=4, mix_alpha=0.5)
-    reference = load_hf(hf.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf"))
+    reference = load_hf(hf_format.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf"))
     ids = torch.randint(0, config.vocab_size, (3, 13))
     labels = ids.clone()
     labels[0, :5] = -100  # a masked prompt
@@ -114,7 +115,7 @@ def test_hf_loss_convention_is_the_transformers_loss(placement, tmp_path):
 @pytest.mark.parametrize("placement,extra", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_exported_model_decodes_with_its_kv_cache_and_padding(placement, extra, tmp_path):
     config, model = ours(placement, seed=5, **extra)
-    loaded = load_hf(hf.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf"))
+    loaded = load_hf(hf_format.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf"))
     ids = torch.randint(2, config.vocab_size, (2, 15))
     with torch.no_grad():
         full = model(ids)
@@ -143,8 +144,8 @@ def test_exported_model_decodes_with_its_kv_cache_and_padding(placement, extra, 
 
 
 def test_modeling_files_import_only_torch_and_transformers():
-    for name in hf.MODELING_FILES:
-        tree = ast.parse((hf.HF_MODELING / name).read_text())
+    for name in hf_format.MODELING_FILES:
+        tree = ast.parse((hf_format.HF_MODELING / name).read_text())
         roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for alias in node.names}
         roots |= {node.module.split(".")[0] for node in ast.walk(tree)
@@ -160,7 +161,7 @@ def test_modeling_files_import_only_torch_and_transformers():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_transformers_llama_imports_with_its_logits(tmp_path, tied):
     reference = hf_llama(tmp_path / "llama", seed=1, tied=tied)
-    out, config, kind = hf.import_hf(tmp_path / "llama", tmp_path / "export")
+    out, config, kind = hf_interop.import_hf(tmp_path / "llama", tmp_path / "export")
     assert kind == "llama"
     assert (config.norm_placement, config.rope_theta, config.rms_norm_eps, config.num_layers) == ("pre", 5000.0,
                                                                                                  1e-5, 3)
@@ -176,8 +177,8 @@ def test_transformers_llama_imports_with_its_logits(tmp_path, tied):
 @pytest.mark.parametrize("placement,extra", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_round_trip_ours_to_transformers_to_ours(placement, extra, tmp_path):
     config, model = ours(placement, seed=7, scaled_init=True, init_std=0.03, **extra)
-    folder = hf.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf")
-    out, imported, kind = hf.import_hf(folder, tmp_path / "export")
+    folder = hf_format.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf")
+    out, imported, kind = hf_interop.import_hf(folder, tmp_path / "export")
     assert kind == ("llama" if placement == "pre" else "mixln_llama")
     if placement != "pre":  # the modeling file's config carries every field back (LLaMA's has no scaled_init)
         assert imported == config
@@ -191,7 +192,7 @@ def test_round_trip_ours_to_transformers_to_ours(placement, extra, tmp_path):
 
 def test_init_from_a_transformers_folder_or_an_export_loads_every_tensor(tmp_path):
     reference = hf_llama(tmp_path / "llama", seed=2, tied=True)
-    hf.import_hf(tmp_path / "llama", tmp_path / "export")
+    hf_interop.import_hf(tmp_path / "llama", tmp_path / "export")
     config = load_config(None, ["model.vocab_size=97", "model.hidden_size=48", "model.intermediate_size=136",
                                 "model.num_layers=3", "model.num_heads=4", "model.rope_theta=5000",
                                 "model.rms_norm_eps=1e-5", "data.seq_len=16", "model.max_seq_len=16"])
@@ -199,7 +200,7 @@ def test_init_from_a_transformers_folder_or_an_export_loads_every_tensor(tmp_pat
     for source in ("llama", "export"):
         config.model.init_from = str(tmp_path / source)
         model = build_model(config.model, seed=0)
-        hf.load_init_from(model, config, ONE_PROCESS)
+        init_from.load_init_from(model, config, ONE_PROCESS)
         with torch.no_grad():
             assert rel_err(model(ids), reference(ids).logits) < 1e-5, source
 
@@ -219,7 +220,7 @@ def test_init_from_a_different_model_names_the_fields(tmp_path):
                                 "model.num_layers=3", "model.num_heads=4", "model.rms_norm_eps=1e-5",
                                 "data.seq_len=16", "model.max_seq_len=16", f"model.init_from={tmp_path / 'llama'}"])
     with pytest.raises(ConfigError) as err:
-        hf.load_init_from(build_model(config.model), config, ONE_PROCESS)
+        init_from.load_init_from(build_model(config.model), config, ONE_PROCESS)
     message = one_sentence(err)
     assert "hidden_size=48" in message and "model.hidden_size=64" in message
     assert "rope_theta=5000.0" in message and "model.rope_theta=10000.0" in message
@@ -227,33 +228,33 @@ def test_init_from_a_different_model_names_the_fields(tmp_path):
 
     config.model.hidden_size, config.model.rope_theta, config.model.norm_placement = 48, 5000.0, "mix"
     with pytest.raises(ConfigError) as err:
-        hf.load_init_from(build_model(config.model), config, ONE_PROCESS)
+        init_from.load_init_from(build_model(config.model), config, ONE_PROCESS)
     assert "norm_placement='pre'" in one_sentence(err)
 
 
 def test_a_folder_that_is_not_a_llama_is_refused_naming_its_model_type(tmp_path):
     transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ConfigError) as err:
-        hf.import_hf(tmp_path / "gpt2", tmp_path / "out")
+        hf_interop.import_hf(tmp_path / "gpt2", tmp_path / "out")
     assert "model_type='gpt2'" in one_sentence(err)
     hf_llama(tmp_path / "gqa", num_key_value_heads=2)
     with pytest.raises(ConfigError) as err:
-        hf.import_hf(tmp_path / "gqa", tmp_path / "out")
+        hf_interop.import_hf(tmp_path / "gqa", tmp_path / "out")
     assert "num_key_value_heads=2" in one_sentence(err)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_folders_and_weights_are_one_sentence(tmp_path):
     with pytest.raises(CheckpointError) as err:
-        hf.import_hf(tmp_path / "nothing", tmp_path / "out")
+        hf_interop.import_hf(tmp_path / "nothing", tmp_path / "out")
     assert "nothing" in one_sentence(err)
     with pytest.raises(CheckpointError) as err:
-        hf.export_hf(tmp_path / "no-run", tmp_path / "out")
+        hf_interop.export_hf(tmp_path / "no-run", tmp_path / "out")
     assert "no-run" in one_sentence(err)
     hf_llama(tmp_path / "llama")
     (tmp_path / "llama" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError) as err:
-        hf.import_hf(tmp_path / "llama", tmp_path / "out")
+        hf_interop.import_hf(tmp_path / "llama", tmp_path / "out")
     assert "holds no weights" in one_sentence(err)
     # An untied LLaMA without its LM head is incomplete (only a tied one shares the embedding).
     hf_llama(tmp_path / "headless")
@@ -263,7 +264,7 @@ def test_missing_folders_and_weights_are_one_sentence(tmp_path):
     del tensors["lm_head.weight"]
     save_file(tensors, str(tmp_path / "headless" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as err:
-        hf.import_hf(tmp_path / "headless", tmp_path / "out")
+        hf_interop.import_hf(tmp_path / "headless", tmp_path / "out")
     assert "missing ['lm_head.weight']" in one_sentence(err)
     # Weights that are not the config's model: a tensor with another shape.
     hf_llama(tmp_path / "wrong")
@@ -271,7 +272,7 @@ def test_missing_folders_and_weights_are_one_sentence(tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(10, 48)
     save_file(tensors, str(tmp_path / "wrong" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as err:
-        hf.import_hf(tmp_path / "wrong", tmp_path / "out")
+        hf_interop.import_hf(tmp_path / "wrong", tmp_path / "out")
     assert "up_proj.weight has shape (10, 48)" in one_sentence(err)
 
 
@@ -283,13 +284,13 @@ def test_a_pytorch_model_bin_folder_imports_and_is_never_unpickled(tmp_path):
     weights = tmp_path / "llama" / "model.safetensors"
     torch.save(load_file(str(weights)), tmp_path / "llama" / "pytorch_model.bin")  # an older transformers' format
     weights.unlink()
-    model = export.load_exported_model(hf.import_hf(tmp_path / "llama", tmp_path / "export")[0])
+    model = export.load_exported_model(hf_interop.import_hf(tmp_path / "llama", tmp_path / "export")[0])
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         assert rel_err(model(ids), reference(ids).logits) < 1e-5
     torch.save({"model.embed_tokens.weight": MaliciousPickle()}, tmp_path / "llama" / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as err:
-        hf.import_hf(tmp_path / "llama", tmp_path / "other")
+        hf_interop.import_hf(tmp_path / "llama", tmp_path / "other")
     assert "weights_only=True" in str(err.value) and not MaliciousPickle.ran
 
 
@@ -357,7 +358,7 @@ def test_export_carries_a_tokenizer_that_encodes_as_ours(kind, tokenizer_sources
     config, model = ours("mix", vocab_size=448, mix_alpha=0.5)
     source = export.export_consolidated(model.state_dict(), config, tmp_path / "export",
                                         extra={"step": 5, "data": meta})
-    done = hf.export_hf(source, tmp_path / "hf")
+    done = hf_interop.export_hf(source, tmp_path / "hf")
     assert done.tokenizer_problem is None and done.step == 5
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in [*texts[:20], "Hello, world!", "  spaces\tand\nnewlines  ", "Ünïcödé 東京 ½"]:
@@ -377,7 +378,7 @@ def test_export_without_a_findable_tokenizer_warns_and_still_writes_the_model(tm
     gone = {"tokenizer": "bpe", "folder": str(tmp_path / "deleted-cache"), "eos_id": 1, "pad_id": 0}
     source = export.export_consolidated(model.state_dict(), config, tmp_path / "export", extra={"data": gone})
     with pytest.warns(UserWarning, match=r"has no tokenizer: the run's trained BPE .*deleted-cache.* is gone"):
-        done = hf.export_hf(source, tmp_path / "hf")
+        done = hf_interop.export_hf(source, tmp_path / "hf")
     assert "deleted-cache" in done.tokenizer_problem
     assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
     ids = torch.randint(0, config.vocab_size, (1, 7))
@@ -385,7 +386,7 @@ def test_export_without_a_findable_tokenizer_warns_and_still_writes_the_model(tm
         assert rel_err(load_hf(tmp_path / "hf")(ids).logits, model(ids)) < 1e-5
     # Named explicitly (mixln-export --tokenizer), the tokenizer is carried.
     spec = tokenizer_sources["tokenizer.json"]["tokenizer"]
-    assert hf.export_hf(source, tmp_path / "hf", tokenizer=spec).tokenizer_problem is None
+    assert hf_interop.export_hf(source, tmp_path / "hf", tokenizer=spec).tokenizer_problem is None
     text = "Named explicitly."
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode(text) == \
         load_tokenizer(spec).encode(text)
@@ -398,7 +399,7 @@ def test_batched_greedy_generation_gives_each_prompt_its_own_output(placement, t
     config, model = ours(placement, vocab_size=320, mix_alpha=0.5)
     meta = {**tokenizer_sources["tokenizer.json"], "eos_id": 1, "pad_id": 0}
     source = export.export_consolidated(model.state_dict(), config, tmp_path / "export", extra={"data": meta})
-    hf.export_hf(source, tmp_path / "hf")
+    hf_interop.export_hf(source, tmp_path / "hf")
     remote_code = {"trust_remote_code": True} if placement != "pre" else {}
     prompts_asked = []
     monkeypatch.setattr("builtins.input", lambda *args: prompts_asked.append(args) or "n")
@@ -460,7 +461,7 @@ def test_export_hf_of_a_trained_run(mix_run, source, tmp_path):
     from megatron_mixln.data.prepare import prepared_tokenizer
 
     folder = mix_run if source == "run folder" else mix_run / "export"  # the checkpoint, or the run's export
-    done = hf.export_hf(folder, tmp_path / "hf")
+    done = hf_interop.export_hf(folder, tmp_path / "hf")
     assert done.step == 2 and done.tokenizer_problem is None
     reference = export.load_exported_model(mix_run / "export")
     ids = torch.randint(0, 320, (2, 21))
@@ -486,7 +487,7 @@ def test_mixln_eval_reads_an_hf_export_a_run_folder_and_names_a_missing_folder(m
 
     status, plain, _ = mixln_eval(capsys, mix_run / "export")
     assert status == 0 and plain["tokens"] > 0
-    hf.export_hf(mix_run / "export", tmp_path / "hf")
+    hf_interop.export_hf(mix_run / "export", tmp_path / "hf")
     status, from_hf, _ = mixln_eval(capsys, tmp_path / "hf")
     assert status == 0 and from_hf["tokens"] == plain["tokens"]
     assert from_hf["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)

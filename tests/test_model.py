@@ -159,7 +159,7 @@ def test_pre_ln_logits_equal_transformers_llama():
     cfg = tiny(num_layers=3)
     model = build_model(cfg, seed=3)
     randomise_norm_gains(model, torch.Generator().manual_seed(2))
-    from megatron_mixln.model.hf import to_hf_llama
+    from megatron_mixln.model.hf_format import to_hf_llama
 
     hf = to_hf_llama(cfg, model.state_dict()).eval()
     assert isinstance(hf, transformers.LlamaForCausalLM)
@@ -170,7 +170,7 @@ def test_pre_ln_logits_equal_transformers_llama():
 
 def test_pre_ln_hf_export_loads_with_from_pretrained(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from megatron_mixln.model.hf import save_hf_pretrained
+    from megatron_mixln.model.hf_format import save_hf_pretrained
 
     cfg = tiny(num_layers=2)
     model = build_model(cfg, seed=4)

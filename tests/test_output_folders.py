@@ -16,7 +16,7 @@ from megatron_mixln import cli
 from megatron_mixln.research import compare, study
 from megatron_mixln.analysis.report import ANALYSIS_OUTPUT
 from megatron_mixln.config import load_config
-from megatron_mixln.model.hf import HF_OUTPUT
+from megatron_mixln.model.hf_format import HF_OUTPUT
 from megatron_mixln.output_folder import (FORCE, OutputFolderError, OutputKind, atomic_folder, check_output_file,
                                           check_output_folder, temporary_folder)
 from megatron_mixln.train.export import EXPORT_OUTPUT
@@ -156,7 +156,7 @@ def test_a_downloaded_transformers_model_is_not_taken_for_an_earlier_hf_export(t
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-step tiny run (checkpoints, metrics.jsonl, its export) and its Hugging Face export."""
-    from megatron_mixln.model.hf import export_hf
+    from megatron_mixln.hf_interop import export_hf
 
     root = tmp_path_factory.mktemp("trained")
     train(load_config(None, tiny(root / "cache", root / "run", "train.steps=2", "train.save_every=2",

@@ -12,7 +12,7 @@ import torch
 
 from megatron_mixln.config import Config, ConfigError, ModelConfig, config_from_dict
 from megatron_mixln.data.errors import DataError
-from megatron_mixln.model.hf import is_hf_folder
+from megatron_mixln.model.hf_format import is_hf_folder
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.metrics import METRICS_FILE

@@ -22,7 +22,7 @@ def measure(shape: dict, rounds: int, warmup: int) -> dict[str, float]:
 
     from megatron_mixln import ModelConfig, build_model
     from megatron_mixln.model import causal_lm_loss
-    from megatron_mixln.model.hf import to_hf_llama
+    from megatron_mixln.model.hf_format import to_hf_llama
 
     config = ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
                          num_layers=shape["layers"], num_heads=shape["heads"], max_seq_len=shape["seq"])

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_mixln.saved_files import CheckpointError, DamagedFile, read_json
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -44,10 +46,6 @@ _CHUNK = 16 * 2**20  # read size of the checks: large enough that zlib.crc32, no
 STEP_FOLDER = re.compile(r"step_(\d{8,})")  # exactly what tag_for_step writes: not .partial, not .damaged
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or export that cannot be used; the message names the path and what is wrong."""
-
-
 class CheckpointDamaged(CheckpointError):
     """A checkpoint folder with a missing, truncated or unreadable file; train.resume=auto falls back past it.
     `folder` is the checkpoint folder, `cause` a few words for the fallback line."""
@@ -55,28 +53,6 @@ class CheckpointDamaged(CheckpointError):
     def __init__(self, message: str, folder: Path, cause: str):
         super().__init__(message)
         self.folder, self.cause = folder, cause
-
-
-class DamagedFile(CheckpointError):
-    """A JSON file of ours (a checkpoint's state, an export's config or index) that is not UTF-8 text or not JSON.
-    `why` says what is wrong in a few words ("is not UTF-8 text (byte 0xff at offset 3)")."""
-
-    def __init__(self, path: Path, why: str, remedy: str):
-        super().__init__(f"{path} is damaged: it {why}; {remedy}.")
-        self.path, self.why = path, why
-
-
-def read_json(path: str | Path, remedy: str = "restore it from a copy") -> Any:
-    """The value of a JSON file this package wrote; one that is not UTF-8 or not JSON raises DamagedFile, a
-    sentence naming the file and ending in `remedy`. OSError (a missing file) is the caller's."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        why = f"is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
-    except json.JSONDecodeError as err:
-        why = f"is not valid JSON ({err.msg} at line {err.lineno})"
-    raise DamagedFile(path, why, remedy)
 
 
 def _read_pointer(path: Path) -> str:

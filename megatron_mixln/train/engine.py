@@ -149,12 +149,12 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
     """This rank's part of the model, initialised exactly as the single-process model would be: the unsplit
     model (under ZeRO-3 built already partitioned), or this rank's pipeline stage."""
     from megatron_mixln.model import ops
-    from megatron_mixln.model.hf import init_from_applies, load_init_from
     from megatron_mixln.model.llama import (MixLNForCausalLM, compile_decoder_layers, gather_whole_layers_under_zero3,
                                             initialize_weights, set_z_loss)
     from megatron_mixln.model.stages import build_pipeline
     from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
     from megatron_mixln.train.export import gathered
+    from megatron_mixln.train.init_from import init_from_applies, load_init_from
 
     ops.check_backend(config.model.kernels)
     seed = config.train.seed

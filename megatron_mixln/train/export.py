@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from megatron_mixln.config import ModelConfig, model_config_from_dict
 from megatron_mixln.output_folder import OutputKind, atomic_folder, publish_folder, temporary_folder
-from megatron_mixln.train.checkpoint import PARTIAL, CheckpointError, _barrier, _is_rank0, read_json
+from megatron_mixln.saved_files import CheckpointError, read_json
+from megatron_mixln.train.checkpoint import PARTIAL, _barrier, _is_rank0
 
 EXPORT_WEIGHTS = "model.safetensors"  # older exports: all weights in one file
 EXPORT_INDEX = "model.safetensors.index.json"  # transformers' SAFE_WEIGHTS_INDEX_NAME: name -> shard file

@@ -112,7 +112,7 @@ def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(records, torn last line or None). A crash or a full disk can stop an append mid-line, and only the last
     line can be cut that way: it is set aside, never fatal. A bad line before it is real damage (the file was
     edited, or two writers interleaved): one CheckpointError sentence naming the line."""
-    from megatron_mixln.train.checkpoint import CheckpointError
+    from megatron_mixln.saved_files import CheckpointError
 
     # surrogateescape: a line cut inside a multi-byte character (or a tail of NUL bytes a crash can leave on
     # some file systems) must not make the whole file unreadable.
@@ -147,7 +147,7 @@ def discard_metrics_after(out_dir: str | Path, step: int) -> int:
     """On resume, move records of steps after `step` (work lost with the process) and a torn last line (as
     {"torn_line": text}) to metrics.discarded.jsonl; returns how many lines moved. A last record without its
     newline is completed, since the next append would otherwise be glued to it."""
-    from megatron_mixln.train.checkpoint import CheckpointError
+    from megatron_mixln.saved_files import CheckpointError
 
     path = Path(out_dir) / METRICS_FILE
     if not path.is_file():

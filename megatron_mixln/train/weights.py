@@ -1,6 +1,6 @@
 """The full weights of a run, whatever holds them: a DeepSpeed checkpoint of any layout (tp x pp x dp) and ZeRO
-stage, merged into consolidated names (`checkpoint_weights`), a consolidated export, or a run folder
-(`read_weights`). What mixln-export, mixln-export --hf and the analyses read.
+stage, merged into consolidated names (`checkpoint_weights`), a consolidated export, a run folder or a
+transformers folder (`read_weights`). What mixln-export, mixln-export --hf and the analyses read.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 import torch
 
 from megatron_mixln.config import ModelConfig, config_from_dict
-from megatron_mixln.model.hf import RUN_RECORD, is_hf_folder, read_hf_weights
+from megatron_mixln.model.hf_format import RUN_RECORD, HFTensors, is_hf_folder, read_hf_config, source_names
+from megatron_mixln.saved_files import CheckpointError, read_json
 from megatron_mixln.train import checkpoint as ckpt
-from megatron_mixln.train.checkpoint import CheckpointError, deepspeed_checkpoint_globals
-from megatron_mixln.train.export import EXPORT_CONFIG, read_export
+from megatron_mixln.train.checkpoint import deepspeed_checkpoint_globals
+from megatron_mixln.train.export import EXPORT_CONFIG, export_files, read_export
 
 
 @dataclass
@@ -71,11 +72,11 @@ def run_record(folder: Path) -> RunRecord:
     --hf export's config.json (under RUN_RECORD; a LLaMA from elsewhere has none) or a checkpoint's
     trainer_state.json (its "config")."""
     if is_export(folder):
-        saved = ckpt.read_json(folder / EXPORT_CONFIG, "export the run again")
+        saved = read_json(folder / EXPORT_CONFIG, "export the run again")
     elif is_hf_folder(folder):
-        saved = ckpt.read_json(folder / "config.json", "export the run again").get(RUN_RECORD) or {}
+        saved = read_json(folder / "config.json", "export the run again").get(RUN_RECORD) or {}
     else:
-        state = ckpt.read_json(folder / ckpt.STATE_FILE)
+        state = read_json(folder / ckpt.STATE_FILE)
         saved = {**state, "run_config": state.get("config")}
     return RunRecord(saved.get("step"), saved.get("data"), saved.get("run_config"))
 
@@ -85,8 +86,33 @@ def is_export(folder: Path) -> bool:
     to safetensors weights (a run folder's config.json has the section too, but its weights are in checkpoints)."""
     if not (folder / EXPORT_CONFIG).is_file() or not any(folder.glob("model*.safetensors")):
         return False
-    raw = ckpt.read_json(folder / EXPORT_CONFIG, "export the run again")  # a damaged export is said as such
+    raw = read_json(folder / EXPORT_CONFIG, "export the run again")  # a damaged export is said as such
     return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# A transformers folder (a LLaMA, or one of our --hf exports), or an export, as weights to start from
+# ------------------------------------------------------------------------------------------------
+def read_source_config(folder: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, kind) of a folder to start from: kind "llama" (transformers LlamaForCausalLM), MODEL_TYPE
+    (our own HF export) or "export" (our consolidated export). Never runs code from the folder."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        read_json(folder / "config.json", "copy the folder again")  # a damaged one is said so before anything else
+    if is_export(folder):
+        return export_files(folder)[0], "export"
+    return read_hf_config(folder)
+
+
+def read_hf_weights(folder: str | Path) -> Weights:
+    """A transformers LLaMA folder (or one of our --hf exports) as Weights: its model, its tensors under our names
+    and, for an --hf export, the run's record (RUN_RECORD in config.json)."""
+    folder = Path(folder)
+    model_config, kind = read_source_config(folder)
+    tensors = HFTensors(folder)
+    names = source_names(tensors, model_config, folder, kind)
+    return Weights(model_config, {name: tensors.piece(source)[:] for name, source in names.items()},
+                   *run_record(folder), folder)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
-"""Hugging Face interop, both ways (docs/method.md#hugging-face-interop).
+"""The Hugging Face format of our model, both ways (docs/method.md#hugging-face-interop); it knows the model and its
+config, never a run, a checkpoint or an export (those are train/; the commands that convert between them and a
+transformers folder are megatron_mixln/hf_interop.py).
 
-Out (`export_hf`, `mixln-export --hf`): a Pre-LN model *is* a `transformers.LlamaForCausalLM` (same names, same
-maths) and is written as one. Every other placement is written with the modeling files of `hf_modeling/`, which
-the folder carries and names in its config.json `auto_map` (`trust_remote_code=True`); their parameter names are
-ours, so the weights are saved as they are. Either way the folder carries the run's tokenizer.
+Out (`to_hf_model`, `save_hf_pretrained`): a Pre-LN model *is* a `transformers.LlamaForCausalLM` (same names,
+same maths) and is written as one. Every other placement is written with the modeling files of `hf_modeling/`,
+which the folder carries and names in its config.json `auto_map` (`trust_remote_code=True`); their parameter names
+are ours, so the weights are saved as they are.
 
-In (`import_hf`, `mixln-import`; `load_init_from`, `model.init_from`): a transformers LLaMA folder (or one of our
-own HF exports) becomes a consolidated export, or the initial weights of a run in any TP/PP/ZeRO layout, read one
-slice at a time as `train.export.load_export_into` reads an export. The names are the same on both sides, so no
-tensor is renamed; a tied LM head is read from the embedding.
+In (`read_hf_config`, `HFTensors`, `source_names`): a transformers LLaMA folder (or one of our own HF exports) as
+our ModelConfig and its tensors under our names, read lazily one slice at a time. The names are the same on both
+sides, so no tensor is renamed; a tied LM head is read from the embedding.
 """
 from __future__ import annotations
 
@@ -16,15 +17,12 @@ import dataclasses
 import json
 import pickle
 import shutil
-import sys
-import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatron_mixln.config import ConfigError, ModelConfig
-from megatron_mixln.output_folder import OutputKind, atomic_folder, check_output_folder
+from megatron_mixln.output_folder import OutputKind, atomic_folder
+from megatron_mixln.saved_files import CheckpointError, read_json
 
 HF_MODELING = Path(__file__).with_name("hf_modeling")
 MODELING_FILES = ("configuration_mixln.py", "modeling_mixln.py")
@@ -36,8 +34,6 @@ AUTO_MAP = {"AutoConfig": "configuration_mixln.MixLNLlamaConfig",
 # different model than the one named.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
 FUNCTION_FIELDS = ("norm_placement", "rms_norm_eps", "rope_theta")
-# Text both tokenizers must encode to the same ids before an export carries transformers' one.
-TOKENIZER_PROBE = "Mix-LN puts Post-LN in the first layers, Pre-LN in the rest: 25% of 24 = 6.\n  Ünïcödé, 東京."
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # older LLaMA checkpoints save RoPE's buffer; we compute it
 RUN_RECORD = "mixln_run"  # config.json key of an --hf export: the step, data metadata and run config
 
@@ -153,141 +149,17 @@ def save_hf_pretrained(config: ModelConfig, state_dict, out, tokenizer=None, dat
 
 
 # ------------------------------------------------------------------------------------------------
-# The tokenizer an export carries
-# ------------------------------------------------------------------------------------------------
-def _tokenizer_spec(data_meta: dict | None, spec: str | None) -> str:
-    """The tokenizer to carry: `spec` when given, else the run's (a trained BPE is its prepared folder's
-    tokenizer.json). Raises ValueError with the reason when there is none."""
-    if spec:
-        return spec
-    if not data_meta or not data_meta.get("tokenizer"):
-        raise ValueError("the source records no data metadata with a tokenizer spec")
-    if data_meta["tokenizer"] != "bpe":
-        return data_meta["tokenizer"]
-    path = Path(data_meta.get("folder") or ".") / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"the run's trained BPE {str(path)!r} is gone (its prepared data folder was removed, "
-                         "or the run's paths were relative to another directory)")
-    return str(path)
-
-
-def hf_tokenizer(data_meta: dict | None = None, spec: str | None = None, vocab_size: int | None = None):
-    """transformers' tokenizer for the run's tokenizer (or `spec`): a tokenizer.json (a trained BPE) through
-    PreTrainedTokenizerFast, a SentencePiece .model converted by transformers, an HF name or folder loaded.
-
-    Its eos and pad tokens are set to the run's (our pad falls back to eos); it must encode TOKENIZER_PROBE to our
-    `Tokenizer.encode` ids and fit the model's vocabulary, else it is refused. Returns (tokenizer, None), or
-    (None, the reason as a clause) when none can be built.
-    """
-    from megatron_mixln.data.errors import DataError
-    from megatron_mixln.data.tokenizers import load_tokenizer
-
-    try:
-        spec = _tokenizer_spec(data_meta, spec)
-        ours = load_tokenizer(spec)
-        hf = _build_hf_tokenizer(spec)
-    except (ValueError, DataError, OSError) as err:
-        return None, str(err).rstrip(".")
-    # Ours falls back to eos when there is no pad token; transformers needs it named for padding to work.
-    if hf.eos_token_id != ours.eos_id:
-        hf.eos_token = hf.convert_ids_to_tokens(ours.eos_id)
-    if hf.pad_token_id != ours.pad_id:
-        hf.pad_token = hf.convert_ids_to_tokens(ours.pad_id)
-    got = hf(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    if got != ours.encode(TOKENIZER_PROBE):
-        return None, f"transformers' tokenizer built from {spec!r} encodes text differently from the run's"
-    if vocab_size is not None and len(hf) > vocab_size:
-        return None, f"the tokenizer {spec!r} has {len(hf)} tokens, more than the model's vocab_size={vocab_size}"
-    return hf, None
-
-
-def _build_hf_tokenizer(spec: str):
-    """transformers' tokenizer of `spec`, padding on the left: a decoder-only model continues the prompt, so batched
-    generation needs the padding before it. An argument, not an attribute set later: save_pretrained writes the
-    constructor's arguments, so only then does the saved tokenizer reload with it."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    left = {"padding_side": "left"}
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(path), **left)
-    if path.is_file():
-        # A SentencePiece model: transformers converts it (unigram or BPE) when it finds it as tokenizer.model.
-        # LlamaTokenizer would not do: it assumes LLaMA's BPE with byte fallback, and unigram models encode wrong.
-        with tempfile.TemporaryDirectory(prefix="mixln-spm-") as folder:
-            shutil.copyfile(path, Path(folder) / "tokenizer.model")
-            try:
-                return PreTrainedTokenizerFast.from_pretrained(folder, **left)
-            except Exception as err:  # noqa: BLE001 - transformers raises several types for an unconvertible model
-                raise ValueError(f"transformers cannot convert the SentencePiece model {spec!r} ({err})") from None
-    from megatron_mixln.data.sources import hub_unreachable
-
-    offline = None if path.is_dir() else hub_unreachable()
-    try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None, **left)
-    except Exception as err:  # noqa: BLE001 - offline hub, unknown name, broken folder
-        raise ValueError(f"AutoTokenizer cannot load {spec!r}" + (f" ({offline})" if offline else "")) from err
-
-
-# ------------------------------------------------------------------------------------------------
-# export_hf: a run folder, a checkpoint or a consolidated export -> a transformers folder
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class HFExport:
-    out: Path
-    step: int | None
-    format: str  # what loads it
-    tokenizer_problem: str | None  # why the folder has no tokenizer; None when it has one
-
-
-def export_hf(source: str | Path, out: str | Path, tokenizer: str | None = None, force: bool = False) -> HFExport:
-    """Write the model of a run folder, checkpoint or consolidated export as a transformers folder, with its
-    tokenizer (the run's, found through its data metadata, or `tokenizer`: a spec as data.tokenizer takes).
-
-    A tokenizer that cannot be found or built is a warning, not an error: the weights are what a run cost, and
-    the tokenizer can be added later (`tokenizer.save_pretrained(out)`), while a failed export would leave
-    nothing, e.g. once the run's prepared-data cache has been cleaned.
-    """
-    from megatron_mixln.train.weights import read_weights
-
-    inputs = [source] + ([tokenizer] if tokenizer is not None and Path(tokenizer).exists() else [])
-    check_output_folder(out, HF_OUTPUT, inputs, force)  # before the weights are read: a refusal comes at once
-    weights = read_weights(source)
-    hf_tok, problem = hf_tokenizer(weights.data_meta, tokenizer, weights.model_config.vocab_size)
-    save_hf_pretrained(weights.model_config, weights.tensors, out, hf_tok, weights.data_meta, weights.step,
-                       weights.run_config, force)
-    if problem is not None:
-        warnings.warn(f"{out} has no tokenizer: {problem}; add one with --tokenizer SPEC (mixln-export) or "
-                      "tokenizer.save_pretrained.", stacklevel=2)
-    pre = weights.model_config.norm_placement == "pre"
-    return HFExport(Path(out), weights.step, "LlamaForCausalLM" if pre else
-                    f"{MODEL_TYPE}, AutoModelForCausalLM with trust_remote_code=True", problem)
-
-
-# ------------------------------------------------------------------------------------------------
 # In: a transformers folder -> our names, shapes and config
 # ------------------------------------------------------------------------------------------------
-def _checkpoint_error(message: str):
-    from megatron_mixln.train.checkpoint import CheckpointError
-
-    return CheckpointError(message)
 
 
-def read_source_config(folder: str | Path) -> tuple[ModelConfig, str]:
-    """(ModelConfig, kind) of a folder to start from: kind "llama" (transformers LlamaForCausalLM), MODEL_TYPE
-    (our own HF export) or "export" (our consolidated export). Never runs code from the folder."""
+def read_hf_config(folder: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, kind) of a transformers folder: kind "llama" (LlamaForCausalLM) or MODEL_TYPE (our own HF
+    export). Never runs code from the folder."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise _checkpoint_error(f"{folder} is not a Hugging Face model folder or an export: it has no config.json.")
-    from megatron_mixln.train.checkpoint import read_json  # not UTF-8 or not JSON: one sentence naming it
-    from megatron_mixln.train.weights import is_export
-
-    raw = read_json(folder / "config.json", "copy the folder again")
-
-    if is_export(folder):
-        from megatron_mixln.train.export import export_files
-
-        return export_files(folder)[0], "export"
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder or an export: it has no config.json.")
+    raw = read_json(folder / "config.json", "copy the folder again")  # not UTF-8 or not JSON: one sentence naming it
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type == "llama":
         return _llama_model_config(folder), "llama"
@@ -304,19 +176,6 @@ def is_hf_folder(folder: Path) -> bool:
     except (OSError, ValueError):  # no file, not JSON, not UTF-8
         return False
     return isinstance(raw, dict) and "model_type" in raw
-
-
-def read_hf_weights(folder: str | Path):
-    """A transformers LLaMA folder (or one of our --hf exports) as `train.weights.Weights`: its model, its tensors
-    under our names and, for an --hf export, the run's record (RUN_RECORD in config.json)."""
-    from megatron_mixln.train.weights import Weights, run_record
-
-    folder = Path(folder)
-    model_config, kind = read_source_config(folder)
-    tensors = HFTensors(folder)
-    names = _source_names(tensors, model_config, folder, kind)
-    return Weights(model_config, {name: tensors.piece(source)[:] for name, source in names.items()},
-                   *run_record(folder), folder)
 
 
 def _llama_model_config(folder: Path) -> ModelConfig:
@@ -390,8 +249,6 @@ class HFTensors:
         from safetensors import safe_open
         from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-        from megatron_mixln.train.checkpoint import read_json
-
         self.folder = folder = Path(folder)
         self.where: dict[str, Any] = {}
         for index_name, single in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
@@ -404,7 +261,7 @@ class HFTensors:
             for file in files:
                 path = folder / file
                 if Path(file).name != file or not path.is_file():
-                    raise _checkpoint_error(f"{folder / index_name} lists {file}, which is not in {folder}: the "
+                    raise CheckpointError(f"{folder / index_name} lists {file}, which is not in {folder}: the "
                                             "folder is incomplete.")
                 if file.endswith(".safetensors"):
                     handle = safe_open(str(path), framework="pt")
@@ -416,10 +273,10 @@ class HFTensors:
                         # A refused class: torch's message would advise weights_only=False, which runs its code.
                         reason = ("it holds a class outside the allow-list of tensors" if
                                   isinstance(err, pickle.UnpicklingError) else err)
-                        raise _checkpoint_error(f"{path} cannot be read with weights_only=True ({reason}).") from None
+                        raise CheckpointError(f"{path} cannot be read with weights_only=True ({reason}).") from None
                     self.where.update({name: (None, tensor) for name, tensor in state.items()})
             return
-        raise _checkpoint_error(f"{folder} holds no weights: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} "
+        raise CheckpointError(f"{folder} holds no weights: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} "
                                 f"with its shards, or {WEIGHTS_NAME}.")
 
     def piece(self, name: str):
@@ -436,7 +293,7 @@ def _ties_head(folder: Path, kind: str) -> bool:
     return bool(transformers.LlamaConfig.from_pretrained(str(folder)).tie_word_embeddings)
 
 
-def _source_names(tensors: HFTensors, model_config: ModelConfig, folder: Path, kind: str) -> dict[str, str]:
+def source_names(tensors: HFTensors, model_config: ModelConfig, folder: Path, kind: str) -> dict[str, str]:
     """Our consolidated name -> the folder's tensor name: the same name, except a tied LM head, which is the
     embedding. Refuses (one sentence) a folder missing a tensor or holding one this model has no place for."""
     import torch
@@ -452,46 +309,20 @@ def _source_names(tensors: HFTensors, model_config: ModelConfig, folder: Path, k
     unexpected = sorted(name for name in tensors.where
                         if name not in expected and not name.endswith(IGNORED_HF_TENSORS))
     if missing or unexpected:
-        raise _checkpoint_error(f"{folder} does not hold the tensors of its config's model: "
+        raise CheckpointError(f"{folder} does not hold the tensors of its config's model: "
                                 + "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
                                                               f"unexpected {unexpected[:3]}" if unexpected else "")
                                             if part) + ".")
     for name, param in expected.items():
         shape = tuple(tensors.piece(names[name]).get_shape())
         if shape != tuple(param.shape):
-            raise _checkpoint_error(f"{folder}: {names[name]} has shape {shape}, but its config.json makes it "
+            raise CheckpointError(f"{folder}: {names[name]} has shape {shape}, but its config.json makes it "
                                     f"{tuple(param.shape)}.")
     return names
 
 
-def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> tuple[Path, ModelConfig, str]:
-    """Write a transformers LLaMA folder (or one of our HF exports) as a consolidated export: per-unit shards
-    under our names, one unit in memory at a time (an `out` that is not an earlier export is replaced only with
-    `force`). Returns (out, its ModelConfig, the source's kind)."""
-    from megatron_mixln.train import export
-
-    folder, out = Path(folder), Path(out)
-    if not folder.is_dir():
-        raise _checkpoint_error(f"{folder} does not exist: pass a Hugging Face model folder (config.json + weights).")
-    check_output_folder(out, export.EXPORT_OUTPUT, [folder], force)
-    model_config, kind = read_source_config(folder)
-    if kind == "export":
-        raise _checkpoint_error(f"{folder} is already a consolidated export: use it as it is (model.init_from or "
-                                "train.resume).")
-    tensors = HFTensors(folder)
-    names = _source_names(tensors, model_config, folder, kind)
-    extra = {"step": 0, "imported_from": {"folder": str(folder.resolve()), "kind": kind}}
-    with atomic_folder(out, export.EXPORT_OUTPUT, force) as tmp:
-        writer = export._UnitWriter(tmp, model_config.num_layers)
-        for name in sorted(names, key=lambda name: export.export_unit(name, model_config.num_layers)):
-            writer.add(name, tensors.piece(names[name])[:])  # the writer writes and frees a unit when the next begins
-        writer.close()
-        export._finish_export(tmp, model_config, extra, writer.index)
-    return out, model_config, kind
-
-
 # ------------------------------------------------------------------------------------------------
-# model.init_from: start a run from a transformers folder or an export, in any layout
+# Starting from other weights: the same model, or one sentence
 # ------------------------------------------------------------------------------------------------
 def check_same_model(source: ModelConfig, run: ModelConfig, where: str) -> None:
     """Refuse, in one sentence naming every differing field, weights of another model than the run's."""
@@ -509,52 +340,3 @@ def check_same_model(source: ModelConfig, run: ModelConfig, where: str) -> None:
                           "placement would start from another model than the one named).")
 
 
-def init_from_applies(config) -> bool:
-    """Whether model.init_from initialises this run: only a fresh start; a resumed run continues its own weights
-    (train.resume=auto finds a checkpoint, or names a checkpoint or export)."""
-    if not config.model.init_from:
-        return False
-    if config.train.resume == "none":
-        return True
-    if config.train.resume == "auto":
-        from megatron_mixln.train.checkpoint import checkpoint_candidates
-
-        return not checkpoint_candidates(Path(config.train.out_dir))
-    return False
-
-
-def load_init_from(module, config, layout) -> None:
-    """Overwrite this rank's part of a freshly built model (any TP/PP layout; ZeRO-3 partitioned parameters are
-    gathered while written) with the weights of `config.model.init_from`: a transformers LLaMA folder, one of our
-    HF exports or a consolidated export. Each rank reads only its slices, one tensor at a time."""
-    import torch
-
-    from megatron_mixln.train import export
-    from megatron_mixln.train.checkpoint import _is_rank0
-
-    source = Path(config.model.init_from)
-    where = f"model.init_from={str(source)!r}"
-    if not source.is_dir():
-        raise ConfigError(f"{where} is invalid: expected a Hugging Face LLaMA folder (config.json + safetensors) or "
-                          "an export folder, and it does not exist.")
-    source_config, kind = read_source_config(source)
-    check_same_model(source_config, config.model, where)
-    if kind == "export":
-        export.load_export_into(module, source, config.model, layout)  # weights only: the optimiser starts fresh
-    else:
-        tensors = HFTensors(source)
-        names = _source_names(tensors, source_config, source, kind)
-        tp = layout.tensor_parallel
-        with torch.no_grad():
-            for name, param in export._names_and_parameters(module, config.model, layout):
-                value = export._tp_slice(tensors.piece(names[name]), param, tp)
-                with export.gathered(param):
-                    param.data.copy_(value)
-                if export._deepspeed_managed(param):  # after the engine: its fp32 master is a copy to set too
-                    from deepspeed.utils import safe_set_full_fp32_param
-
-                    safe_set_full_fp32_param(param, value.float())
-                del value
-    if _is_rank0():
-        print(f"initialised the model from {source} ({kind}: {source_config.num_layers} layers, "
-              f"{source_config.norm_placement})", file=sys.stdout, flush=True)
