@@ -247,16 +247,48 @@ def _import(argv) -> int:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixln-eval", description="Held-out loss and perplexity of an exported model.")
+    parser = argparse.ArgumentParser(
+        prog="mixln-eval", description="Held-out loss and perplexity of a model; with --tasks, lm-evaluation-harness "
+                                       "tasks instead (docs/evaluation.md).")
     parser.add_argument("export", help="an export folder, a mixln-export --hf folder, a run folder (its export, else "
                                        "its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config")
+    parser.add_argument("overrides", nargs="*", help="data.* / train.eval_sequences=... overrides of the run's config "
+                                                     "(held-out loss only)")
+    tasks = parser.add_argument_group("lm-evaluation-harness tasks")
+    tasks.add_argument("--tasks", help="comma-separated lm-eval task, group or tag names (e.g. arc_easy,hellaswag) "
+                                       "and/or task YAML files or folders")
+    tasks.add_argument("--limit", type=float, default=None,
+                       help="at most this many documents per task (a fraction of each task below 1)")
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    tasks.add_argument("--batch-size", type=int, default=16, help="requests per forward (default 16)")
+    tasks.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bfloat16 on a GPU, float32 on the CPU")
+    tasks.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda when there is a GPU)")
+    tasks.add_argument("--out", default=None, help="folder for results.json and table.md (default: "
+                                                    "RUN/downstream/step_N, a new one for each evaluation)")
+    tasks.add_argument("--log-samples", action="store_true", help="keep every request and response in results.json")
+    tasks.add_argument("--force", action="store_true", help="replace --out even when it holds other files")
     return parser
 
 
 def _eval(argv) -> int:
-    args = _eval_parser().parse_args(argv)
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    if args.tasks is None:
+        task_only = [f"--{name.replace('_', '-')}" for name in ("limit", "num_fewshot", "out") if getattr(args, name)]
+        if task_only:
+            parser.error(f"{', '.join(task_only)} only apply with --tasks")
+    elif args.overrides:
+        parser.error(f"overrides ({' '.join(args.overrides)}) apply to the held-out loss, not to --tasks")
     _select_accelerator()
+    if args.tasks is not None:
+        from megatron_mixln.harness.command import evaluate_source
+
+        done = evaluate_source(args.export, args.tasks.split(","), args.limit, args.num_fewshot, args.batch_size,
+                               args.dtype, args.device, args.out, args.log_samples, args.force)
+        print(done.table)
+        print(f"results: {done.out / 'results.json'}")
+        return 0
     import copy
 
     import torch
