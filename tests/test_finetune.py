@@ -122,6 +122,31 @@ def test_masks_cover_exactly_the_prompt_in_padding_and_packing(pretrained, tmp_p
                           [(packed[i][1] != IGNORE_INDEX).sum() for i in range(len(packed))])
 
 
+def test_a_token_merged_across_the_boundary_stays_a_target(pretrained, tmp_path):
+    """A template ending in "A: " lets the byte-level BPE merge the space with the response's first characters: the
+    mask then stops before that token (the common prefix), and the document is still the whole text's own
+    tokenisation; without a merge it covers exactly the prompt's tokens."""
+    _, meta, _ = prepared(pretrained, tmp_path, "data.prompt_template=Q: {instruction} {input}\nA: ")
+    from megatron_mixln.data import prepared_tokenizer
+
+    tokenizer = prepared_tokenizer(meta["folder"])
+    merged = 0
+    for split in ("train", "eval"):
+        token_file = TokenFile(meta["folder"], split)
+        for index in range(token_file.num_documents):
+            document, prompt = token_file.document(index).tolist(), int(token_file.prompt_lengths[index])
+            text = tokenizer.decode(document[:-1])
+            assert tokenizer.encode(text) == document[:-1]  # the canonical tokenisation of the whole text
+            prompt_ids = tokenizer.encode(text[:text.rindex("\nA: ") + 4])
+            if document[:len(prompt_ids)] == prompt_ids:
+                assert prompt == len(prompt_ids)
+            else:
+                merged += 1
+                assert document[:prompt] == prompt_ids[:prompt] and document[prompt] != prompt_ids[prompt]
+                assert tokenizer.decode(document[prompt:prompt + 1]).startswith(" ")  # holds the response's start
+    assert merged == sum(counts["merged_boundaries"] for counts in meta["examples"]) > 0
+
+
 def _float64_response_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over response targets of -log p(target), everything in float64."""
     with torch.no_grad():
