@@ -11,7 +11,8 @@ setup(
     # __init__.py, the wheel puts its modules in megatron_mixln/kernels/, and megatron_mixln/kernels.py serves them
     # (or, in a source tree or editable install, the top-level folder) as `megatron_mixln.kernels`.
     package_dir={"megatron_mixln.kernels": "kernels"},
-    package_data={"megatron_mixln.data": ["assets/*"]},  # the embedded corpus and its licence
+    package_data={"megatron_mixln.data": ["assets/*"],  # the embedded corpus and its licence
+                  "megatron_mixln.harness": ["tasks/*"]},  # mixln-eval's tiny local tasks (YAML + jsonl)
     install_requires=[
         "torch==2.13.0",
         "deepspeed==0.19.8",

@@ -252,6 +252,7 @@ def test_registry_tasks_offline_and_unknown_names_are_one_sentence(monkeypatch):
         resolve_tasks(["missing/tiny.yaml"])
 
 
+@pytest.mark.slow  # a two-process training run
 def test_a_tp2_checkpoint_scores_as_its_export(tmp_path):
     from training_runs import run_processes, tiny
 
