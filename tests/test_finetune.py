@@ -273,6 +273,8 @@ def test_finetune_command_refuses_a_config_that_is_not_a_fine_tune(tmp_path, cap
     assert capsys.readouterr().err.startswith("error: model.init_from=None is invalid for mixln-finetune")
     assert _run(_finetune, [str(ROOT / "configs" / "finetune" / "tiny_alpaca.yaml"), "data.format=text"]) == 2
     assert "data.format='text' is invalid for mixln-finetune" in capsys.readouterr().err
+    assert _run(_finetune, [str(ROOT / "configs" / "finetune" / "tiny_alpaca.yaml"), "data.tokenizer=bpe"]) == 2
+    assert "data.tokenizer='bpe' is invalid for mixln-finetune" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="data.format='json' is invalid"):
         load_config(None, ["data.format=json"])
     with pytest.raises(ConfigError, match="data.prompt_template="):

@@ -36,8 +36,8 @@ def check_finetune_config(config) -> None:
     if config.data.tokenizer == "bpe":
         raise ConfigError("data.tokenizer='bpe' is invalid for mixln-finetune: it would train a new tokenizer whose "
                           "ids mean nothing to model.init_from; set it to the tokenizer the weights were trained with "
-                          "(a mixln-export --hf folder, the pre-training run's prepared tokenizer.json, or a "
-                          "tokenizer name or folder).")
+                          "(the tokenizer.json of a mixln-export --hf folder or of the pre-training run's prepared "
+                          "folder, or a tokenizer name or folder).")
 
 
 def _finetune(argv: list[str]) -> int:
