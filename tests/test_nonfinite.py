@@ -13,7 +13,8 @@ from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.loop import NonFiniteError, train
 from megatron_mixln.train.metrics import read_metrics
-from training_runs import exported_weights, leaving_out, max_relative_difference, module_state, run_processes, tiny
+from training_runs import (exported_weights, leaving_out, max_relative_difference, module_state, tiny,
+                           train_one_after_another)
 
 BAD_STEP = 3
 ONE_PROCESS = [("fp32", 0), ("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
@@ -90,20 +91,44 @@ def test_stop_stops_before_the_update_and_names_the_last_checkpoint(precision, z
     assert ckpt.latest_checkpoint(out).name == ckpt.tag_for_step(2)
 
 
+PIPELINE_LAYOUTS = [("fp32", 0), ("bf16", 1)]
+FAULTS = ["loss", "grad"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(cache, tmp_path_factory):
+    """PP=2, in one launch of two processes: per (precision, ZeRO stage) of PIPELINE_LAYOUTS the reference run
+    that never sees step 3's batch (stopped after step 5), and per fault a run that skips step 3. Returns
+    {key: (its folder, its ranks' summaries)} for keys (precision, zero) and (precision, zero, fault)."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    runs, envs, leave_outs = {}, [], []  # key -> (out_dir, overrides); per run, in that order
+    for precision, zero in PIPELINE_LAYOUTS:
+        pipeline = [*layout_overrides(precision, zero), "parallel.pp=2"]
+        out = folder / f"reference-{precision}-{zero}"
+        runs[(precision, zero)] = (out, tiny(cache, out, *pipeline, "train.stop_after_step=5"))
+        envs.append({})
+        leave_outs.append(BAD_STEP)
+        for fault in FAULTS:
+            out = folder / f"faulty-{precision}-{zero}-{fault}"
+            runs[(precision, zero, fault)] = (out, tiny(cache, out, *pipeline, "train.on_nonfinite=skip"))
+            envs.append({"MIXLN_TEST_FAULT": f"{fault}@{BAD_STEP}"})
+            leave_outs.append(None)
+    results = train_one_after_another(2, [overrides for _, overrides in runs.values()], folder, run_envs=envs,
+                                      run_leave_outs=leave_outs)
+    return {key: (out, ranks) for (key, (out, _)), ranks in zip(runs.items(), results)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["loss", "grad"])
-@pytest.mark.parametrize("precision,zero", [("fp32", 0), ("bf16", 1)])
-def test_pipeline_skip_gives_the_weights_of_a_run_without_that_batch(precision, zero, fault, cache, tmp_path):
-    pipeline = [*layout_overrides(precision, zero), "parallel.pp=2"]
-    reference = run_processes(2, tiny(cache, tmp_path / "reference", *pipeline, "train.stop_after_step=5"), tmp_path,
-                              leave_out=BAD_STEP)
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("precision,zero", PIPELINE_LAYOUTS)
+def test_pipeline_skip_gives_the_weights_of_a_run_without_that_batch(precision, zero, fault, pipeline_runs):
+    reference_folder, reference = pipeline_runs[(precision, zero)]
     assert "error" not in reference[0], reference[0].get("traceback")
-    faulty = run_processes(2, tiny(cache, tmp_path / "faulty", *pipeline, "train.on_nonfinite=skip"), tmp_path,
-                           env={"MIXLN_TEST_FAULT": f"{fault}@{BAD_STEP}"})
+    faulty_folder, faulty = pipeline_runs[(precision, zero, fault)]
     for rank in faulty:  # the fault is injected on the last rank only: every rank agreed to skip
         assert "error" not in rank, rank.get("traceback")
         assert rank["skipped"] == [BAD_STEP]
-    weights, expected = exported_weights(tmp_path / "faulty"), exported_weights(tmp_path / "reference")
+    weights, expected = exported_weights(faulty_folder), exported_weights(reference_folder)
     assert all(torch.equal(weights[name], expected[name]) for name in expected), \
         max_relative_difference(weights, expected)
 

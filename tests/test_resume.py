@@ -7,7 +7,7 @@ import torch
 from megatron_mixln.config import load_config
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train.loop import train
-from training_runs import MaliciousPickle, result_summary, run_processes, tiny
+from training_runs import MaliciousPickle, result_summary, tiny, train_one_after_another
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +40,36 @@ def test_one_process_resume_is_exact_at_every_zero_stage(precision, zero, cache,
     assert_identical_continuation(straight, resumed)
 
 
+TWO_PROCESS_LAYOUTS = {"dp2-zero1": ["parallel.zero_stage=1"], "dp2-zero2": ["parallel.zero_stage=2"],
+                       "dp2-zero3": ["parallel.zero_stage=3"], "pp2-zero1": ["parallel.pp=2", "parallel.zero_stage=1"],
+                       "tp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"]}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(cache, tmp_path_factory):
+    """Per layout of TWO_PROCESS_LAYOUTS: the ranks' summaries of its straight run, its run stopped after step 3
+    and that run resumed. Two launches in all (each costs more than a tiny run): one trains every straight and
+    stopped run, the other, fresh processes that never trained a first half, every resume; so only what the
+    checkpoint holds carries a run across."""
+    folder = tmp_path_factory.mktemp("two-process")
+    names = list(TWO_PROCESS_LAYOUTS)
+    first_halves = train_one_after_another(2, [
+        tiny(cache, folder / name / part, *TWO_PROCESS_LAYOUTS[name], *extra)
+        for name in names for part, extra in (("straight", []), ("resumed", ["train.stop_after_step=3"]))], folder)
+    resumes = train_one_after_another(2, [tiny(cache, folder / name / "resumed", *TWO_PROCESS_LAYOUTS[name],
+                                               "train.resume=auto") for name in names], folder)
+    return {name: (first_halves[2 * i], first_halves[2 * i + 1], resumes[i]) for i, name in enumerate(names)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.zero_stage=2"], ["parallel.zero_stage=3"],
-                                    ["parallel.pp=2", "parallel.zero_stage=1"], ["parallel.tp=2", "parallel.zero_stage=3"]],
-                         ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "pp2-zero1", "tp2-zero3"])
-def test_two_process_resume_is_exact(layout, cache, tmp_path):
-    def run(overrides):
-        ranks = run_processes(2, overrides, tmp_path)
+@pytest.mark.parametrize("layout", list(TWO_PROCESS_LAYOUTS))
+def test_two_process_resume_is_exact(layout, two_process_runs):
+    for ranks in two_process_runs[layout]:
         for rank in ranks:
-            assert "error" not in rank, rank.get("traceback")
-        return ranks[0]
-
-    straight, resumed = straight_and_resumed(run, cache, tmp_path, *layout)
+            assert "error" not in rank, rank.get("traceback", rank["error"])
+    straight, first, resumed = (ranks[0] for ranks in two_process_runs[layout])
+    assert first["stopped_early"] and sorted(first["losses"], key=int) == ["1", "2", "3"]
     assert_identical_continuation(straight, resumed)
-
 
 
 @pytest.mark.parametrize("zero,file", [(0, "mp_rank_00_model_states.pt"),

@@ -66,6 +66,21 @@ def leaving_out(step: int):
         GlobalBatchSampler.global_indices = original
 
 
+@contextlib.contextmanager
+def environment(variables: dict):
+    """os.environ with `variables` set inside the block, as it was after it."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class HostTensorsAreNotServed(TorchFunctionMode):
     """NCCL's rule, emulated on CPU for the training code: a tensor that code under megatron_mixln/train/ makes
     without naming a device lands on `meta`, the stand-in for "the host" on a GPU node; `recording_collectives`
@@ -130,7 +145,8 @@ def result_summary(result) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, runs: list[list[str]], config: str | None, env: dict,
-            leave_out: int | None, emulate_nccl: bool, result_path: str) -> None:
+            leave_out: int | None, emulate_nccl: bool, result_path: str, run_envs: list[dict],
+            run_leave_outs: list[int | None]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                       PYTHONWARNINGS="ignore", **env)
@@ -143,8 +159,9 @@ def _worker(rank: int, world: int, port: int, runs: list[list[str]], config: str
         out: dict = {}
         try:
             with contextlib.ExitStack() as stack:
-                if leave_out is not None:
-                    stack.enter_context(leaving_out(leave_out))
+                stack.enter_context(environment(run_envs[index]))
+                if (left_out := run_leave_outs[index] or leave_out) is not None:
+                    stack.enter_context(leaving_out(left_out))
                 if emulate_nccl:
                     stack.enter_context(recording_collectives(collectives))
                     stack.enter_context(HostTensorsAreNotServed())
@@ -172,17 +189,24 @@ NOT_RUN = {"error": "not run: an earlier run in the same processes failed"}
 
 
 def train_one_after_another(world: int, runs: list[list[str]], tmp_path: Path, config: str | Path | None = None,
-                            env: dict | None = None, leave_out: int | None = None,
-                            emulate_nccl: bool = False) -> list[list[dict]]:
+                            env: dict | None = None, leave_out: int | None = None, emulate_nccl: bool = False,
+                            run_envs: list[dict] | None = None,
+                            run_leave_outs: list[int | None] | None = None) -> list[list[dict]]:
     """Train each of `runs` (overrides of `config`) in turn in the same `world` spawned processes (gloo), which
     join the process group once: a launch costs several seconds (torch and DeepSpeed imported in every process),
-    a tiny run one or two. Returns, per run, each rank's summary or its error (NOT_RUN after a failed run)."""
+    a tiny run one or two. `env` and `leave_out` hold for every run; `run_envs[i]` (variables set for run i
+    only) and `run_leave_outs[i]` (instead of `leave_out`) for one. Returns, per run, each rank's summary or its
+    error (NOT_RUN after a failed run)."""
     from megatron_mixln.parallel.launch import free_port
 
+    run_envs = run_envs or [{} for _ in runs]
+    run_leave_outs = run_leave_outs or [None for _ in runs]
+    assert len(run_envs) == len(run_leave_outs) == len(runs)
     result_path = str(tmp_path / f"result-{os.getpid()}-{len(list(tmp_path.iterdir()))}")
     mp.start_processes(_worker, args=(world, free_port(), [list(run) for run in runs],
                                       None if config is None else str(config), env or {}, leave_out, emulate_nccl,
-                                      result_path), nprocs=world, start_method="spawn", join=True)
+                                      result_path, run_envs, run_leave_outs), nprocs=world, start_method="spawn",
+                       join=True)
     return [[json.loads(path.read_text()) if (path := Path(f"{result_path}.{index}.{rank}")).exists() else NOT_RUN
              for rank in range(world)] for index in range(len(runs))]
 
