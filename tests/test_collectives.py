@@ -10,7 +10,7 @@ import os
 import pytest
 import torch.distributed as dist
 
-from training_runs import HostTensorsAreNotServed, recording_collectives, run_processes, tiny
+from training_runs import HostTensorsAreNotServed, recording_collectives, tiny, train_one_after_another
 
 TRAIN_CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_mixln", "train")
 
@@ -33,18 +33,30 @@ def test_the_emulation_rejects_a_host_tensor_made_by_the_training_code(tmp_path)
     assert record and record[0][1] == ["cpu"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=3"], ["parallel.pp=2", "parallel.zero_stage=1"],
-                                    ["parallel.tp=2"]], ids=["dp2-zero3", "pp2-zero1", "tp2"])
-def test_training_collectives_use_only_the_communication_device(layout, tmp_path_factory, tmp_path):
-    cache = tmp_path_factory.mktemp("cache")
+LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3"], "pp2-zero1": ["parallel.pp=2", "parallel.zero_stage=1"],
+           "tp2": ["parallel.tp=2"]}
+
+
+@pytest.fixture(scope="module")
+def emulated_runs(tmp_path_factory):
+    """Per layout of LAYOUTS, its ranks' summaries with the collectives they recorded, all trained in one launch
+    of two processes (a launch costs more than these three-step runs)."""
+    folder = tmp_path_factory.mktemp("emulated")
     # 7 eval sequences in micro-batches of 2 over 2 ranks: uneven, so padding batches run too; skip mode with a
     # NaN gradient at step 2 exercises the non-finite path; layer norms every step.
-    results = run_processes(2, tiny(cache, tmp_path / "run", *layout, "train.steps=3", "train.micro_batch_size=2",
-                                    "train.eval_sequences=7", "train.eval_every=2", "train.on_nonfinite=skip"),
-                            tmp_path, env={"MIXLN_TEST_FAULT": "grad@2"}, emulate_nccl=True)
-    for rank, result in enumerate(results):
-        assert "error" not in result, result.get("traceback")
+    results = train_one_after_another(
+        2, [tiny(folder / "cache", folder / name, *layout, "train.steps=3", "train.micro_batch_size=2",
+                 "train.eval_sequences=7", "train.eval_every=2", "train.on_nonfinite=skip")
+            for name, layout in LAYOUTS.items()],
+        folder, env={"MIXLN_TEST_FAULT": "grad@2"}, emulate_nccl=True)
+    return dict(zip(LAYOUTS, results))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_collectives_use_only_the_communication_device(layout, emulated_runs):
+    for rank, result in enumerate(emulated_runs[layout]):
+        assert "error" not in result, result.get("traceback", result["error"])
         assert result["skipped"] == [2] and result["eval_loss"] is not None
         devices = {device for _, tensor_devices, _ in result["collectives"] for device in tensor_devices}
         assert devices == {"cpu"}, (rank, devices)
