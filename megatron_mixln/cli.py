@@ -24,6 +24,7 @@ BENCHMARKS = {
     "parallel": ("megatron_mixln.benchmarks.parallel", "DP / TP / PP / TP x PP on this machine"),
     "export-memory": ("megatron_mixln.benchmarks.export_memory", "host memory per rank of the consolidated export"),
     "tokenize": ("megatron_mixln.benchmarks.tokenize", "data preparation throughput per process count"),
+    "harness": ("megatron_mixln.benchmarks.harness", "lm-eval multiple-choice scoring: mixln vs lm-eval's hf backend"),
 }
 
 
