@@ -202,6 +202,26 @@ def test_prompt_positions_get_no_gradient(pretrained, tmp_path):
         assert model(inputs, labels).item() == pytest.approx(loss.item(), rel=1e-10)
 
 
+def test_chat_records_train_on_the_last_assistant_message_only(pretrained, tmp_path):
+    records = [{"messages": [{"role": "user", "content": f"{x}+{x}"},
+                             {"role": "assistant", "content": f"{2 * x}"},
+                             {"role": "user", "content": "x2"},
+                             {"role": "assistant", "content": f"{4 * x}"}]} for x in range(12)]
+    source = write_jsonl(tmp_path / "chat.jsonl", records)
+    _, meta, documents = prepared(pretrained, tmp_path, f"data.source={source}", "data.format=chat",
+                                  "data.eval_fraction=0", "data.mode=document")
+    from megatron_mixln.data import prepared_tokenizer
+
+    tokenizer = prepared_tokenizer(meta["folder"])
+    answers = []
+    for index in range(len(documents)):
+        inputs, labels = documents[index]
+        text = tokenizer.decode(inputs[inputs != meta["pad_id"]].tolist())
+        assert text.count("### Assistant:\n") == 2 and text.endswith("<eos>")
+        answers.append(tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()))
+    assert sorted(answers) == sorted(f"{4 * x}<eos>" for x in range(12))
+
+
 def test_hub_names_read_the_same_examples_as_the_local_file(pretrained, tmp_path):
     """hf:NAME goes through datasets.load_dataset(NAME) like a hub dataset; here NAME is a local folder holding the
     sample as its train split, and the prepared tokens and prompt lengths equal those of the file itself."""
