@@ -2,6 +2,7 @@
 match (model.llama.row_scores) against a float64 log-softmax by hand, and StepEngine.score_rows in TP2, PP2 and
 DP2 ZeRO-3 equal to one process on every rank."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.distributed as dist
 from megatron_mixln.config import load_config
 from megatron_mixln.model import IGNORE_INDEX
 from megatron_mixln.model.llama import MixLNForCausalLM, row_scores
-from training_runs import MODEL, run_gloo_workers
+from training_runs import MODEL, run_gloo_workers, tiny, train_one_after_another
 
 OVERRIDES = [*MODEL, "data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4",
              "parallel.zero_stage=0", "train.seed=11", "model.init_std=0.2"]
@@ -132,3 +133,92 @@ def test_tp2_pp2_and_zero3_dp2_score_every_row_as_one_process_on_every_rank(sing
         for layout, rows in scores.items():
             assert torch.allclose(rows[:, 0], single[:, 0], rtol=1e-5, atol=1e-5), (layout, rank, rows, single)
             assert torch.equal(rows[:, 1], single[:, 1]), (layout, rank)
+
+
+# ------------------------------------------------------------------------------------------------ in the loop
+TASKS_DIR = Path(__file__).resolve().parent.parent / "megatron_mixln" / "harness" / "tasks"
+TASKS = f"{TASKS_DIR / 'mixln_tiny_mc.yaml'},{TASKS_DIR / 'mixln_tiny_ppl.yaml'}"
+IN_LOOP = [f"train.downstream_tasks={TASKS}", "train.downstream_every=3", "train.downstream_limit=12"]
+
+
+def downstream_records(out) -> dict[int, dict]:
+    from megatron_mixln.train.metrics import read_metrics
+
+    return {r["step"]: r for r in read_metrics(Path(out) / "metrics.jsonl") if "downstream" in r}
+
+
+@pytest.fixture(scope="module")
+def in_loop_runs(tmp_path_factory):
+    """The tiny run with the two shipped tasks scored every 3 steps, and the same run without them."""
+    from megatron_mixln.train.loop import train
+
+    root = tmp_path_factory.mktemp("in_loop")
+    scored = train(load_config(None, tiny(root / "cache", root / "scored", *IN_LOOP)))
+    plain = train(load_config(None, tiny(root / "cache", root / "plain")))
+    return root, scored, plain
+
+
+def test_in_loop_scores_are_mixln_eval_on_the_export_and_change_no_training_step(in_loop_runs, capsys):
+    from megatron_mixln.harness.command import evaluate_source
+
+    root, scored, plain = in_loop_runs
+    assert scored.losses == plain.losses  # bit for bit: the evaluation draws nothing from training's generators
+    records = downstream_records(root / "scored")
+    assert sorted(records) == [3, 6]
+    for record in records.values():
+        assert record["downstream_seconds"] > 0
+        assert set(record["downstream"]) >= {"mixln_tiny_mc/acc", "mixln_tiny_mc/acc_norm",
+                                             "mixln_tiny_ppl/word_perplexity", "mixln_tiny_ppl/bits_per_byte"}
+    assert records[3]["downstream"] != records[6]["downstream"]  # the weights moved in between
+    standalone = evaluate_source(root / "scored", TASKS.split(","), limit=12, out=root / "standalone")
+    for name, value in records[6]["downstream"].items():
+        task, _, metric = name.partition("/")
+        assert standalone.results["results"][task][f"{metric},none"] == pytest.approx(value, rel=1e-6), name
+
+
+def test_tp2_and_pp2_score_in_the_loop_as_one_process(in_loop_runs, tmp_path):
+    root, _, _ = in_loop_runs
+    expected = downstream_records(root / "scored")
+    runs = [tiny(root / "cache", tmp_path / name, *IN_LOOP, override) for name, override in
+            (("tp2", "parallel.tp=2"), ("pp2", "parallel.pp=2"))]
+    for name, ranks in zip(("tp2", "pp2"), train_one_after_another(2, runs, tmp_path)):
+        assert all("error" not in rank for rank in ranks), (name, ranks)
+        records = downstream_records(tmp_path / name)
+        assert sorted(records) == sorted(expected), name
+        for step, record in records.items():
+            for metric, value in expected[step]["downstream"].items():
+                assert record["downstream"][metric] == pytest.approx(value, rel=1e-4), (name, step, metric)
+
+
+def test_a_task_file_that_does_not_exist_stops_the_run_before_its_first_step(tmp_path):
+    from megatron_mixln.data.errors import DataError
+    from megatron_mixln.train.loop import train
+
+    missing = tmp_path / "no_such_task.yaml"
+    with pytest.raises(DataError, match="no_such_task.yaml"):
+        train(load_config(None, tiny(tmp_path / "cache", tmp_path / "run", f"train.downstream_tasks={missing}")))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_analyze_plots_each_score_against_step_for_every_run():
+    from types import SimpleNamespace
+
+    from megatron_mixln.analysis import figures
+    from megatron_mixln.analysis.report import markdown
+
+    runs = [SimpleNamespace(label="pre", colour="C0", downstream={"mc/acc": [(3, 0.25), (6, 0.5)]}),
+            SimpleNamespace(label="mix", colour="C1", downstream={"mc/acc": [(3, 0.3), (6, 0.55)],
+                                                                  "ppl/word_perplexity": [(6, 90.0)]}),
+            SimpleNamespace(label="none", colour="C2", downstream={})]
+    fig, notes = figures.plot_downstream(runs)
+    panels = {ax.get_title(): {line.get_label(): list(zip(*line.get_data())) for line in ax.get_lines()}
+              for ax in fig.axes if ax.get_visible()}
+    assert panels["mc/acc"] == {"pre": [(3, 0.25), (6, 0.5)], "mix": [(3, 0.3), (6, 0.55)]}
+    assert panels["ppl/word_perplexity"] == {"mix": [(6, 90.0)]}
+    assert notes == ["downstream scores: none logged none (train.downstream_tasks), so it is left out."]
+    run = {"name": "mix", "label": "mix", "placement": "mix", "num_layers": 4, "kind": "run", "step": 6,
+           "layer_placements": None,
+           "downstream": {"mc/acc": [[3, 0.3], [6, 0.55]]}}
+    text = markdown({"runs": [run],
+                     "figures": {"downstream": "downstream_scores.png"}, "settings": {}, "notes": []})
+    assert "| mc/acc | 0.3000 | 0.5500 |" in text and "downstream_scores.png" in text

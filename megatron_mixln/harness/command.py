@@ -181,12 +181,18 @@ def evaluate_source(source: str | Path, tasks: list[str], limit: float | None = 
 def simple_evaluate(lm, tasks: list, limit: float | None = None, num_fewshot: int | None = None,
                     log_samples: bool = False, bootstrap_iters: int = 1000) -> dict:
     """lm-eval's own simple_evaluate on already loaded tasks (one place sets its options for every caller)."""
+    import os
+    from unittest import mock
+
     from lm_eval import evaluator
 
-    results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                        log_samples=log_samples, task_manager=task_manager(False),
-                                        bootstrap_iters=bootstrap_iters)
-    if results is None:  # lm-eval returns None on ranks other than 0; our LM is always its rank 0
+    # Our LM is lm-eval's rank 0 in every process (in training every rank runs the same evaluation, the scorer doing
+    # the collectives), but lm-eval 0.4.13 also returns None wherever LOCAL_RANK is not 0 (its TP convention).
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0"}):
+        results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                                            log_samples=log_samples, task_manager=task_manager(False),
+                                            bootstrap_iters=bootstrap_iters)
+    if results is None:
         raise RuntimeError("lm-eval returned no results")
     return results
 

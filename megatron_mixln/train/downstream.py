@@ -58,13 +58,14 @@ def _random_state_kept():
 
 
 def metric_values(results: dict) -> dict[str, float]:
-    """`task/metric` -> value from lm-eval's results (standard errors left out; a filter other than `none` kept
+    """`task/metric` -> value from lm-eval's results (standard errors and sample counts left out; a filter other than `none` kept
     in the name, e.g. `gsm8k/exact_match_strict-match`)."""
     values = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             name, _, filter_name = key.partition(",")
-            if "_stderr" in name or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if "_stderr" in name or name == "sample_len" or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)):
                 continue
             values[f"{task}/{name}" + (f"-{filter_name}" if filter_name and filter_name != "none" else "")] = value
     return values
