@@ -6,7 +6,7 @@ from megatron_mixln.config import load_config
 from megatron_mixln.train import step as step_module
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import read_metrics
-from training_runs import run_processes, tiny
+from training_runs import tiny, train_one_after_another
 
 # 5 sequences in micro-batches of 2: 3 batches over 2 data-parallel ranks, the last one 1 row short.
 EVAL = ["train.steps=1", "train.micro_batch_size=2", "train.eval_sequences=5", "train.optimizer=sgd"]
@@ -44,13 +44,26 @@ def test_padding_batches_carry_no_weight(cache, single, tmp_path, monkeypatch):
     assert (record["eval_sequences"], record["eval_tokens"]) == (5, 5 * 32)
 
 
+EVAL_LAYOUTS = {"dp2-zero3": ["parallel.zero_stage=3"], "pp2": ["parallel.pp=2"], "tp2": ["parallel.tp=2"]}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(cache, tmp_path_factory):
+    """Per layout of EVAL_LAYOUTS: (its ranks' summaries, its out_dir), all trained in one launch of two processes
+    (a launch costs more than these one-step runs)."""
+    folder = tmp_path_factory.mktemp("two-process")
+    results = train_one_after_another(2, [tiny(cache, folder / name, *EVAL, *layout)
+                                          for name, layout in EVAL_LAYOUTS.items()], folder)
+    return {name: (ranks, folder / name) for name, ranks in zip(EVAL_LAYOUTS, results)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=3"], ["parallel.pp=2"], ["parallel.tp=2"]],
-                         ids=["dp2-zero3", "pp2", "tp2"])
-def test_uneven_evaluation_equals_the_single_process_one(layout, cache, single, tmp_path):
-    for rank in run_processes(2, tiny(cache, tmp_path / "run", *EVAL, *layout), tmp_path):
-        assert "error" not in rank, rank.get("traceback")
-    record = eval_record(tmp_path / "run")
+@pytest.mark.parametrize("layout", list(EVAL_LAYOUTS))
+def test_uneven_evaluation_equals_the_single_process_one(layout, single, two_process_runs):
+    ranks, out = two_process_runs[layout]
+    for rank in ranks:
+        assert "error" not in rank, rank.get("traceback", rank["error"])
+    record = eval_record(out)
     assert (record["eval_sequences"], record["eval_tokens"]) == (single["eval_sequences"], single["eval_tokens"]) \
         == (5, 5 * 32)
     assert record["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-6)
