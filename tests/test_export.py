@@ -207,7 +207,7 @@ LAYOUTS = {"one process": (1, []), "pp2": (2, ["parallel.pp=2"]), "tp2": (2, ["p
            "dp2 zero-3": (2, ["parallel.zero_stage=3"])}
 
 
-def _export_worker(rank, world, store_path, overrides, out):
+def _export_worker(rank, world, store_path, runs):
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -221,35 +221,47 @@ def _export_worker(rank, world, store_path, overrides, out):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as init_distributed: no JIT-compiled op
     deepspeed.init_distributed(dist_backend="gloo", verbose=False, auto_mpi_discovery=False)
-    config = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides])
-    layout = build_layout(config)
-    module = build_training_model(config, layout)
-    export.export_from_module(module, config.model, layout, Path(out) / "export")
-    # Load it back into a differently initialised model of the same layout, and export that again.
-    other = build_training_model(load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides, "train.seed=99"]),
-                                 layout)
-    export.load_export_into(other, Path(out) / "export", config.model, layout)
-    export.export_from_module(other, config.model, layout, Path(out) / "reloaded")
+    for overrides, out in runs:  # one layout after another in the same processes, as train() builds them
+        config = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides])
+        layout = build_layout(config)
+        module = build_training_model(config, layout)
+        export.export_from_module(module, config.model, layout, Path(out) / "export")
+        # Load it back into a differently initialised model of the same layout, and export that again.
+        other = build_training_model(load_config(ROOT / "configs" / "tiny.yaml",
+                                                 [*TINY, *overrides, "train.seed=99"]), layout)
+        export.load_export_into(other, Path(out) / "export", config.model, layout)
+        export.export_from_module(other, config.model, layout, Path(out) / "reloaded")
     dist.destroy_process_group()
 
 
-def run_export(tmp_path: Path, layout: str) -> Path:
-    world, overrides = LAYOUTS[layout]
-    out = tmp_path / layout.replace(" ", "-")
-    mp.start_processes(_export_worker, args=(world, str(out) + ".store", overrides, str(out)), nprocs=world,
-                       start_method="spawn", join=True)
-    return out
+def run_exports(tmp_path: Path, *layouts: str) -> dict[str, Path]:
+    """Each of `layouts` (of one world size) exported in one launch, which costs more than an export: the folder
+    of each."""
+    [world] = {LAYOUTS[layout][0] for layout in layouts}
+    outs = {layout: tmp_path / layout.replace(" ", "-") for layout in layouts}
+    mp.start_processes(_export_worker, args=(world, str(tmp_path / "store"),
+                                             [(LAYOUTS[layout][1], str(outs[layout])) for layout in layouts]),
+                       nprocs=world, start_method="spawn", join=True)
+    return outs
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return run_export(tmp_path_factory.mktemp("single"), "one process")
+    return run_exports(tmp_path_factory.mktemp("single"), "one process")["one process"]
+
+
+TWO_PROCESS_LAYOUTS = ["pp2", "tp2", "dp2 zero-3"]
+
+
+@pytest.fixture(scope="module")
+def two_process(tmp_path_factory):
+    return run_exports(tmp_path_factory.mktemp("two-process"), *TWO_PROCESS_LAYOUTS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp2", "tp2", "dp2 zero-3"])
-def test_two_process_export_equals_the_single_process_one(one_process, tmp_path, layout):
-    out = run_export(tmp_path, layout)
+@pytest.mark.parametrize("layout", TWO_PROCESS_LAYOUTS)
+def test_two_process_export_equals_the_single_process_one(one_process, two_process, layout):
+    out = two_process[layout]
     _, reference = export.read_export(one_process / "export")
     assert len(reference) == 4 * 9 + 3
     for folder in ("export", "reloaded"):
