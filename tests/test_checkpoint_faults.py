@@ -15,6 +15,7 @@ import torch
 from megatron_mixln import cli
 from megatron_mixln.config import ConfigError, load_config
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import checkpoint_files
 from megatron_mixln.train import export
 from megatron_mixln.train.loop import train
 from megatron_mixln.train.metrics import DISCARDED_FILE, METRICS_FILE, discard_metrics_after, read_metrics
@@ -132,7 +133,7 @@ def test_a_load_that_fails_half_way_is_overwritten_whole_by_the_older_checkpoint
     half-load behind."""
     out = copy_of(saved_run, tmp_path)
     rot_a_tensor_record(step_folder(out, 4) / OPTIMISER_FILE)
-    monkeypatch.setattr(ckpt, "_verify_share", lambda folder, rank, world: None)  # what the checks would find
+    monkeypatch.setattr(ckpt, "verify_share", lambda folder, rank, world: None)  # what the checks would find
     overrides = ("parallel.zero_stage=1",)
 
     half = build_engine(cache, tmp_path / "a", *overrides)
@@ -206,7 +207,7 @@ def test_a_flipped_bit_torch_cannot_see_and_a_state_file_that_is_not_utf8_are_pa
     not_utf8(step_folder(out, 4) / ckpt.STATE_FILE)
     for step, name in ((3, OPTIMISER_FILE), (2, MODEL_FILE)):
         flip_a_bit_in_a_tensor(step_folder(out, step) / name)
-        ckpt.load_checkpoint_file(step_folder(out, step) / name)  # torch itself loads it without a word
+        checkpoint_files.load_checkpoint_file(step_folder(out, step) / name)  # torch itself loads it without a word
     capsys.readouterr()
     resumed = train(load_config(None, tiny(cache, out, *ZERO1)))
     printed = capsys.readouterr().out
@@ -285,7 +286,7 @@ def test_a_truncated_optimiser_shard_of_an_export_is_named_when_resumed_from(cac
 def test_mixln_export_refuses_a_smuggled_class_without_passing_on_torchs_advice(tmp_path, saved_run, capsys):
     out = copy_of(saved_run, tmp_path)
     path = step_folder(out, 4) / MODEL_FILE
-    state = ckpt.load_checkpoint_file(path)
+    state = checkpoint_files.load_checkpoint_file(path)
     state["payload"] = MaliciousPickle()
     torch.save(state, path)
     assert cli._run(cli._export, [str(out), str(tmp_path / "exported")]) == 2

@@ -23,6 +23,7 @@ from megatron_mixln.config import load_config
 from megatron_mixln.model import build_model
 from megatron_mixln.parallel.tensor_parallel import TensorParallel
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import checkpoint_files
 from megatron_mixln.train import export
 from megatron_mixln.train.loop import train
 from training_runs import MaliciousPickle, result_summary, run_processes, tiny
@@ -119,7 +120,7 @@ def test_mixln_export_refuses_pickles_and_names_a_missing_file(cache, tmp_path, 
     run(1, tiny(cache, out, "parallel.zero_stage=3", "train.stop_after_step=2"), tmp_path)
     folder = ckpt.latest_checkpoint(out)
     optim = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    with torch.serialization.safe_globals(ckpt.deepspeed_checkpoint_globals()):
+    with torch.serialization.safe_globals(checkpoint_files.deepspeed_checkpoint_globals()):
         state = torch.load(optim, weights_only=True)
     state["payload"] = MaliciousPickle()
     torch.save(state, optim)

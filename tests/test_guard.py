@@ -21,6 +21,7 @@ from megatron_mixln.config import ConfigError, GuardConfig, load_config
 from megatron_mixln.data import prefetch
 from megatron_mixln.data.sampling import batch_of_step
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import checkpoint_files
 from megatron_mixln.train import loop
 from megatron_mixln.train.guard import LossSpikeGuard, _merge
 from megatron_mixln.train.loop import UnstableError, train
@@ -255,7 +256,7 @@ def test_skip_leaves_weights_moments_and_schedule_untouched_at_the_outlier(cache
     result = train(load_config(None, overrides(cache, out, "skip", "train.save_every=1", "train.keep_checkpoints=3",
                                                f"train.stop_after_step={outlier}")))
     assert result.skipped_steps == [outlier] and result.guard_events[0]["step"] == outlier
-    before, after = (ckpt.load_checkpoint_file(out / "checkpoints" / ckpt.tag_for_step(s) /
+    before, after = (checkpoint_files.load_checkpoint_file(out / "checkpoints" / ckpt.tag_for_step(s) /
                                                "mp_rank_00_model_states.pt") for s in (outlier - 1, outlier))
     for part in ("module", "optimizer", "lr_scheduler"):  # ZeRO-0 keeps the optimiser's state in this file
         assert _same_tensors(before[part], after[part]), part

@@ -46,9 +46,10 @@ def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(tmp_p
     folder = tmp_path / "megatron_mixln" / "model"
     folder.mkdir(parents=True)
     source = folder / "probe.py"
-    source.write_text("import os\nfrom . import llama\n\n\ndef f():\n    from megatron_mixln.train import export\n")
-    assert imported(source, tmp_path / "megatron_mixln") == {"megatron_mixln.model", "megatron_mixln.model.llama", "megatron_mixln.train",
-                     "megatron_mixln.train.export"}
+    source.write_text("import os\nfrom . import llama\n\n\n"
+                      "def f():\n    from megatron_mixln.train import export\n")
+    assert imported(source, tmp_path / "megatron_mixln") == {
+        "megatron_mixln.model", "megatron_mixln.model.llama", "megatron_mixln.train", "megatron_mixln.train.export"}
 
 
 @pytest.mark.parametrize("path", modules_under("model"), ids=lambda p: module_name(p))
@@ -72,3 +73,9 @@ def test_the_research_modules_import_downwards_only():
     assert not reaches(imported(PACKAGE / "research" / "runs.py"), "megatron_mixln.research.report")
     assert not reaches(imported(PACKAGE / "research" / "report.py"), "megatron_mixln.research.study")
     assert "megatron_mixln.research.report" in imported(PACKAGE / "research" / "study.py")  # the reader sees it
+
+
+def test_the_checkpoint_files_layer_sits_below_the_checkpoint_orchestration():
+    """checkpoint_files.py (checksums, safe loading) knows nothing of saving, finding or loading folders."""
+    assert "megatron_mixln.train.checkpoint_files" in imported(PACKAGE / "train" / "checkpoint.py")
+    assert "megatron_mixln.train.checkpoint" not in imported(PACKAGE / "train" / "checkpoint_files.py")

@@ -6,6 +6,7 @@ import torch
 
 from megatron_mixln.config import load_config
 from megatron_mixln.train import checkpoint as ckpt
+from megatron_mixln.train import checkpoint_files
 from megatron_mixln.train.loop import train
 from training_runs import MaliciousPickle, result_summary, tiny, train_one_after_another
 
@@ -78,7 +79,7 @@ def test_checkpoint_loading_refuses_arbitrary_pickles(zero, file, cache, tmp_pat
     out = tmp_path / "run"
     train(load_config(None, tiny(cache, out, "train.steps=2", f"parallel.zero_stage={zero}")))
     path = ckpt.latest_checkpoint(out) / file
-    with torch.serialization.safe_globals(ckpt.deepspeed_checkpoint_globals()):
+    with torch.serialization.safe_globals(checkpoint_files.deepspeed_checkpoint_globals()):
         state = torch.load(path, weights_only=True)  # DeepSpeed's own classes are allowed ...
     state["payload"] = MaliciousPickle()
     torch.save(state, path)

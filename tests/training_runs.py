@@ -213,7 +213,7 @@ def train_one_after_another(world: int, runs: list[list[str]], tmp_path: Path, c
 
 def module_state(folder: str | Path) -> dict[str, torch.Tensor]:
     """The model weights in a (TP=1, PP=1) DeepSpeed checkpoint folder, read as mixln-export reads them."""
-    from megatron_mixln.train.checkpoint import deepspeed_checkpoint_globals
+    from megatron_mixln.train.checkpoint_files import deepspeed_checkpoint_globals
 
     with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
         return torch.load(Path(folder) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]

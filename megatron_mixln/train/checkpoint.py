@@ -1,4 +1,5 @@
-"""Atomic DeepSpeed checkpoints: save, find, load safely (resume). The consolidated export is train/export.py.
+"""Atomic DeepSpeed checkpoints: save, find, load (resume). The integrity of their files (checksums, safe loading,
+damaged files) is train/checkpoint_files.py; the consolidated export is train/export.py.
 
 Layout under `<out_dir>/checkpoints/`: one folder per saved step (`step_00000100/`) and a `latest` file
 naming the newest complete one. A save writes `<tag>.partial/`, renames it to `<tag>/` once every rank
@@ -22,12 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import re
 import shutil
-import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +33,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.saved_files import CheckpointError, DamagedFile, read_json
+from megatron_mixln.train.checkpoint_files import (MANIFEST, CheckpointDamaged, Problem, SummingFile, UnreadableFile,
+                                                   damage, file_problem, problem_error, safe_load, verify_share,
+                                                   weights_only_deepspeed_loading)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 PARTIAL = ".partial"
 DAMAGED = ".damaged"
 STATE_FILE = "trainer_state.json"
-MANIFEST = "checksums.json"  # {"checksum": "crc32", "files": {name: {"size": bytes, "crc32": zlib.crc32}}}
-_CHUNK = 16 * 2**20  # read size of the checks: large enough that zlib.crc32, not Python, sets the pace
 STEP_FOLDER = re.compile(r"step_(\d{8,})")  # exactly what tag_for_step writes: not .partial, not .damaged
-
-
-class CheckpointDamaged(CheckpointError):
-    """A checkpoint folder with a missing, truncated or unreadable file; train.resume=auto falls back past it.
-    `folder` is the checkpoint folder, `cause` a few words for the fallback line."""
-
-    def __init__(self, message: str, folder: Path, cause: str):
-        super().__init__(message)
-        self.folder, self.cause = folder, cause
 
 
 def _read_pointer(path: Path) -> str:
@@ -83,17 +73,7 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class _Problem:
-    """One rank's finding about a checkpoint folder: kind ("damaged", "unsafe", "foreign", "write"), the
-    one-sentence message, and the few words of cause the fallback line quotes."""
-
-    kind: str
-    message: str
-    cause: str
-
-
-def _agree(problem: _Problem | None) -> _Problem | None:
+def _agree(problem: Problem | None) -> Problem | None:
     """Every rank's verdict, the same on every rank: None when no rank found a problem, else the lowest failing
     rank's. Costs one all-reduce of one number when all is well; the problems travel only when there is one."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -105,12 +85,6 @@ def _agree(problem: _Problem | None) -> _Problem | None:
     found: list = [None] * dist.get_world_size()
     dist.all_gather_object(found, problem)
     return next(p for p in found if p is not None)
-
-
-def _damaged(problem: _Problem, folder: Path) -> CheckpointError:
-    if problem.kind == "damaged":
-        return CheckpointDamaged(problem.message, folder, problem.cause)
-    return CheckpointError(problem.message)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -197,21 +171,6 @@ def remove_partial_saves(out_dir: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------------- saving
 
 
-class _SummingFile:
-    """The file object torch.save writes a checkpoint file through: it sums the bytes on their way to the disk,
-    so the manifest costs no second read of what was written."""
-
-    def __init__(self, handle):
-        self.handle, self.crc32 = handle, 0
-
-    def write(self, data) -> int:
-        self.crc32 = zlib.crc32(data, self.crc32)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
 @contextlib.contextmanager
 def _recording_write_failures(engine, failures: list[tuple[str, OSError]], written: dict[str, dict[str, int]]):
     """During engine.save_checkpoint: every file DeepSpeed writes goes through a file object we open and fsync
@@ -232,7 +191,7 @@ def _recording_write_failures(engine, failures: list[tuple[str, OSError]], writt
             return
         try:
             with open(path, "wb") as handle:
-                summing = _SummingFile(handle)
+                summing = SummingFile(handle)
                 torch.save(state_dict, summing, _use_new_zipfile_serialization=self.zipfile_serialization)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -268,9 +227,9 @@ def _recording_write_failures(engine, failures: list[tuple[str, OSError]], writt
         del engine._copy_recovery_script  # back to the class's method
 
 
-def _save_failed(root: Path, tag: str, path: str | Path, err: OSError) -> _Problem:
+def _save_failed(root: Path, tag: str, path: str | Path, err: OSError) -> Problem:
     previous = _read_pointer(root / LATEST) if (root / LATEST).is_file() else None
-    return _Problem("write", f"saving checkpoint {tag} in {root} failed: writing {Path(path).name} failed "
+    return Problem("write", f"saving checkpoint {tag} in {root} failed: writing {Path(path).name} failed "
                              f"({(err.strerror or str(err)).lower()}); the half-written {tag}{PARTIAL} was removed "
                              + (f"and {root / LATEST} still names {previous}" if previous else
                                 "(the run has no earlier checkpoint)")
@@ -278,7 +237,7 @@ def _save_failed(root: Path, tag: str, path: str | Path, err: OSError) -> _Probl
                     (err.strerror or str(err)).lower())
 
 
-def _abandon_save(root: Path, partial_tag: str, problem: _Problem) -> CheckpointError:
+def _abandon_save(root: Path, partial_tag: str, problem: Problem) -> CheckpointError:
     """Every rank agreed the save failed: rank 0 removes the half-written folder now (it holds disk space the
     user needs back) and every rank raises the same sentence."""
     if _is_rank0():
@@ -366,222 +325,15 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, trainer_state: dict[
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def deepspeed_checkpoint_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19.8 pickles into its checkpoint files, and nothing else: the loss
-    scaler (ZeRO optimiser files), the ZeRO stage enum (ZeRO-1/2/3) and the parameter fragment addresses
-    (ZeRO-1/2 and the bf16 optimiser). Found with torch.serialization.get_unsafe_globals_in_checkpoint."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-class _UnreadableFile(Exception):
-    """Raised out of DeepSpeed's loading by our torch.load wrapper: which file, and the problem."""
-
-    def __init__(self, problem: _Problem):
-        super().__init__(problem.message)
-        self.problem = problem
-
-
-class _UnsafeGlobals(Exception):
-    """The classes outside the allow-list that a file's pickle names (found without unpickling it)."""
-
-    def __init__(self, names: list[str]):
-        super().__init__(", ".join(names))
-        self.names = names
-
-
-def _zip_directory_missing(path: Path) -> bool:
-    """True when the end-of-central-directory record of a torch zip file is missing from its tail: the file was
-    cut short (a full disk, a killed copy). A few KiB read; the record is the last 22 bytes plus a comment."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        handle.seek(max(0, size - 65_557))
-        return b"PK\x05\x06" not in handle.read()
-
-
-def _file_problem(folder: Path, path: Path, err: BaseException) -> _Problem:
-    """A checkpoint file that could not be read or was refused, in one sentence naming folder, file and cause."""
-    refused = isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err)
-    if refused or isinstance(err, _UnsafeGlobals):
-        names = ", ".join(err.names) if isinstance(err, _UnsafeGlobals) else _refused_global(str(err))
-        return _Problem("unsafe", f"checkpoint {folder} was refused: {path.name} holds {names} (Unsupported "
-                                  "global), a class outside the allow-list of tensors and DeepSpeed's own "
-                                  "classes, so it was not unpickled; DeepSpeed never writes one, so the file was "
-                                  "altered or comes from elsewhere: restore the folder from a trusted copy or "
-                                  "delete it.", f"{path.name} holds a class outside the allow-list")
-    if isinstance(err, FileNotFoundError):
-        cause = f"{path.name} is missing"
-    elif path.is_file() and _zip_directory_missing(path):
-        cause = f"{path.name} is truncated"
-    elif record := re.search(r"PytorchStreamReader failed reading file ([^:]+): ([^.]+)", str(err)):
-        cause = f"{path.name} is corrupt (its record {record.group(1)}: {record.group(2)})"  # a bad sector
-    else:
-        reason = str(err).split(". ")[0].removeprefix("PytorchStreamReader failed reading zip archive: ")
-        cause = f"{path.name} is unreadable ({getattr(err, 'strerror', None) or reason})"
-    return _damage(folder, cause)
-
-
-def _damage(folder: Path, cause: str) -> _Problem:
-    return _Problem("damaged", f"checkpoint {folder} is damaged: {cause}; resume from an older checkpoint "
-                               "(train.resume=auto picks the newest intact one) or restore the file.", cause)
-
-
-def _refused_global(message: str) -> str:
-    """The class named in torch's weights_only refusal ("Unsupported global: GLOBAL a.b was not an allowed
-    global ..."); the rest of that message (which suggests weights_only=False) is never passed on."""
-    match = re.search(r"GLOBAL ([\w.]+)", message)
-    return match.group(1) if match else "an object"
-
-
-def _is_torch_reader_failure(err: RuntimeError) -> bool:
-    # A torch zip archive cut short or corrupt: "PytorchStreamReader failed reading zip archive: failed finding
-    # central directory" (and "... failed reading file data/3"). Any other RuntimeError is not ours to rename.
-    return "PytorchStreamReader failed" in str(err)
-
-
-def _safe_load(path: str | Path, mmap: bool = False, map_location=None):
-    """torch.load of a DeepSpeed checkpoint file with weights_only=True and DeepSpeed's own classes allowed;
-    a truncated, unreadable or refused file raises _UnreadableFile naming it."""
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except RuntimeError as err:
-        if not _is_torch_reader_failure(err):
-            raise
-        raise _UnreadableFile(_file_problem(path.parent, path, err)) from err
-    except (OSError, EOFError, pickle.UnpicklingError, UnicodeDecodeError) as err:
-        # OSError: missing, EIO, or EINVAL from torch's reader on a small cut-short file; EOFError,
-        # UnicodeDecodeError: a pickle stream cut or garbled; UnpicklingError: weights_only refused a class.
-        raise _UnreadableFile(_file_problem(path.parent, path, err)) from err
-
-
-def load_checkpoint_file(path: str | Path) -> Any:
-    """One DeepSpeed checkpoint file on the host, read as a resume reads it (weights_only, DeepSpeed's classes
-    only); a damaged or refused file raises one CheckpointError sentence naming it."""
-    try:
-        return _safe_load(path, map_location="cpu")
-    except _UnreadableFile as err:
-        raise _damaged(err.problem, Path(path).parent) from None
-
-
-@contextlib.contextmanager
-def _weights_only_deepspeed_loading():
-    """Make DeepSpeed's checkpoint loading use `torch.load(weights_only=True)`: no arbitrary unpickling."""
-    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce
-
-    original = tce.TorchCheckpointEngine.load
-
-    def load(self, path: str, map_location=None):
-        return _safe_load(path, map_location=map_location)
-
-    tce.TorchCheckpointEngine.load = load
-    try:
-        yield
-    finally:
-        tce.TorchCheckpointEngine.load = original
-
-
-def _check_file(folder: Path, path: Path) -> _Problem | None:
-    """Cheap checks of one checkpoint file, without reading its tensors: the zip directory at its end (cut
-    short?) and the classes its pickle names (only tensors and DeepSpeed's own classes)."""
-    try:
-        if _zip_directory_missing(path):
-            return _file_problem(folder, path, EOFError())
-        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except RuntimeError as err:
-        if not _is_torch_reader_failure(err):
-            raise
-        return _file_problem(folder, path, err)
-    except (OSError, ValueError, pickle.UnpicklingError) as err:  # not a torch zip; a garbled pickle stream
-        return _file_problem(folder, path, err)
-    return _file_problem(folder, path, _UnsafeGlobals(sorted(unsafe))) if unsafe else None
-
-
-def _read_manifest(folder: Path) -> tuple[dict[str, dict[str, int]], _Problem | None]:
-    """name -> {"size", "crc32"} from a checkpoint's checksums.json; {} for a folder saved before it existed."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return {}, None
-    try:
-        files = read_json(path)["files"]
-        if all(Path(name).name == name and isinstance(sums.get("size"), int) and isinstance(sums.get("crc32"), int)
-               for name, sums in files.items()):  # names of files in the folder itself, nothing outside it
-            return files, None
-    except DamagedFile as err:
-        return {}, _damage(folder, f"{MANIFEST} {err.why}")
-    except (OSError, TypeError, KeyError, AttributeError):
-        pass
-    return {}, _damage(folder, f"{MANIFEST} is not a checksum manifest (name -> size and crc32)")
-
-
-def _crc32_of_file(path: Path) -> int:
-    crc, buffer = 0, bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while read := handle.readinto(buffer):
-            crc = zlib.crc32(view[:read], crc)
-    return crc
-
-
-def _verify_file(folder: Path, path: Path, saved: dict[str, int] | None) -> _Problem | None:
-    """Read one file whole and compare it with the size and CRC-32 its save recorded; a torch file without them
-    (saved before checksums.json) against the CRC-32 of each record in its zip, which zipfile checks on reading."""
-    try:
-        if saved is None:
-            if path.suffix == ".pt":
-                with zipfile.ZipFile(path) as archive:
-                    for record in archive.infolist():
-                        with archive.open(record) as member:
-                            while member.read(_CHUNK):
-                                pass
-            return None
-        size = path.stat().st_size
-        if size != saved["size"]:
-            return _damage(folder, f"{path.name} is truncated" if size < saved["size"] else
-                           f"{path.name} has {size} bytes, {saved['size']} when it was saved")
-        if _crc32_of_file(path) != saved["crc32"]:
-            return _damage(folder, f"{path.name} does not match the CRC-32 saved in {MANIFEST}")
-    except zipfile.BadZipFile as err:  # "Bad CRC-32 for file 'archive/data/3'", "Bad magic number for file header"
-        return _damage(folder, f"{path.name} is corrupt ({str(err).rstrip('.')})")
-    except OSError as err:
-        return _file_problem(folder, path, err)
-    return None
-
-
-def _verify_share(folder: Path, rank: int, world: int) -> _Problem | None:
-    """This rank's share of the checks of every file a load reads: the `*.pt` files and those checksums.json lists
-    (a missing one included). Each file is checked by one rank, the largest spread first over all ranks."""
-    saved, problem = _read_manifest(folder)
-    if problem is not None:
-        return problem
-
-    def size(name: str) -> int:
-        return saved[name]["size"] if name in saved else (folder / name).stat().st_size
-
-    names = sorted({path.name for path in folder.glob("*.pt")} | set(saved), key=lambda name: (-size(name), name))
-    for name in names[rank::world]:
-        path = folder / name
-        if path.suffix == ".pt" and (problem := _check_file(folder, path)) is not None:
-            return problem  # a class outside the allow-list is named as such, before any sum is compared
-        if (problem := _verify_file(folder, path, saved.get(name))) is not None:
-            return problem
-    return None
-
-
 def verify_checkpoint(folder: str | Path) -> None:
     """Check every file of a checkpoint folder in this process, as a resume does before loading: raises
     CheckpointDamaged (missing, cut short, not matching its sum) or CheckpointError (a class outside the allow-list)."""
     folder = Path(folder)
     _, problem = _read_state(folder)
     if problem is None:
-        problem = _verify_share(folder, 0, 1)
+        problem = verify_share(folder, 0, 1)
     if problem is not None:
-        raise _damaged(problem, folder)
+        raise problem_error(problem, folder)
 
 
 def _shape_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -596,7 +348,7 @@ def _shape_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return differences
 
 
-def _foreign_shape(engine, folder: Path, saved: dict[str, Any]) -> _Problem | None:
+def _foreign_shape(engine, folder: Path, saved: dict[str, Any]) -> Problem | None:
     """Compare the parameter shapes a checkpoint holds with this engine's model, before DeepSpeed loads it:
     under ZeRO-3 a different shape would surface only as a tensor-size error deep in the optimiser."""
     if saved.get("param_shapes") and engine.zero_optimization():
@@ -611,14 +363,14 @@ def _foreign_shape(engine, folder: Path, saved: dict[str, Any]) -> _Problem | No
     return _foreign(folder, differences) if differences else None
 
 
-def _foreign(folder: Path, differences: list[str]) -> _Problem:
+def _foreign(folder: Path, differences: list[str]) -> Problem:
     more = f" (and {len(differences) - 1} more differences)" if len(differences) > 1 else ""
-    return _Problem("foreign", f"checkpoint {folder} was saved by a model of another shape: {differences[0]}{more}; "
+    return Problem("foreign", f"checkpoint {folder} was saved by a model of another shape: {differences[0]}{more}; "
                                f"resume it with the model settings it was saved with (its {STATE_FILE} holds them) "
                                "or start a new run in another train.out_dir.", "another model shape")
 
 
-def _state_dict_mismatch(folder: Path, err: RuntimeError) -> _Problem | None:
+def _state_dict_mismatch(folder: Path, err: RuntimeError) -> Problem | None:
     """torch's load_state_dict refusal ("Error(s) in loading state_dict for X:" and one line per parameter,
     ~40-70 lines) as one sentence; None for any other RuntimeError."""
     message = str(err)
@@ -633,24 +385,24 @@ def _state_dict_mismatch(folder: Path, err: RuntimeError) -> _Problem | None:
     return _foreign(folder, differences or [message.splitlines()[0]])
 
 
-def _preflight(engine, folder: Path) -> _Problem | None:
+def _preflight(engine, folder: Path) -> Problem | None:
     """This rank's share of the checks made before DeepSpeed loads anything: every file of the folder is read
     whole by one rank (its zip directory, its pickle's class names and its CRC-32), and each rank checks that its
     own model-states file exists and holds this model's parameter shapes."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if (problem := _verify_share(folder, rank, world)) is not None:
+    if (problem := verify_share(folder, rank, world)) is not None:
         return problem
     own = Path(engine._get_ckpt_name(str(folder.parent), folder.name))
     if not own.is_file():
-        return _file_problem(folder, own, FileNotFoundError())
+        return file_problem(folder, own, FileNotFoundError())
     try:
-        saved = _safe_load(own, mmap=True, map_location="cpu")  # mmap: shapes without reading the tensors
-    except _UnreadableFile as err:
+        saved = safe_load(own, mmap=True, map_location="cpu")  # mmap: shapes without reading the tensors
+    except UnreadableFile as err:
         return err.problem
     return _foreign_shape(engine, folder, saved)
 
 
-def _read_state(folder: Path) -> tuple[dict[str, Any] | None, _Problem | None]:
+def _read_state(folder: Path) -> tuple[dict[str, Any] | None, Problem | None]:
     state_path = folder / STATE_FILE
     if not folder.is_dir():
         cause = f"{folder.name} does not exist"
@@ -660,10 +412,10 @@ def _read_state(folder: Path) -> tuple[dict[str, Any] | None, _Problem | None]:
         try:
             return read_json(state_path), None
         except DamagedFile as err:
-            return None, _damage(folder, f"{STATE_FILE} {err.why}")
+            return None, damage(folder, f"{STATE_FILE} {err.why}")
         except OSError as err:
-            return None, _damage(folder, f"{STATE_FILE} is unreadable ({err.strerror})")
-    return None, _Problem("damaged", f"{folder} is not a usable checkpoint folder: {cause} (expected a folder like "
+            return None, damage(folder, f"{STATE_FILE} is unreadable ({err.strerror})")
+    return None, Problem("damaged", f"{folder} is not a usable checkpoint folder: {cause} (expected a folder like "
                                      f"<out_dir>/{CHECKPOINTS}/step_00000100 written by a completed save).", cause)
 
 
@@ -680,19 +432,19 @@ def load_checkpoint(engine, folder: str | Path) -> dict[str, Any]:
     if problem is None:
         problem = _preflight(engine, folder)
     if (problem := _agree(problem)) is not None:
-        raise _damaged(problem, folder)
+        raise problem_error(problem, folder)
     # The preflight found every file whole and this model's shapes; what DeepSpeed still reports is caught here
     # (a bad sector inside a tensor record, a pipeline stage's layer file of another shape) and agreed on again.
     # Such a failure on some ranks only, while the others go on into DeepSpeed's own collectives, cannot be
     # rescued from here: the preflight is there so that damaged files never get that far.
     try:
-        with _weights_only_deepspeed_loading():
+        with weights_only_deepspeed_loading():
             load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
-        problem = None if load_path is not None else _Problem(
+        problem = None if load_path is not None else Problem(
             "damaged", f"checkpoint {folder} is damaged: DeepSpeed found no model-states file it could load; "
                        "resume from an older checkpoint or restore the folder.", "no loadable model-states file")
-    except _UnreadableFile as err:
+    except UnreadableFile as err:
         problem = err.problem
     except RuntimeError as err:
         if (problem := _state_dict_mismatch(folder, err)) is None:
@@ -704,11 +456,11 @@ def load_checkpoint(engine, folder: str | Path) -> dict[str, Any]:
 
         way_on = other_data_parallel_size(folder, "<out_dir>", (state or {}).get("step"),
                                           "as many processes as the run that saved it")
-        problem = _Problem("foreign", f"checkpoint {folder} was saved with another number of data-parallel ranks "
+        problem = Problem("foreign", f"checkpoint {folder} was saved with another number of data-parallel ranks "
                                       f"({str(err).split('. ')[0].removeprefix('The checkpoint being loaded used ')}"
                                       f"); {way_on}.", "another data-parallel size")
     if (problem := _agree(problem)) is not None:
-        raise _damaged(problem, folder)
+        raise problem_error(problem, folder)
     _relink_optimizer_states(engine.optimizer)
     return state
 

@@ -17,7 +17,7 @@ from megatron_mixln.config import ModelConfig, config_from_dict
 from megatron_mixln.model.hf_format import RUN_RECORD, HFTensors, is_hf_folder, read_hf_config, source_names
 from megatron_mixln.saved_files import CheckpointError, read_json
 from megatron_mixln.train import checkpoint as ckpt
-from megatron_mixln.train.checkpoint import deepspeed_checkpoint_globals
+from megatron_mixln.train.checkpoint_files import deepspeed_checkpoint_globals, load_checkpoint_file
 from megatron_mixln.train.export import EXPORT_CONFIG, export_files, read_export
 
 
@@ -138,7 +138,7 @@ def _weights_only_loads():
 def _load_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint in {path.parent} is incomplete.")
-    return ckpt.load_checkpoint_file(path)
+    return load_checkpoint_file(path)
 
 
 def _pipeline_shard(folder: Path, tp_rank: int, num_layers: int) -> dict[str, torch.Tensor]:
