@@ -26,7 +26,7 @@ from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import checkpoint_files
 from megatron_mixln.train import export
 from megatron_mixln.train.loop import train
-from training_runs import MaliciousPickle, result_summary, run_processes, tiny
+from training_runs import MaliciousPickle, result_summary, run_processes, tiny, train_one_after_another
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,12 @@ EXPORT_LAYOUTS = [  # (processes, overrides), id: where DeepSpeed puts the weigh
 
 
 @pytest.mark.parametrize("world,overrides", EXPORT_LAYOUTS)
-def test_mixln_export_of_a_checkpoint_equals_the_runs_own_export(world, overrides, cache, tmp_path):
-    out = tmp_path / "run"
-    first = run(world, tiny(cache, out, *overrides, "train.stop_after_step=3"), tmp_path)
+def test_mixln_export_of_a_checkpoint_equals_the_runs_own_export(world, overrides, cache, launched, tmp_path):
+    if world == 1:
+        out = tmp_path / "run"
+        first = run(world, tiny(cache, out, *overrides, "train.stop_after_step=3"), tmp_path)
+    else:
+        first, out = launched("export", world, overrides)
     assert first["stopped_early"]  # a checkpoint of step 3 and the run's own export of step 3
     assert ckpt.latest_checkpoint(out).name == ckpt.tag_for_step(3)
 
@@ -171,25 +174,62 @@ MOVES = [  # (processes, overrides of the moved run, exact), id: from one proces
 
 @pytest.mark.parametrize("world,overrides,exact", MOVES)
 def test_a_run_moved_with_its_optimiser_state_continues_as_the_straight_run(world, overrides, exact, straight, cache,
-                                                                             tmp_path, capsys):
+                                                                             launched, tmp_path, capsys):
     whole, moving = straight
     assert json.loads((moving / export.EXPORT_OPTIMIZER).read_text())["states"] == ["exp_avg", "exp_avg_sq"]
-    moved = run(world, tiny(cache, tmp_path / "moved", *overrides, f"train.resume={moving}"), tmp_path)
+    if world == 1:
+        moved = run(world, tiny(cache, tmp_path / "moved", *overrides, f"train.resume={moving}"), tmp_path)
+    else:
+        moved = launched("move", world, overrides)[0]
     assert_continues(moved, whole, exact)
     if world == 1:
         assert "(weights and optimiser state: exp_avg, exp_avg_sq at optimiser step 3)" in capsys.readouterr().out
 
 
-@SLOW
-@pytest.mark.parametrize("world,overrides,back", [
+BACK = [  # (processes, overrides of the parallel run, overrides of the run moved back), id
     pytest.param(2, ["parallel.pp=2"], ["parallel.zero_stage=2"], id="pp2-to-one-process-zero2"),
     pytest.param(2, ["parallel.zero_stage=3"], [], id="dp2-zero3-to-one-process-zero0"),
     pytest.param(2, ["parallel.tp=2", "parallel.zero_stage=1"], ["parallel.pp=2"], id="tp2-zero1-to-pp2"),
-])
-def test_a_run_moves_back_from_a_parallel_layout(world, overrides, back, straight, cache, tmp_path):
+]
+
+
+@pytest.fixture(scope="module")
+def launched(cache, straight, tmp_path_factory):
+    """launched(kind, world, overrides) -> (rank 0's summary, out_dir) of a multi-process run of this file: an
+    "export" run of EXPORT_LAYOUTS (stopped after step 3), a "move" of MOVES (resumed from the straight run's
+    export) or the "parallel" run of BACK (stopped after step 3). All the runs of one world size are trained in
+    one launch, on first use: a launch costs more than these runs."""
+    folder = tmp_path_factory.mktemp("launched")
+    _, moving = straight
+    planned = {}  # (kind, world, overrides) -> overrides of the run
+    for kind, params, extra in (("export", EXPORT_LAYOUTS, ["train.stop_after_step=3"]),
+                                ("move", MOVES, [f"train.resume={moving}"]),
+                                ("parallel", BACK, ["train.stop_after_step=3"])):
+        for param in params:
+            world, overrides = param.values[:2]
+            if world > 1:
+                planned[(kind, world, tuple(overrides))] = tiny(cache, folder / f"{kind}-{param.id}", *overrides,
+                                                                *extra)
+    done = {}
+
+    def result(kind: str, world: int, overrides: list[str]) -> tuple[dict, Path]:
+        key = (kind, world, tuple(overrides))
+        if key not in done:
+            keys = [each for each in planned if each[1] == world]
+            done.update(zip(keys, train_one_after_another(world, [planned[each] for each in keys], folder)))
+        for rank in done[key]:
+            assert "error" not in rank, rank.get("traceback", rank["error"])
+        out = next(o for o in planned[key] if o.startswith("train.out_dir=")).split("=", 1)[1]
+        return done[key][0], Path(out)
+
+    return result
+
+
+@SLOW
+@pytest.mark.parametrize("world,overrides,back", BACK)
+def test_a_run_moves_back_from_a_parallel_layout(world, overrides, back, straight, cache, launched, tmp_path):
     whole, _ = straight
-    run(world, tiny(cache, tmp_path / "parallel", *overrides, "train.stop_after_step=3"), tmp_path)
-    moving = tmp_path / "parallel" / "export"
+    moving = launched("parallel", world, overrides)[1] / "export"
     back_world = 2 if "parallel.pp=2" in back else 1
     moved = run(back_world, tiny(cache, tmp_path / "back", *back, f"train.resume={moving}"), tmp_path)
     assert_continues(moved, whole, exact=False)
