@@ -79,6 +79,27 @@ def test_prompt_count_is_the_common_prefix_when_the_tokenizer_merges_across_the_
     assert prompt_token_count([5, 6, 7], [5, 6, 11, 9]) == (2, True)
 
 
+def test_hand_built_masks_in_padding_and_packing(tmp_path):
+    """Two documents written by hand, [10 11 | 12 13 eos] and [20 21 22 | eos] (prompt | response), in 4-token
+    sequences: every label and every target count, spelled out."""
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    tokens = np.array([10, 11, 12, 13, 1, 20, 21, 22, 1], dtype=np.uint16)
+    (folder / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    tokens.tofile(folder / "train.tokens")
+    np.save(folder / "train.offsets.npy", np.array([0, 5, 9], dtype=np.int64))
+    np.save(folder / "train.prompt_lengths.npy", np.array([2, 3], dtype=np.int64))
+    x = IGNORE_INDEX
+    padded = SequenceDataset(TokenFile(folder, "train"), 4, "document", pad_id=0)
+    assert [padded[i][0].tolist() for i in range(2)] == [[10, 11, 12, 13], [20, 21, 22, 1]]
+    assert [padded[i][1].tolist() for i in range(2)] == [[x, 12, 13, x], [x, x, 1, x]]  # 13 -> eos is cut off
+    assert padded.target_counts([0, 1]).tolist() == [2, 1]
+    packed = SequenceDataset(TokenFile(folder, "train"), 4, "packed", pad_id=0)
+    assert [packed[i][0].tolist() for i in range(2)] == [[10, 11, 12, 13], [1, 20, 21, 22]]
+    assert [packed[i][1].tolist() for i in range(2)] == [[x, 12, 13, 1], [x, x, x, 1]]
+    assert packed.target_counts([0, 1]).tolist() == [3, 1]
+
+
 def test_masks_cover_exactly_the_prompt_in_padding_and_packing(pretrained, tmp_path):
     config, meta, documents = prepared(pretrained, tmp_path, "data.mode=document")
     folder = Path(meta["folder"])
