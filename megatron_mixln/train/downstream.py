@@ -34,8 +34,9 @@ class EngineScorer:
         if width > self.seq_len:
             raise ValueError(f"a request of {width} positions is longer than data.seq_len={self.seq_len}")
         padded_rows = -(-count // self.rows) * self.rows
-        inputs = torch.full((padded_rows, self.seq_len), self.pad_id, dtype=torch.long)
-        targets = torch.full((padded_rows, self.seq_len), IGNORE_INDEX, dtype=torch.long)
+        # Host batches, as training's: the engine's forward moves them to the device.
+        inputs = torch.full((padded_rows, self.seq_len), self.pad_id, dtype=torch.long, device="cpu")
+        targets = torch.full((padded_rows, self.seq_len), IGNORE_INDEX, dtype=torch.long, device="cpu")
         inputs[:count, :width], targets[:count, :width] = input_ids, labels
         batches = [(inputs[i:i + self.rows], targets[i:i + self.rows]) for i in range(0, padded_rows, self.rows)]
         scores = self.steps.score_rows(batches)[:count]

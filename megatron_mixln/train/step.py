@@ -379,7 +379,7 @@ class StepEngine:
         from megatron_mixln.model.llama import log_partition_modules
 
         if not batches:
-            return torch.zeros((0, 2), dtype=torch.float64)
+            return torch.zeros((0, 2), dtype=torch.float64, device="cpu")
         rows, dp = batches[0][0].shape[0], self.layout.dp
         mine = list(range(self.layout.dp_rank, len(batches), dp))
         padding = -(-len(batches) // dp) - len(mine)
