@@ -42,14 +42,15 @@ class HarnessTokenizer:
     added_before: tuple[int, ...] = ()
     added_after: tuple[int, ...] = ()
     bos_id: int | None = None
+    hf_eos_id: int | None = None  # the export's tokenizer's eos, where it names one
 
     @property
     def eos_id(self) -> int:
-        return self.tokenizer.eos_id
+        return self.hf_eos_id if self.hf_eos_id is not None else self.tokenizer.eos_id
 
     @property
     def prefix_token_id(self) -> int:
-        return self.bos_id if self.bos_id is not None else self.tokenizer.eos_id
+        return self.bos_id if self.bos_id is not None else self.eos_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -71,7 +72,7 @@ def harness_tokenizer(tokenizer: Tokenizer, hf_tokenizer=None) -> HarnessTokeniz
         raise DataError(f"transformers' tokenizer {hf_tokenizer.name_or_path!r} encodes text differently from the "
                         f"run's tokenizer {tokenizer.name!r}: pass the run's own tokenizer.")
     return HarnessTokenizer(tokenizer, tuple(full[:start]), tuple(full[start + len(plain):]),
-                            hf_tokenizer.bos_token_id)
+                            hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
 
 
 def _run_tokenizer_spec(data_meta: dict | None) -> str | None:
@@ -92,7 +93,11 @@ def run_tokenizer(weights) -> HarnessTokenizer:
     if any((folder / name).is_file() for name in TOKENIZER_FILES) and (folder / "config.json").is_file():
         from transformers import AutoTokenizer
 
-        return harness_tokenizer(load_tokenizer(str(folder)), AutoTokenizer.from_pretrained(str(folder)))
+        # Said explicitly: a Mix-LN folder names remote code (its model's), which a tokenizer never needs; left
+        # unsaid, transformers would ask on a terminal.
+        hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        spec = folder / "tokenizer.json"  # read by `tokenizers` directly: no second transformers load
+        return harness_tokenizer(load_tokenizer(str(spec if spec.is_file() else folder)), hf)
     if _run_tokenizer_spec(weights.data_meta) is None:
         raise DataError(f"{folder} records no tokenizer (no data metadata and no tokenizer files): export it with "
                         "mixln-export --hf --tokenizer SPEC and evaluate that folder.")
