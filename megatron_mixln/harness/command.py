@@ -169,7 +169,9 @@ def evaluate_source(source: str | Path, tasks: list[str], limit: float | None = 
                  batch_size, name=str(source))
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads a float as a fraction of each task
-    results = simple_evaluate(lm, task_objects, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
+    # lm-eval's command-line default of bootstrap resamples, for the standard errors without a closed form.
+    results = simple_evaluate(lm, task_objects, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
+                              bootstrap_iters=100_000)
     table = results_table(results)
     out = Path(out) if out is not None else default_output(source, weights.step)
     results["mixln"] = {"source": str(source), "step": weights.step, "dtype": str(_torch_dtype(dtype, device)),
