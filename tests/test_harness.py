@@ -136,9 +136,10 @@ def test_loglikelihoods_equal_a_float64_computation_with_our_model(runs):
     finally:
         model.float()
     assert compared == {"mixln_tiny_mc": 80, "mixln_tiny_ppl": 10}
-    # The long documents were scored in several windows, so the rolling path was exercised.
-    assert max(len(tokenizer.encode(json.loads(line)["text"]))
-               for line in (TASKS_FOLDER / "tiny_ppl.jsonl").read_text().splitlines()) > 3 * 64
+    # Three documents need several windows (one more than three), so the rolling path was exercised.
+    lengths = [len(tokenizer.encode(json.loads(line)["text"]))
+               for line in (TASKS_FOLDER / "tiny_ppl.jsonl").read_text().splitlines()]
+    assert sum(length > 64 for length in lengths) >= 3 and max(lengths) > 3 * 64
 
 
 @pytest.mark.parametrize("placement,ours_from", [("pre", "export"), ("mix", "hf")])
