@@ -34,12 +34,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megatron_mixln.data.errors import DataError
     from megatron_mixln.output_folder import OutputFolderError
     from megatron_mixln.parallel.launch import LaunchError
+    from megatron_mixln.saved_files import CheckpointError
     from megatron_mixln.storage import StorageError
 
-    # CheckpointError's module imports torch: look it up only if something imported it (else none was raised).
-    checkpoint = sys.modules.get("megatron_mixln.train.checkpoint")
-    errors = (ConfigError, DataError, LaunchError, OutputFolderError, StorageError)
-    return errors + ((checkpoint.CheckpointError,) if checkpoint else ())
+    return (CheckpointError, ConfigError, DataError, LaunchError, OutputFolderError, StorageError)
 
 
 def _run(main, argv) -> int:
@@ -297,7 +295,7 @@ def _eval(argv) -> int:
     from megatron_mixln.config import config_from_dict, parse_overrides
     from megatron_mixln.data import eval_batches, open_datasets
     from megatron_mixln.data.sampling import eval_indices
-    from megatron_mixln.train import checkpoint as ckpt
+    from megatron_mixln.saved_files import CheckpointError
     from megatron_mixln.train.export import model_with_weights
     from megatron_mixln.train.step import loss_sum
     from megatron_mixln.train.weights import is_export, read_weights
@@ -307,7 +305,7 @@ def _eval(argv) -> int:
         source = source / "export"
     weights = read_weights(source)
     if weights.run_config is None:
-        raise ckpt.CheckpointError(f"{source} holds no run_config (the data and sequence length to evaluate on): "
+        raise CheckpointError(f"{source} holds no run_config (the data and sequence length to evaluate on): "
                                    "export it with mixln-train, mixln-export or mixln-export --hf.")
     run_config = copy.deepcopy(weights.run_config)  # the overrides change a copy
     for section, values in parse_overrides(args.overrides).items():
@@ -318,7 +316,7 @@ def _eval(argv) -> int:
     indices = eval_indices(len(eval_data), config.train.eval_sequences)
     count = int(eval_data.target_counts(indices).sum())
     if count == 0:
-        raise ckpt.CheckpointError(f"{source}: its run's held-out split has no sequences to evaluate; "
+        raise CheckpointError(f"{source}: its run's held-out split has no sequences to evaluate; "
                                    "pass a data source with held-out text, e.g. data.eval_fraction=0.05.")
     total = loss_sum(model, eval_batches(eval_data, len(indices), config.train.micro_batch_size),
                      torch.device("cpu")).item()

@@ -146,9 +146,9 @@ def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> tuple
     names = source_names(tensors, model_config, folder, kind)
     extra = {"step": 0, "imported_from": {"folder": str(folder.resolve()), "kind": kind}}
     with atomic_folder(out, export.EXPORT_OUTPUT, force) as tmp:
-        writer = export._UnitWriter(tmp, model_config.num_layers)
+        writer = export.UnitWriter(tmp, model_config.num_layers)
         for name in sorted(names, key=lambda name: export.export_unit(name, model_config.num_layers)):
             writer.add(name, tensors.piece(names[name])[:])  # the writer writes and frees a unit when the next begins
         writer.close()
-        export._finish_export(tmp, model_config, extra, writer.index)
+        export.finish_export(tmp, model_config, extra, writer.index)
     return out, model_config, kind

@@ -20,7 +20,7 @@ from megatron_mixln import ModelConfig
 from megatron_mixln.model import build_model
 from megatron_mixln.parallel.tensor_parallel import TensorParallel
 from megatron_mixln.train import checkpoint as ckpt
-from megatron_mixln.train import export
+from megatron_mixln.train import export, module_export
 
 ROOT = Path(__file__).parent.parent
 LAYERS = 3
@@ -118,7 +118,7 @@ def test_older_export_layouts_still_load(model, tmp_path, stages):
     loaded = export.load_exported_model(folder)
     assert all(torch.equal(v, reference[n]) for n, v in loaded.state_dict().items())
     other = build_model(CONFIG, seed=9)
-    export.load_export_into(other, folder, CONFIG, ONE_PROCESS)
+    module_export.load_export_into(other, folder, CONFIG, ONE_PROCESS)
     assert all(torch.equal(v, reference[n]) for n, v in other.state_dict().items())
 
 
@@ -126,7 +126,7 @@ def test_load_export_into_reads_the_per_unit_layout(model, tmp_path):
     out = export.export_consolidated(model.state_dict(), CONFIG, tmp_path / "export")
     other = build_model(CONFIG, seed=9)
     assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
-    export.load_export_into(other, out, CONFIG, ONE_PROCESS)
+    module_export.load_export_into(other, out, CONFIG, ONE_PROCESS)
     assert all(torch.equal(v, model.state_dict()[n]) for n, v in other.state_dict().items())
 
 
@@ -148,7 +148,7 @@ def alive_at_each_write(monkeypatch, export_call):
     array dies exactly when the memory is freed, whatever views or detached aliases were made of it."""
     yielded: dict[str, weakref.ref] = {}
     order: list[str] = []
-    real_gather, real_save = export.full_named_parameters, safetensors.torch.save_file
+    real_gather, real_save = module_export.full_named_parameters, safetensors.torch.save_file
 
     def tracked(*args, **kwargs):
         for name, value in real_gather(*args, **kwargs):
@@ -167,7 +167,7 @@ def alive_at_each_write(monkeypatch, export_call):
         writes.append((set(tensors), alive, order[-1]))
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(export, "full_named_parameters", tracked)
+    monkeypatch.setattr(module_export, "full_named_parameters", tracked)
     monkeypatch.setattr(safetensors.torch, "save_file", recording_save)
     export_call()
     still_alive = {name for name, ref in yielded.items() if ref() is not None}
@@ -176,7 +176,7 @@ def alive_at_each_write(monkeypatch, export_call):
 
 def test_writer_holds_one_unit_at_a_time(model, tmp_path, monkeypatch):
     writes, still_alive = alive_at_each_write(
-        monkeypatch, lambda: export.export_from_module(model, CONFIG, ONE_PROCESS, tmp_path / "export"))
+        monkeypatch, lambda: module_export.export_from_module(model, CONFIG, ONE_PROCESS, tmp_path / "export"))
     units = {}
     for name, _ in model.named_parameters():
         units.setdefault(unit_of(name), set()).add(name)
@@ -189,7 +189,7 @@ def test_writer_holds_one_unit_at_a_time(model, tmp_path, monkeypatch):
 
     # The probe can fail: the former export (the whole stage in one dict) shows every tensor alive.
     def whole_stage():
-        tensors = dict(export.full_named_parameters(model, CONFIG, ONE_PROCESS))
+        tensors = dict(module_export.full_named_parameters(model, CONFIG, ONE_PROCESS))
         safetensors.torch.save_file(tensors, str(tmp_path / "whole.safetensors"))
 
     monkeypatch.undo()
@@ -225,12 +225,12 @@ def _export_worker(rank, world, store_path, runs):
         config = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides])
         layout = build_layout(config)
         module = build_training_model(config, layout)
-        export.export_from_module(module, config.model, layout, Path(out) / "export")
+        module_export.export_from_module(module, config.model, layout, Path(out) / "export")
         # Load it back into a differently initialised model of the same layout, and export that again.
         other = build_training_model(load_config(ROOT / "configs" / "tiny.yaml",
                                                  [*TINY, *overrides, "train.seed=99"]), layout)
-        export.load_export_into(other, Path(out) / "export", config.model, layout)
-        export.export_from_module(other, config.model, layout, Path(out) / "reloaded")
+        module_export.load_export_into(other, Path(out) / "export", config.model, layout)
+        module_export.export_from_module(other, config.model, layout, Path(out) / "reloaded")
     dist.destroy_process_group()
 
 

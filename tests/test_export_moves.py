@@ -24,7 +24,7 @@ from megatron_mixln.model import build_model
 from megatron_mixln.parallel.tensor_parallel import TensorParallel
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import checkpoint_files
-from megatron_mixln.train import export
+from megatron_mixln.train import export, module_export
 from megatron_mixln.train.loop import train
 from training_runs import MaliciousPickle, result_summary, run_processes, tiny, train_one_after_another
 
@@ -302,8 +302,8 @@ def unit_of(name: str) -> str:
 
 def test_the_torch_optimisers_state_goes_through_the_export_exactly(tmp_path):
     model, optimizer, scheduler = stepped_adam(seed=1)
-    out = export.export_from_module(model, SMALL, ONE_PROCESS, tmp_path / "export", extra={"step": 2},
-                                    optimizer=optimizer, scheduler=scheduler)
+    out = module_export.export_from_module(model, SMALL, ONE_PROCESS, tmp_path / "export", extra={"step": 2},
+                                           optimizer=optimizer, scheduler=scheduler)
     meta = json.loads((out / export.EXPORT_OPTIMIZER).read_text())
     assert (meta["optimizer"], meta["step"], meta["lr_schedule_step"], meta["states"]) == (
         "Adam", 2, 2, ["exp_avg", "exp_avg_sq"])  # fp32 weights: no separate master copy
@@ -311,7 +311,7 @@ def test_the_torch_optimisers_state_goes_through_the_export_exactly(tmp_path):
     other = build_model(SMALL, seed=5)
     fresh = torch.optim.Adam(other.parameters(), lr=1e-2)
     assert not fresh.state  # torch creates it at the first step; the load must create it
-    loaded = export.load_export_into(other, out, SMALL, ONE_PROCESS, optimizer=fresh)
+    loaded = module_export.load_export_into(other, out, SMALL, ONE_PROCESS, optimizer=fresh)
     assert (loaded.step, loaded.schedule_step, loaded.states, loaded.optimizer_step) == (
         2, 2, ("exp_avg", "exp_avg_sq"), 2)
     originals = dict(model.named_parameters())
@@ -329,10 +329,10 @@ def test_the_torch_optimisers_state_goes_through_the_export_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
 
     # An export without the optimiser (mixln-export, older runs) loads the weights only, and says so.
-    bare = export.export_from_module(model, SMALL, ONE_PROCESS, tmp_path / "bare", extra={"step": 3})
+    bare = module_export.export_from_module(model, SMALL, ONE_PROCESS, tmp_path / "bare", extra={"step": 3})
     assert not (bare / export.EXPORT_OPTIMIZER).exists()
-    loaded = export.load_export_into(build_model(SMALL, seed=6), bare, SMALL, ONE_PROCESS,
-                                     optimizer=torch.optim.Adam(other.parameters()))
+    loaded = module_export.load_export_into(build_model(SMALL, seed=6), bare, SMALL, ONE_PROCESS,
+                                            optimizer=torch.optim.Adam(other.parameters()))
     assert (loaded.step, loaded.schedule_step, loaded.states) == (3, 3, ()) and "weights only" in loaded.note
 
 
@@ -341,7 +341,7 @@ def test_the_optimiser_state_is_written_one_unit_at_a_time(tmp_path, monkeypatch
     written are that unit's tensors and those of the parameter that triggered the write."""
     model, optimizer, scheduler = stepped_adam(seed=2)
     yielded: dict[str, weakref.ref] = {}
-    real_states, real_save = export.full_optimizer_states, safetensors.torch.save_file
+    real_states, real_save = module_export.full_optimizer_states, safetensors.torch.save_file
 
     def tracked(*args, **kwargs):
         for name, states in real_states(*args, **kwargs):
@@ -360,10 +360,10 @@ def test_the_optimiser_state_is_written_one_unit_at_a_time(tmp_path, monkeypatch
         writes.append((Path(filename).name, alive))
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(export, "full_optimizer_states", tracked)
+    monkeypatch.setattr(module_export, "full_optimizer_states", tracked)
     monkeypatch.setattr(safetensors.torch, "save_file", recording_save)
-    export.export_from_module(model, SMALL, ONE_PROCESS, tmp_path / "export", optimizer=optimizer,
-                              scheduler=scheduler)
+    module_export.export_from_module(model, SMALL, ONE_PROCESS, tmp_path / "export", optimizer=optimizer,
+                                     scheduler=scheduler)
     units = ["embed"] + [f"layer {i}" for i in range(SMALL.num_layers)] + ["head"]
     per_unit = {unit: sum(unit_of(name) == unit for name, _ in model.named_parameters()) for unit in units}
     state_writes = [(file, alive) for file, alive in writes if not file.startswith("model-")]

@@ -23,7 +23,7 @@ from megatron_mixln import hf_interop  # noqa: E402
 from megatron_mixln.model import hf_format  # noqa: E402
 from megatron_mixln.parallel.tensor_parallel import TensorParallel  # noqa: E402
 from megatron_mixln.saved_files import CheckpointError  # noqa: E402
-from megatron_mixln.train import export, init_from  # noqa: E402
+from megatron_mixln.train import export, init_from, module_export  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -79,7 +79,8 @@ def hf_llama(folder, seed=0, tied=False, **overrides):
 @pytest.mark.parametrize("placement,extra", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_export_loads_in_transformers_with_our_logits(placement, extra, tmp_path):
     config, model = ours(placement, **extra)
-    out = hf_format.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf", data_meta={"eos_id": 1, "pad_id": 0})
+    out = hf_format.save_hf_pretrained(config, model.state_dict(), tmp_path / "hf",
+                                       data_meta={"eos_id": 1, "pad_id": 0})
     saved = json.loads((out / "config.json").read_text())
     if placement == "pre":  # a plain LLaMA: no code in the folder, nothing to trust
         assert saved["model_type"] == "llama" and "auto_map" not in saved
@@ -563,7 +564,7 @@ def _init_from_worker(rank, world, store_path, overrides, out):
     config = load_config(None, overrides)
     layout = build_layout(config)
     module = build_training_model(config, layout)
-    export.export_from_module(module, config.model, layout, Path(out))
+    module_export.export_from_module(module, config.model, layout, Path(out))
     dist.destroy_process_group()
 
 

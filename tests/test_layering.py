@@ -79,3 +79,10 @@ def test_the_checkpoint_files_layer_sits_below_the_checkpoint_orchestration():
     """checkpoint_files.py (checksums, safe loading) knows nothing of saving, finding or loading folders."""
     assert "megatron_mixln.train.checkpoint_files" in imported(PACKAGE / "train" / "checkpoint.py")
     assert "megatron_mixln.train.checkpoint" not in imported(PACKAGE / "train" / "checkpoint_files.py")
+
+
+def test_the_export_format_sits_below_moving_a_live_module_to_and_from_it():
+    """export.py (the format on disk) knows neither checkpoints nor a live module of some layout."""
+    assert "megatron_mixln.train.export" in imported(PACKAGE / "train" / "module_export.py")
+    for above in ("megatron_mixln.train.module_export", "megatron_mixln.train.checkpoint"):
+        assert not reaches(imported(PACKAGE / "train" / "export.py"), above)

@@ -13,6 +13,7 @@ import torch
 from megatron_mixln.config import Config, ConfigError, ModelConfig, config_from_dict
 from megatron_mixln.data.errors import DataError
 from megatron_mixln.model.hf_format import is_hf_folder
+from megatron_mixln.saved_files import CheckpointError
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
 from megatron_mixln.train.metrics import METRICS_FILE
@@ -104,7 +105,7 @@ def find_run(path: str | Path) -> Run:
     expected = (f"expected a run folder (a train.out_dir), an export folder (mixln-export, with or without --hf) or "
                 f"a checkpoint folder (<run>/{ckpt.CHECKPOINTS}/step_N)")
     if not path.is_dir():
-        raise ckpt.CheckpointError(f"{path} {'is a file' if path.exists() else 'does not exist'}: {expected}.")
+        raise CheckpointError(f"{path} {'is a file' if path.exists() else 'does not exist'}: {expected}.")
     if is_export(path / "export"):
         run = _from_weights(path / "export", "export", path)
         newest = _latest_checkpoint_step(path)
@@ -121,11 +122,11 @@ def find_run(path: str | Path) -> Run:
     elif (path / ckpt.CHECKPOINTS).is_dir() or (path / METRICS_FILE).is_file():
         latest = ckpt.latest_checkpoint(path)
         if latest is None:
-            raise ckpt.CheckpointError(f"{path} holds neither an export nor a complete checkpoint to analyse: "
+            raise CheckpointError(f"{path} holds neither an export nor a complete checkpoint to analyse: "
                                        "let the run finish (or stop it with train.stop_after_step), then try again.")
         run = _from_weights(latest, "checkpoint", path)
     else:
-        raise ckpt.CheckpointError(f"{path} is not a run folder, an export folder (mixln-export, with or without "
+        raise CheckpointError(f"{path} is not a run folder, an export folder (mixln-export, with or without "
                                    f"--hf) or a checkpoint folder: it holds no export/, no {ckpt.CHECKPOINTS}/, no "
                                    f"{export.EXPORT_INDEX}, no config.json naming a model_type and no "
                                    f"{ckpt.STATE_FILE}.")
@@ -134,7 +135,7 @@ def find_run(path: str | Path) -> Run:
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
-    with contextlib.suppress(ckpt.CheckpointError, OSError, ValueError, TypeError):
+    with contextlib.suppress(CheckpointError, OSError, ValueError, TypeError):
         folder = ckpt.latest_checkpoint(run_dir)
         if folder is not None:
             return int(run_record(folder).step)
@@ -146,7 +147,7 @@ def _from_weights(folder: Path, kind: str, around: Path) -> Run:
     config and data record are the ones saved with the weights (run_record), as mixln-eval reads them."""
     step, data_meta, raw = run_record(folder)
     if not isinstance(raw, dict):
-        raise ckpt.CheckpointError(f"{folder} keeps no run config (the run's data and sequence length): analyse a "
+        raise CheckpointError(f"{folder} keeps no run config (the run's data and sequence length): analyse a "
                                    "run, checkpoint or export that mixln-train, mixln-export or mixln-export --hf "
                                    "wrote.")
     checkpoint = kind == "checkpoint"

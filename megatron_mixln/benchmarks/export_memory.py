@@ -51,7 +51,7 @@ def _whole_stage_export(module, model_config, layout, out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from megatron_mixln.train.export import full_named_parameters
+    from megatron_mixln.train.module_export import full_named_parameters
 
     tensors = dict(full_named_parameters(module, model_config, layout))
     if layout.dp_rank == 0 and layout.tensor_parallel.rank == 0:
@@ -63,7 +63,8 @@ def _whole_stage_export(module, model_config, layout, out: Path) -> None:
 
 def _unit_sizes(module, model_config, layout) -> dict[int, int]:
     """Full (unsharded) bytes of each unit of this rank's stage, from the tensors the export gathers."""
-    from megatron_mixln.train.export import export_unit, full_named_parameters
+    from megatron_mixln.train.export import export_unit
+    from megatron_mixln.train.module_export import full_named_parameters
 
     sizes: dict[int, int] = {}
     for name, value in full_named_parameters(module, model_config, layout):
@@ -81,7 +82,7 @@ def _worker(mode: str, config_path: str, overrides: list[str], results: Path) ->
     import torch.distributed as dist
 
     from megatron_mixln.config import load_config
-    from megatron_mixln.train.export import export_from_module
+    from megatron_mixln.train.module_export import export_from_module
     from megatron_mixln.train.engine import build_layout, init_distributed, leave_process_group
     from megatron_mixln.train.loop import build_training_model
 

@@ -153,8 +153,8 @@ def build_training_model(config: Config, layout) -> torch.nn.Module:
                                             initialize_weights, set_z_loss)
     from megatron_mixln.model.stages import build_pipeline
     from megatron_mixln.parallel.tensor_parallel import mark_norm_owners
-    from megatron_mixln.train.export import gathered
     from megatron_mixln.train.init_from import init_from_applies, load_init_from
+    from megatron_mixln.train.module_export import gathered
 
     ops.check_backend(config.model.kernels)
     seed = config.train.seed

@@ -1,5 +1,5 @@
 """model.init_from: start a run from a transformers LLaMA folder, one of our --hf exports or a consolidated export,
-in any TP/PP/ZeRO layout, each rank reading only its slices as `train.export.load_export_into` reads an export."""
+in any TP/PP/ZeRO layout, each rank reading only its slices as `load_export_into` reads an export."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,8 @@ import torch
 
 from megatron_mixln.config import ConfigError
 from megatron_mixln.model.hf_format import HFTensors, check_same_model, source_names
-from megatron_mixln.train import export
+from megatron_mixln.train.module_export import (deepspeed_managed, gathered, load_export_into, names_and_parameters,
+                                               tp_slice)
 from megatron_mixln.train.checkpoint import _is_rank0, checkpoint_candidates
 from megatron_mixln.train.weights import read_source_config
 
@@ -38,17 +39,17 @@ def load_init_from(module, config, layout) -> None:
     source_config, kind = read_source_config(source)
     check_same_model(source_config, config.model, where)
     if kind == "export":
-        export.load_export_into(module, source, config.model, layout)  # weights only: the optimiser starts fresh
+        load_export_into(module, source, config.model, layout)  # weights only: the optimiser starts fresh
     else:
         tensors = HFTensors(source)
         names = source_names(tensors, source_config, source, kind)
         tp = layout.tensor_parallel
         with torch.no_grad():
-            for name, param in export._names_and_parameters(module, config.model, layout):
-                value = export._tp_slice(tensors.piece(names[name]), param, tp)
-                with export.gathered(param):
+            for name, param in names_and_parameters(module, config.model, layout):
+                value = tp_slice(tensors.piece(names[name]), param, tp)
+                with gathered(param):
                     param.data.copy_(value)
-                if export._deepspeed_managed(param):  # after the engine: its fp32 master is a copy to set too
+                if deepspeed_managed(param):  # after the engine: its fp32 master is a copy to set too
                     from deepspeed.utils import safe_set_full_fp32_param
 
                     safe_set_full_fp32_param(param, value.float())

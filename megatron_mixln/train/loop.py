@@ -19,8 +19,10 @@ import torch.distributed as dist
 from megatron_mixln.config import Config, ConfigError
 from megatron_mixln.storage import StorageError, remedy, storage_error, writing
 from megatron_mixln.output_folder import check_output_folder
+from megatron_mixln.saved_files import CheckpointError, DamagedFile, read_json
 from megatron_mixln.train import checkpoint as ckpt
 from megatron_mixln.train import export
+from megatron_mixln.train import module_export
 from megatron_mixln.train.guard import LossSpikeGuard, RollbackPlan, collapse_levels
 from megatron_mixln.train.engine import (build_engine, build_layout, build_training_model,  # noqa: F401
                                          gradient_accumulation_steps, init_distributed)
@@ -132,13 +134,13 @@ def _saved_run(kind: str, folder: Path) -> dict:
     {} when a checkpoint's own state file is unreadable (the load then finds it damaged and falls back)."""
     path = folder / (ckpt.STATE_FILE if kind == "checkpoint" else export.EXPORT_CONFIG)
     try:
-        saved = ckpt.read_json(path, "export the run again")
-    except (OSError, ckpt.DamagedFile) as err:
+        saved = read_json(path, "export the run again")
+    except (OSError, DamagedFile) as err:
         if kind == "checkpoint":
             return {}
-        if isinstance(err, ckpt.DamagedFile):  # already one sentence naming the file
+        if isinstance(err, DamagedFile):  # already one sentence naming the file
             raise
-        raise ckpt.CheckpointError(f"{path} cannot be read ({err}); the export in {folder} is damaged.") from None
+        raise CheckpointError(f"{path} cannot be read ({err}); the export in {folder} is damaged.") from None
     return saved if kind == "checkpoint" else {**saved, "config": saved.get("run_config")}
 
 
@@ -395,7 +397,8 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
         _apply_schedule(optimizer, scheduler, tcfg)
     elif resume_kind == "export":
         # The weights, and the optimiser's state (moments, step count) where the export carries it.
-        loaded = export.load_export_into(engine.module, resume_from, config.model, layout, optimizer=engine.optimizer)
+        loaded = module_export.load_export_into(engine.module, resume_from, config.model, layout,
+                                                optimizer=engine.optimizer)
         start_step = loaded.step
         _set_schedule_step(scheduler, loaded.schedule_step)
     if is_main:
@@ -508,7 +511,7 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
                 save(step)
             folder = out / ckpt.CHECKPOINTS / ckpt.tag_for_step(step)
             saved = f"the run stopped with a checkpoint of step {step} in {folder}"
-        except ckpt.CheckpointError as err:
+        except CheckpointError as err:
             saved = f"saving a checkpoint of step {step} failed too ({str(err).rstrip('.')})"
         message = [None]
         if is_main:
@@ -632,7 +635,7 @@ def _run(config: Config, launch, layout, accumulation: int, meta: dict, train_da
             # The consolidated export also at train.stop_after_step: it is how a run moves to another layout.
             # Not after a stop signal: the time left before the job is killed belongs to the checkpoint.
             if result.stop_signal is None:
-                result.export_dir = export.export_from_module(
+                result.export_dir = module_export.export_from_module(
                     engine.module, config.model, layout, out / "export",
                     extra={"step": step, "data": meta, "run_config": config.to_dict()},
                     optimizer=engine.optimizer, scheduler=scheduler)
