@@ -47,7 +47,7 @@ class ModelConfig:
     # logits (model/linear_cross_entropy.py). Changes memory and speed, not the model.
     fused_cross_entropy: bool = False
     # Start from these weights instead of the seeded initialisation (a fresh run only): a Hugging Face LLaMA
-    # folder, one of our HF exports or a consolidated export of the same model (model/hf.py, load_init_from).
+    # folder, one of our HF exports or a consolidated export of the same model (train/init_from.py).
     init_from: str | None = None
 
     @property
