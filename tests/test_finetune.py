@@ -369,3 +369,26 @@ def test_finetune_in_tp2_pp2_dp2_matches_one_process(pretrained, tmp_path):
         assert "error" not in ranks[0], ranks[0].get("traceback")
         for step, loss in reference["losses"].items():
             assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), (layout, step)
+
+
+@pytest.mark.slow
+def test_two_tokenising_processes_write_the_same_examples_and_counts(tmp_path):
+    """The process pool (one file per shard) writes the same tokens, prompt lengths and drop counts as one process."""
+    source = tmp_path / "source"
+    source.mkdir()
+    lines = SAMPLE.read_text().splitlines(keepends=True)
+    (source / "a.jsonl").write_text("".join(lines[:24]))
+    (source / "b.jsonl").write_text("".join(lines[24:]) + json.dumps({"instruction": "x", "output": ""}) + "\n")
+    written = []
+    for processes in (1, 2):
+        config = load_config(None, [f"data.source={source}", "data.format=instruction", "data.tokenizer=bpe",
+                                    "data.bpe_vocab_size=500", f"data.cache_dir={tmp_path / str(processes)}",
+                                    "data.eval_fraction=0.1", "data.max_train_documents=-1"])
+        folder = prepare_dataset(config.data, progress=False, num_proc=processes)
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["processes"] == processes
+        written.append([(np.asarray(TokenFile(folder, split).tokens).tolist(),
+                         TokenFile(folder, split).prompt_lengths.tolist()) for split in ("train", "eval")]
+                       + [meta["examples"]])
+    assert written[0] == written[1]
+    assert [counts["dropped"] for counts in written[0][-1]] == [0, 1]
