@@ -205,6 +205,26 @@ def test_special_tokens_follow_the_exports_transformers_tokenizer(runs):
     assert (plain.added_before, plain.added_after, plain.prefix_token_id) == ((), (), tokenizer.eos_id)
 
 
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(runs):
+    model, tokenizer = runs["runs"]["mix"]["model"], runs["tokenizer"]
+    lm = lm_of(runs["runs"]["mix"]["export"])
+    context = "The capital of France is"
+    request = Instance(request_type="generate_until", doc={}, arguments=(context, {"until": ["e"], "max_gen_toks": 8}),
+                       idx=0)
+    (ours,) = lm.generate_until([request], disable_tqdm=True)
+    ids, new = tokenizer.encode(context), []
+    with torch.no_grad():
+        for _ in range(8):
+            token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            new.append(token)
+            if "e" in tokenizer.decode(new):
+                break
+    assert ours == tokenizer.decode(new).split("e")[0]
+    assert "e" not in ours
+
+
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
