@@ -15,6 +15,7 @@ HEAVY = {"torch", "deepspeed", "transformers", "datasets", "triton"}
 COMMANDS = {  # command line (before --help): options its help must list
     "mixln-train": ["config", "overrides", "--dry-run", "--world-size", "--gpus-per-node"],
     "mixln-prepare": ["config", "overrides"],
+    "mixln-finetune": ["config", "overrides", "--dry-run", "--world-size", "--gpus-per-node"],
     "mixln-eval": ["export", "overrides"],
     "mixln-export": ["checkpoint", "out", "--force", "--hf", "--tokenizer"],
     "mixln-import": ["hf_folder", "out", "--force"],

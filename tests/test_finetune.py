@@ -5,6 +5,7 @@ pre-trained export resumes exactly, matches one process in TP2 / PP2 / DP2, and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,17 @@ def test_finetune_resumes_exactly_and_its_export_loads(pretrained, tmp_path):
     _, _, eval_data = open_datasets(config, progress=False)
     inputs, labels = collate(eval_data, range(min(2, len(eval_data))))
     assert torch.isfinite(model(inputs, labels))
+    # mixln-eval --tasks on the fine-tuned run, as on any run: lm-eval's scores, written beside it.
+    from megatron_mixln.harness.command import evaluate_source
+
+    tasks = [str(ROOT / "megatron_mixln" / "harness" / "tasks" / name) for name in ("mixln_tiny_mc.yaml",
+                                                                                    "mixln_tiny_ppl.yaml")]
+    tuned = evaluate_source(tmp_path / "straight", tasks, limit=6)
+    before = evaluate_source(pretrained[0], tasks, limit=6, out=tmp_path / "before")
+    assert tuned.out.parent == tmp_path / "straight" / "downstream" and (tuned.out / "results.json").is_file()
+    assert 0 <= tuned.results["results"]["mixln_tiny_mc"]["acc,none"] <= 1
+    perplexity = [r.results["results"]["mixln_tiny_ppl"]["word_perplexity,none"] for r in (tuned, before)]
+    assert all(math.isfinite(p) for p in perplexity) and perplexity[0] != perplexity[1]  # the scored weights moved
 
 
 def _losses(out: Path) -> dict:
