@@ -204,6 +204,20 @@ def test_a_task_file_that_does_not_exist_stops_the_run_before_its_first_step(tmp
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
+def test_a_generation_task_is_refused_before_the_first_step(tmp_path):
+    from megatron_mixln.data.errors import DataError
+    from megatron_mixln.train.loop import train
+
+    (tmp_path / "echo.jsonl").write_text('{"prompt": "Say yes:", "answer": " yes"}\n')
+    (tmp_path / "echo.yaml").write_text(
+        "task: mixln_echo\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: echo.jsonl\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: prompt\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: ['\\n']\nmetric_list:\n  - metric: exact_match\n")
+    tasks = f"{TASKS_DIR / 'mixln_tiny_mc.yaml'},{tmp_path / 'echo.yaml'}"
+    with pytest.raises(DataError, match="mixln_echo generate text.*mixln-eval on a checkpoint"):
+        train(load_config(None, tiny(tmp_path / "cache", tmp_path / "run", f"train.downstream_tasks={tasks}")))
+
+
 def test_analyze_plots_each_score_against_step_for_every_run():
     from types import SimpleNamespace
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_mixln.data.errors import DataError
 from megatron_mixln.data.sampling import IGNORE_INDEX
 
 REQUEST_BATCHES = 8  # micro-batches per DP rank in one scoring call: fewer collectives, a fuller pipeline
@@ -59,8 +60,8 @@ def _random_state_kept():
 
 
 def metric_values(results: dict) -> dict[str, float]:
-    """`task/metric` -> value from lm-eval's results (standard errors and sample counts left out; a filter other than `none` kept
-    in the name, e.g. `gsm8k/exact_match_strict-match`)."""
+    """`task/metric` -> value from lm-eval's results (standard errors and sample counts left out; a filter other
+    than `none` kept in the name, e.g. `gsm8k/exact_match_strict-match`)."""
     values = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
@@ -94,6 +95,13 @@ class DownstreamEvaluator:
         if not is_main:  # lm-eval logs its progress on every process; one copy is enough
             logging.getLogger("lm_eval").setLevel(logging.WARNING)
         tasks = resolve_tasks(tcfg.downstream_tasks.split(","))
+        leaves = [leaf for task in tasks
+                  for leaf in (task.get_all_tasks() if hasattr(task, "get_all_tasks") else [task])]  # groups' tasks
+        generating = sorted({leaf.config.task for leaf in leaves if leaf.OUTPUT_TYPE == "generate_until"})
+        if generating:
+            raise DataError(f"train.downstream_tasks: {', '.join(generating)} generate text, which the training "
+                            "engine's scorer cannot do (it scores log-likelihoods): leave them out here and run "
+                            "mixln-eval on a checkpoint for them.")
         scorer = EngineScorer(steps, tcfg.micro_batch_size, config.data.seq_len, meta["pad_id"])
         lm = MixLNLM(scorer, data_tokenizer(meta, config.model.vocab_size), config.data.seq_len,
                      batch_size=tcfg.micro_batch_size * layout.dp * REQUEST_BATCHES, disable_tqdm=True)
