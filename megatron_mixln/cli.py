@@ -86,7 +86,8 @@ def _select_accelerator() -> None:
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.norm_placement=mix train.steps=100")
+    parser.add_argument("overrides", nargs="*",
+                        help="section.field=value, e.g. model.norm_placement=mix train.steps=100")
     return parser
 
 
