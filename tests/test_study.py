@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_mixln.research.runs import GUARD_EXIT, classify, t_critical, welch_t
+from megatron_mixln.research.runs import classify, t_critical, welch_t
 from megatron_mixln.research.study import guard_grid, main, parse_guard_lrs, run_guard_sweep
 
 
