@@ -119,3 +119,32 @@ def test_compiled_layers_under_activation_checkpointing_match_eager():
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         assert (torch.linalg.vector_norm(a.grad - b.grad) / torch.linalg.vector_norm(a.grad)).item() < 1e-5, name
+
+
+
+def test_models_compiled_in_one_process_never_fall_back_to_eager(monkeypatch):
+    """A model per placement in one process, each in training and evaluation: dozens of variants of one decoder-layer
+    forward, where dynamo's default recompile limit (8) would silently run later models' layers eagerly."""
+    import logging
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="eager"))  # dynamo, no inductor
+    monkeypatch.setattr(dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    dynamo.reset()
+    tokens = torch.randint(0, 64, (2, 8))
+    try:
+        for placement in NORM_PLACEMENTS:
+            model = build_model(_config(placement, "torch"))
+            compile_decoder_layers(model)
+            model(tokens).sum().backward()
+            with torch.no_grad():
+                model.eval()(tokens)
+    finally:
+        logger.removeHandler(handler)
+        dynamo.reset()
+    assert not [message for message in warnings if "recompile_limit" in message]

@@ -153,6 +153,9 @@ def stage_modules(config: ModelConfig, tp: TensorParallel = NO_TP) -> list[nn.Mo
     return [cls(*args) for cls, args in stage_constructors(config, tp)]
 
 
+COMPILED_VARIANTS = 64  # compiled graphs one decoder-layer forward may hold (see compile_decoder_layers)
+
+
 def compile_decoder_layers(module: nn.Module) -> int:
     """torch.compile each decoder layer's `forward` in place (train.compile); returns how many were compiled.
 
@@ -161,6 +164,10 @@ def compile_decoder_layers(module: nn.Module) -> int:
     the structure, not on the layer), so a model compiles a handful of graphs, not one per layer.
     """
     layers = [m for m in module.modules() if isinstance(m, DecoderLayer)]
+    # Every block kind compiles a graph per way it runs (training, evaluation, telemetry's hooks armed), and every
+    # model built in the same process adds its own to the same code object's cache. Past dynamo's recompile limit
+    # (8 in torch 2.13) the layer silently runs eagerly: a third compiled model in one process trained differently.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
     return len(layers)
