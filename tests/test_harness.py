@@ -248,6 +248,8 @@ def test_mixln_eval_writes_lm_evals_results_and_table_and_never_clobbers(runs, t
     assert "acc,none" in results["results"]["mixln_tiny_mc"] and "samples" not in results
     table = (written / "table.md").read_text()
     assert table in out and "mixln_tiny_mc" in table and "word_perplexity" in table
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header == ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]  # lm-eval's own
     first = (written / "results.json").read_bytes()
     status, out, err = mixln_eval([str(source), "--tasks", MC, "--limit", "2"], capsys)
     assert status == 0, err

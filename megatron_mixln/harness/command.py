@@ -199,10 +199,21 @@ def simple_evaluate(lm, tasks: list, limit: float | None = None, num_fewshot: in
     return results
 
 
+def _table_writers_take_headers() -> None:
+    """lm-eval 0.4.13's make_table names its columns through `writer.headers`, which pytablewriter 0.38 (the newest
+    this project's package index installs: later releases need python-dateutil) calls `header_list`: without this
+    alias the table's columns are labelled A, B, C... A no-op where pytablewriter has `headers`."""
+    from pytablewriter.writer._table_writer import AbstractTableWriter
+
+    if not hasattr(AbstractTableWriter, "headers"):
+        AbstractTableWriter.headers = AbstractTableWriter.header_list
+
+
 def results_table(results: dict) -> str:
     """lm-eval's tables, as its own command line prints them."""
     from lm_eval.utils import make_table
 
+    _table_writers_take_headers()
     table = make_table(results)
     if results.get("groups"):
         table += "\n" + make_table(results, "groups")
