@@ -83,8 +83,9 @@ class SequenceDataset:
         if self.mode == "packed":
             start = index * self.seq_len
             window = np.asarray(self.token_file.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-            labels = window[1:].copy()
+            labels = window[1:]
             if self.prompt_lengths is not None:
+                labels = labels.copy()  # the window stays whole: its tokens are the inputs
                 targets = np.arange(start + 1, start + self.seq_len + 1)
                 offsets = self.token_file.offsets
                 documents = np.searchsorted(offsets, targets, side="right") - 1

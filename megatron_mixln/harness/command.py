@@ -37,6 +37,13 @@ def _yaml_files(folder: Path) -> list[Path]:
     return [path for path in sorted(folder.rglob("*.yaml")) if TaskIndex.entry_from_path(path) is not None]
 
 
+def _outermost(loaded: dict) -> list:
+    """What TaskManager.load returned, as the groups no other group contains (else its tasks): what to evaluate."""
+    children = {child for names in loaded["group_map"].values() for child in names}
+    groups = [group for name, group in loaded["groups"].items() if name not in children]
+    return groups or list(loaded["tasks"].values())
+
+
 def _load_local(task_manager_, path: Path) -> list:
     """The tasks (or groups) of one YAML file, its relative data_files read from the file's folder."""
     path = path.expanduser().resolve()
@@ -45,9 +52,7 @@ def _load_local(task_manager_, path: Path) -> list:
             loaded = task_manager_.load([str(path)])
         except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise many types for a broken task
             raise DataError(f"the task file {path} could not be loaded: {first_line(err)}.") from err
-    children = {child for names in loaded["group_map"].values() for child in names}
-    groups = [group for name, group in loaded["groups"].items() if name not in children]
-    return groups or list(loaded["tasks"].values())
+    return _outermost(loaded)
 
 
 def _load_registered(task_manager_, name: str) -> list:
@@ -62,9 +67,7 @@ def _load_registered(task_manager_, name: str) -> list:
                             f"({offline}): copy the data to local files and pass a task YAML with dataset_path: json "
                             f"and dataset_kwargs.data_files naming them (see {DOCS}).") from err
         raise DataError(f"task {name!r} could not be loaded: {first_line(err)}.") from err
-    children = {child for names in loaded["group_map"].values() for child in names}
-    groups = [group for key, group in loaded["groups"].items() if key not in children]
-    return groups or list(loaded["tasks"].values())
+    return _outermost(loaded)
 
 
 def resolve_tasks(specs: list[str]) -> list:

@@ -82,7 +82,6 @@ class DownstreamEvaluator:
     tasks: list  # lm-eval Task / Group objects
     limit: int | None
     num_fewshot: int | None
-    is_main: bool
 
     @classmethod
     def build(cls, config, steps, layout, meta: dict, is_main: bool) -> "DownstreamEvaluator | None":
@@ -105,7 +104,7 @@ class DownstreamEvaluator:
         scorer = EngineScorer(steps, tcfg.micro_batch_size, config.data.seq_len, meta["pad_id"])
         lm = MixLNLM(scorer, data_tokenizer(meta, config.model.vocab_size), config.data.seq_len,
                      batch_size=tcfg.micro_batch_size * layout.dp * REQUEST_BATCHES, disable_tqdm=True)
-        return cls(lm, tasks, tcfg.downstream_limit or None, tcfg.downstream_num_fewshot or None, is_main)
+        return cls(lm, tasks, tcfg.downstream_limit or None, tcfg.downstream_num_fewshot or None)
 
     def __call__(self, step: int) -> dict:
         """Score the tasks at `step` (collective: every rank calls it); the metrics record for metrics.jsonl."""
