@@ -355,19 +355,28 @@ class StepEngine:
         indices = eval_indices(len(dataset), num_sequences)
         if len(indices) == 0:
             return EvalResult(loss=None, sequences=0, tokens=0)
-        size, dp = self.config.train.micro_batch_size, self.layout.dp
+        size = self.config.train.micro_batch_size
         chunks = [indices[start:start + size] for start in range(0, len(indices), size)]
-        mine = chunks[self.layout.dp_rank::dp]
-        padding = -(-len(chunks) // dp) - len(mine)
-        batches = [eval_batch(dataset, chunk, size) for chunk in mine]
+        mine, padding = self._dp_share(len(chunks))
+        batches = [eval_batch(dataset, chunks[i], size) for i in mine]
         batches += [zero_weight(eval_batch(dataset, chunks[0], size))] * padding
         tokens = int(dataset.target_counts(indices).sum())
+        total = self._evaluation_loss_sum(batches)
+        return EvalResult(loss=float(total) / tokens if tokens else None, sequences=len(indices), tokens=tokens)
+
+    def _dp_share(self, count: int) -> tuple[list[int], int]:
+        """This DP rank's share of `count` evaluation batches (every dp-th one) and how many zero-weight batches it
+        adds so that every rank runs the same number of forwards, which ZeRO-3's parameter gathers need."""
+        mine = list(range(self.layout.dp_rank, count, self.layout.dp))
+        return mine, -(-count // self.layout.dp) - len(mine)
+
+    def _evaluation_loss_sum(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """`_loss_sum` with the objective in evaluation mode (the plain sum: no fault, no token scaling)."""
         self._evaluating = True
         try:
-            total = self._loss_sum(batches)
+            return self._loss_sum(batches)
         finally:
             self._evaluating = False
-        return EvalResult(loss=float(total) / tokens if tokens else None, sequences=len(indices), tokens=tokens)
 
     def score_rows(self, batches: Sequence[Batch]) -> torch.Tensor:
         """float64 [rows of all `batches`, 2] on the host, identical on every rank: each row's summed target
@@ -380,18 +389,15 @@ class StepEngine:
 
         if not batches:
             return torch.zeros((0, 2), dtype=torch.float64, device="cpu")
-        rows, dp = batches[0][0].shape[0], self.layout.dp
-        mine = list(range(self.layout.dp_rank, len(batches), dp))
-        padding = -(-len(batches) // dp) - len(mine)
+        rows = batches[0][0].shape[0]
+        mine, padding = self._dp_share(len(batches))
         heads = log_partition_modules(self.module)  # the last stage's head; none on other pipeline stages
         for head in heads:
             head.row_scores = []
-        self._evaluating = True
         try:
-            self._loss_sum([batches[i] for i in mine] + [zero_weight(batches[0])] * padding)
+            self._evaluation_loss_sum([batches[i] for i in mine] + [zero_weight(batches[0])] * padding)
             recorded = heads[0].row_scores if heads else []
         finally:
-            self._evaluating = False
             for head in heads:
                 head.row_scores = None
         scores = torch.zeros((len(batches) * rows, 2), dtype=torch.float64, device=self.device)

@@ -130,9 +130,7 @@ def measure(steps: StepEngine, micro_batches: Sequence[Batch], outcome: StepResu
     slots = _Slots(steps)
     with ExitStack() as stack:
         attentions = _arm(stack, steps, slots)
-        steps._evaluating = True  # the plain loss sum, as evaluation takes it (no fault, no token scaling)
-        stack.callback(setattr, steps, "_evaluating", False)
-        steps._loss_sum(list(micro_batches))
+        steps._evaluation_loss_sum(list(micro_batches))  # the plain loss sum (no fault, no token scaling)
         for key, attention in attentions:
             if attention.max_logit is not None:
                 slots.max_logit[slots.index[key]] = attention.max_logit.to(slots.device, torch.float64)
