@@ -84,9 +84,9 @@ class VocabParallelLMHead(ColumnParallelLinear):
         if labels is None:
             return super().forward(x)
         if self.row_scores is not None:  # downstream scoring (eval mode): whole logits, one micro-batch at a time
-            logits = super().forward(x)
-            self.row_scores.append(row_scores(logits, labels, self.tp))
-            return token_losses(logits, labels, self.tp).sum()
+            scores = row_scores(super().forward(x), labels, self.tp)
+            self.row_scores.append(scores)
+            return -scores[:, 0].sum().float()  # the summed loss, from the rows' log-probabilities
         z_loss = self.z_loss if self.training else 0.0
         record = self.record_log_partition
         if not self.fused:
